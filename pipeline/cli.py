@@ -1,0 +1,70 @@
+"""`h3fusion` command line: one subcommand per stage, each implemented in its own module.
+
+A stage module exposes `add_arguments(parser)` and `main(args) -> int`. Modules are imported
+only when their subcommand runs, so `h3fusion --help` stays fast and needs no deepspeed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError, load_config
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "data": ("pipeline.data.stage", "build the HHH datasets (built-in or real) and save them to disk"),
+    "tokenizer": ("pipeline.tokenizer", "train the sentencepiece tokenizer (or copy the base model's)"),
+    "base": ("pipeline.base", "build the base model: pre-train the tiny Llama, or convert a GGUF"),
+    "train-expert": ("pipeline.train.expert", "stage 1: fine-tune one HHH expert under DeepSpeed ZeRO-3"),
+    "surgery": ("pipeline.surgery_cli", "checkpoint surgery tools (build_moe, zero_to_hf, merge_lora, ...)"),
+    "fuse": ("pipeline.train.fuse", "stage 2: train the fused MoE (router, optional experts)"),
+    "merge": ("pipeline.merging", "merging baselines: average, task arithmetic, TIES"),
+    "evaluate": ("pipeline.eval.stage", "stage 3: HHH evaluation report over several models"),
+    "profile": ("pipeline.profile_cli", "expert-load profile of a fused model"),
+    "run": ("pipeline.run", "run the whole pipeline (data -> ... -> report) on one machine"),
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="preset name (pipeline/presets) or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set expert.train.lr=1e-4 (repeatable)")
+    parser.add_argument("--run-dir", default="runs/tiny", help="run directory holding every stage's outputs")
+
+
+def config_from_args(args: argparse.Namespace, section: str = ""):
+    """Load the config once; `--set train.lr=...` is read relative to `section` when given."""
+    return load_config(args.config, args.overrides, override_prefix=section)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="h3fusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command {argv[0]!r}")
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    sub = argparse.ArgumentParser(prog=f"h3fusion {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    try:
+        return int(module.main(args) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"h3fusion {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Typed pipeline configuration: YAML -> validated dataclasses, once, at the CLI.
+
+One dataclass per stage (`data`, `tokenizer`, `base`, `expert`, `fusion`, `eval`, `profile`),
+grouped in `PipelineConfig`. A YAML file (or a preset name from `pipeline/presets/`) gives
+values; `--set a.b=c` overrides them with YAML-typed values. Unknown keys and wrong types are
+one `ConfigError` naming the key and the file. Functions downstream take a sub-config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+TASKS = ("helpful", "harmless", "honest")  # task label index = position here
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and source named in the message."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    epochs: float = 1.0
+    max_steps: int = -1               # > 0 overrides epochs
+    micro_batch_size: int = 8         # per process
+    grad_accum_steps: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_every: int = 10
+    save_every: int = 0               # 0 = only at the end
+    max_seq_len: int = 128
+
+
+@dataclass
+class BuiltinDataConfig:
+    train_per_task: int = 600
+    dev_per_task: int = 60
+    test_per_task: int = 120
+    seed: int = 0
+
+
+@dataclass
+class RealDataConfig:
+    """Paths to local copies (or hub names) of the real datasets; None = not used."""
+    alpaca: Optional[str] = None
+    beavertails: Optional[str] = None
+    truthfulqa: Optional[str] = None
+    truthfulqa_mc: Optional[str] = None
+    alpaca_eval: Optional[str] = None
+    max_train_per_task: int = 0       # 0 = all
+    max_eval_per_task: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"           # builtin | real
+    builtin: BuiltinDataConfig = field(default_factory=BuiltinDataConfig)
+    real: RealDataConfig = field(default_factory=RealDataConfig)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 1024
+    path: Optional[str] = None        # a user's tokenizer dir; None = train sentencepiece
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 256
+
+
+@dataclass
+class BaseConfig:
+    path: Optional[str] = None        # a user's HF model dir; None = build the tiny base
+    gguf: Optional[str] = None        # convert this GGUF file once into an HF model
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class ExpertConfig:
+    method: str = "ffn"               # ffn | lora
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ds_config: str = "ds_configs/zero3_expert.json"
+    num_procs: int = 2
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FusionConfig:
+    top_k: int = 2
+    router_init: str = "zeros"        # zeros | normal | prompts
+    trainable: str = "router"         # router | router+lora | router+experts
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lambda_gate: float = 0.01
+    gamma: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TASKS})
+    load_balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    mix_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
+    moe_backend: str = "torch"        # torch | megablocks
+    ep_degree: int = 1
+    ds_config: str = "ds_configs/zero2_fusion_ep.json"
+    num_procs: int = 2
+    collapse_threshold: float = 0.95
+    collapse_steps: int = 50
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class MergeConfig:
+    methods: list[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties"])
+    task_arithmetic_scale: float = 0.5
+    ties_density: float = 0.5
+    ties_scale: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    max_items_per_task: int = 0       # 0 = all
+    batch_size: int = 16
+    max_new_tokens: int = 48
+    generate: bool = True
+    tolerance: float = 0.02           # "at least as good as the best expert" within this
+
+
+@dataclass
+class ProfileConfig:
+    max_items_per_task: int = 64
+    batch_size: int = 16
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (int -> float only)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: key '{key}' must be a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(
+            f"{source}: key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in known:
+            full = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"{source}: unknown config key '{full}' (known: {sorted(known)})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, source)
+              for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str], prefix: str = "") -> dict:
+    """['a.b=1', 'c=x'] -> nested dict with YAML-parsed values, keys under `prefix`."""
+    tree: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        key = f"{prefix}.{key}" if prefix and not key.startswith(prefix + ".") else key
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in pipeline/presets/."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        names = sorted(x.stem for x in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"no config file or preset named '{name_or_path}' (presets: {names})")
+    return preset
+
+
+def load_config(name_or_path: str = "tiny", overrides: Optional[list[str]] = None,
+                override_prefix: str = "") -> PipelineConfig:
+    """Load a preset/YAML, apply `--set` overrides, validate; raise ConfigError on any problem."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    cfg = _build(PipelineConfig, data, "", str(path))
+    if overrides:
+        merged = _deep_merge(to_dict(cfg), parse_overrides(overrides, override_prefix))
+        cfg = _build(PipelineConfig, merged, "", f"{path} + --set")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> PipelineConfig:
+    cfg = _build(PipelineConfig, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Value checks that types alone cannot express."""
+    _check(cfg.data.source in ("builtin", "real"), f"data.source must be builtin|real, got {cfg.data.source!r}")
+    _check(cfg.expert.method in ("ffn", "lora"), f"expert.method must be ffn|lora, got {cfg.expert.method!r}")
+    f = cfg.fusion
+    _check(f.trainable in ("router", "router+lora", "router+experts"),
+           f"fusion.trainable must be router|router+lora|router+experts, got {f.trainable!r}")
+    _check(f.router_init in ("zeros", "normal", "prompts"),
+           f"fusion.router_init must be zeros|normal|prompts, got {f.router_init!r}")
+    _check(f.moe_backend in ("torch", "megablocks"),
+           f"fusion.moe_backend must be torch|megablocks, got {f.moe_backend!r}")
+    _check(f.top_k >= 1, f"fusion.top_k must be >= 1, got {f.top_k}")
+    _check(f.ep_degree >= 1, f"fusion.ep_degree must be >= 1, got {f.ep_degree}")
+    for name in list(f.gamma) + list(f.mix_weights):
+        _check(name in TASKS, f"fusion.gamma/mix_weights: unknown expert name {name!r} (experts: {list(TASKS)})")
+    for m in cfg.merge.methods:
+        _check(m in ("average", "task_arithmetic", "ties"), f"merge.methods: unknown method {m!r}")
+    for sect in (cfg.base.train, cfg.expert.train, f.train):
+        _check(sect.micro_batch_size >= 1 and sect.grad_accum_steps >= 1, "batch sizes must be >= 1")

@@ -1,0 +1,66 @@
+"""The one module that reads launcher / SLURM environment variables.
+
+torchrun and the deepspeed launcher set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under `srun`
+without a launcher only SLURM_* exist. Everything else asks this module.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(name: str, fallback: str | None, default: int) -> int:
+    raw = os.environ.get(name, os.environ.get(fallback, "") if fallback else "")
+    return int(raw) if raw.strip() else default
+
+
+def dist_env() -> DistEnv:
+    """Rank/world from torchrun's variables, else from SLURM's, else a single process."""
+    return DistEnv(
+        rank=_int("RANK", "SLURM_PROCID", 0),
+        world_size=_int("WORLD_SIZE", "SLURM_NTASKS", 1),
+        local_rank=_int("LOCAL_RANK", "SLURM_LOCALID", 0),
+        master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int("MASTER_PORT", None, 29500),
+    )
+
+
+def export_dist_env(env: DistEnv) -> None:
+    """Make torch.distributed's env:// init see `env` (for launcher-less SLURM tasks)."""
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
+                      LOCAL_RANK=str(env.local_rank), MASTER_ADDR=env.master_addr,
+                      MASTER_PORT=str(env.master_port))
+
+
+def accelerator_kind() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' (sets DS_ACCELERATOR for DeepSpeed)."""
+    import torch
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", kind)
+    return kind
+
+
+def dist_backend() -> str:
+    return "nccl" if accelerator_kind() == "cuda" else "gloo"
+
+
+def slurm_job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_requested_exit_code() -> int:
+    """Exit status a trainer uses after a signal-triggered checkpoint; slurm/ scripts requeue on it."""
+    return int(os.environ.get("H3F_REQUEUE_EXIT_CODE", "85"))

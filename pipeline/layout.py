@@ -1,0 +1,62 @@
+"""Where each stage reads and writes inside a run directory (one definition for all launchers)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TASKS
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | Path) -> "RunLayout":
+        return cls(Path(root))
+
+    @property
+    def data(self) -> Path:          # datasets (Arrow) + data_manifest.json
+        return self.root / "data"
+
+    @property
+    def tokenizer(self) -> Path:     # HF tokenizer dir
+        return self.root / "tokenizer"
+
+    @property
+    def base(self) -> Path:          # HF LlamaForCausalLM dir
+        return self.root / "base"
+
+    def expert(self, task: str) -> Path:       # consolidated HF expert model
+        assert task in TASKS, task
+        return self.root / "experts" / task
+
+    def expert_ds(self, task: str) -> Path:    # raw DeepSpeed checkpoints (resume)
+        return self.root / "experts_ds" / task
+
+    @property
+    def fused_init(self) -> Path:    # build_moe output (MoE before fusion training)
+        return self.root / "fused_init"
+
+    @property
+    def fused(self) -> Path:         # MoE after fusion training
+        return self.root / "fused"
+
+    @property
+    def fused_ds(self) -> Path:
+        return self.root / "fused_ds"
+
+    def merge(self, method: str) -> Path:
+        return self.root / "merges" / method
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
