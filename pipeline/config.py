@@ -196,6 +196,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         return {str(k): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-4' (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(
             f"{source}: key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
