@@ -1,0 +1,71 @@
+"""The stage graph: one definition, two launchers (`h3fusion run` locally, `slurm/pipeline.sh`).
+
+Each stage is an `h3fusion` subcommand with its arguments, the number of processes it runs with
+(distributed stages go under torchrun / srun+torchrun), the directory whose presence marks it done
+(every stage writes its output atomically, so presence means complete), and the SLURM script that
+runs it on a cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TASKS, PipelineConfig
+from .layout import RunLayout
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    argv: tuple[str, ...]        # h3fusion subcommand and its stage-specific arguments
+    nprocs: int                  # > 1: launched under torchrun (or srun + torchrun)
+    outputs: tuple[Path, ...]    # all exist => stage complete (outputs are written atomically)
+    slurm_script: str            # slurm/<script> that runs it on a cluster
+    after: tuple[str, ...] = ()
+    takes_config: bool = True    # False: a surgery tool with explicit paths only
+
+
+def _expert_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
+    return [Stage(f"expert_{t}", ("train-expert", "--dimension", t), cfg.expert.num_procs,
+                  (run.expert(t),), "stage1_experts.sh", ("base",)) for t in TASKS]
+
+
+def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
+    experts = tuple(f"{t}={run.expert(t)}" for t in TASKS)
+    argv = ("surgery", "build_moe", "--base", str(run.base), "--experts", *experts,
+            "--out", str(run.fused_init), "--top-k", str(cfg.fusion.top_k),
+            "--router-init", cfg.fusion.router_init, "--overwrite")
+    if cfg.fusion.router_init == "prompts":
+        argv += ("--prompts-data", str(run.data))
+    return argv
+
+
+def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
+    """Stages in an order that respects `after` (a valid sequential schedule)."""
+    experts = tuple(f"expert_{t}" for t in TASKS)
+    stages = [
+        Stage("data", ("data",), 1, (run.data,), "stage0_prepare.sh"),
+        Stage("tokenizer", ("tokenizer",), 1, (run.tokenizer,), "stage0_prepare.sh", ("data",)),
+        Stage("base", ("base",), 1, (run.base,), "stage0_prepare.sh", ("tokenizer",)),
+        *_expert_stages(cfg, run),
+        Stage("build_moe", _build_moe_argv(cfg, run), 1, (run.fused_init,), "stage2_fusion.sh",
+              experts, takes_config=False),
+        Stage("fuse", ("fuse",), cfg.fusion.num_procs, (run.fused,), "stage2_fusion.sh",
+              ("build_moe",)),
+        Stage("merge", ("merge",), 1, tuple(run.merge(m) for m in cfg.merge.methods),
+              "stage3_eval.sh", experts),
+        Stage("evaluate", ("evaluate",), 1, (run.eval / "report.json",), "stage3_eval.sh",
+              ("fuse", "merge")),
+        Stage("profile", ("profile",), 1, (run.profile,), "stage3_eval.sh", ("fuse",)),
+    ]
+    return stages
+
+
+def format_stage_table(stages: list[Stage]) -> str:
+    """Tab-separated `name nprocs slurm_script after` lines (read by slurm/pipeline.sh)."""
+    return "\n".join(f"{s.name}\t{s.nprocs}\t{s.slurm_script}\t{','.join(s.after) or '-'}"
+                     for s in stages)
+
+
+def is_done(stage: Stage) -> bool:
+    return all(p.exists() for p in stage.outputs)
