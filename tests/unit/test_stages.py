@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+from pipeline.config import TASKS, load_config
+from pipeline.layout import RunLayout
+from pipeline.run import stage_command
+from pipeline.stages import format_stage_table, is_done, pipeline_stages
+
+
+def test_stage_graph_is_a_valid_schedule(tmp_path):
+    cfg = load_config("tiny")
+    stages = pipeline_stages(cfg, RunLayout.at(tmp_path))
+    seen = set()
+    for s in stages:
+        assert set(s.after) <= seen, f"{s.name} runs before {set(s.after) - seen}"
+        seen.add(s.name)
+    assert {f"expert_{t}" for t in TASKS} <= seen and {"fuse", "evaluate", "profile"} <= seen
+    table = format_stage_table(stages).splitlines()
+    assert len(table) == len(stages) and table[0].split("\t")[0] == "data"
+
+
+def test_distributed_stages_use_torchrun_and_done_means_outputs_exist(tmp_path):
+    cfg = load_config("tiny", ["fusion.num_procs=2"])
+    run = RunLayout.at(tmp_path)
+    fuse = next(s for s in pipeline_stages(cfg, run) if s.name == "fuse")
+    cmd = stage_command(fuse, tmp_path / "c.yaml", tmp_path)
+    assert "torch.distributed.run" in cmd and "--nproc-per-node=2" in cmd
+    assert cmd[cmd.index("pipeline.cli") + 1] == "fuse"
+    assert not is_done(fuse)
+    run.fused.mkdir()
+    assert is_done(fuse)
+
+
+def test_run_list_stages_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--list-stages",
+                          "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[0].startswith("data\t1\t")
+
+
+def test_run_refuses_changed_config_on_rerun(tmp_path):
+    base = [sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path), "--only", "data"]
+    (tmp_path / "resolved_config.yaml").write_text("name: something-else\n")
+    proc = subprocess.run(base, capture_output=True, text=True)
+    assert proc.returncode == 2 and "different config" in proc.stderr
