@@ -45,6 +45,7 @@ class BuiltinDataConfig:
     train_per_task: int = 600
     dev_per_task: int = 60
     test_per_task: int = 120
+    pretrain_per_task: int = 1200     # "web text" documents per task for the tiny base
     seed: int = 0
 
 
@@ -144,12 +145,21 @@ class EvalConfig:
     max_new_tokens: int = 48
     generate: bool = True
     tolerance: float = 0.02           # "at least as good as the best expert" within this
+    split: str = "test"               # eval/<task>/<split>
+    max_seq_len: int = 512            # prompt+answer tokens scored (capped by the model's positions)
+    do_sample: bool = False           # generations: greedy (False) or sampled
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
 
 
 @dataclass
 class ProfileConfig:
     max_items_per_task: int = 64
     batch_size: int = 16
+    split: str = "dev"                # sft/<task>/<split> (eval/<task>/<split> if absent)
+    max_seq_len: int = 256
+    collapse_threshold: float = 0.95  # an expert with more top-1 share than this = collapsed
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""`h3fusion data`: build the HHH datasets (built-in generator or real files) into `<run>/data`.
+
+Everything is built and checked in memory first, then written into a temp dir that is renamed
+onto `<run>/data` (`atomic_dir`), so a bad input never leaves a half-written data dir.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from datasets import Dataset, Features, List, Value, disable_progress_bars
+
+from ..cli import add_config_arguments, config_from_args
+from ..config import TASKS, DataConfig, to_dict
+from ..io_utils import atomic_dir, write_json
+from ..layout import RunLayout
+from . import EVAL_COLUMNS, EVAL_KINDS, EVAL_SPLITS, SFT_COLUMNS, SFT_SPLITS
+from .loading import MANIFEST_NAME
+
+_STR = Value("string")
+SFT_FEATURES = Features({"instruction": _STR, "input": _STR, "response": _STR, "task": _STR,
+                         "task_label": List(Value("float32"))})
+EVAL_FEATURES = Features({"instruction": _STR, "input": _STR, "chosen": List(_STR), "rejected": List(_STR),
+                          "reference": _STR, "answer": _STR, "kind": _STR, "task": _STR})
+PRETRAIN_FEATURES = Features({"text": _STR})
+
+
+def _check_row(row: dict, columns: tuple, where: str, i: int) -> None:
+    missing = [c for c in columns if c not in row]
+    if missing:
+        raise ValueError(f"{where}: row {i} lacks columns {missing}")
+    for c in columns:
+        v = row[c]
+        if c in ("chosen", "rejected", "task_label"):
+            if not isinstance(v, list):
+                raise ValueError(f"{where}: row {i} column {c!r} must be a list, got {type(v).__name__}")
+        elif not isinstance(v, str):
+            raise ValueError(f"{where}: row {i} column {c!r} must be a string, got {type(v).__name__}")
+
+
+def check_sft_rows(rows: list[dict], where: str) -> None:
+    if not rows:
+        raise ValueError(f"{where}: empty split (no rows)")
+    for i, row in enumerate(rows):
+        _check_row(row, SFT_COLUMNS, where, i)
+        if not row["instruction"].strip() or not row["response"].strip():
+            raise ValueError(f"{where}: row {i} has an empty instruction or response")
+        if len(row["task_label"]) != len(TASKS) or sum(row["task_label"]) <= 0:
+            raise ValueError(f"{where}: row {i} task_label must have {len(TASKS)} weights, sum > 0")
+
+
+def check_eval_rows(rows: list[dict], where: str) -> None:
+    if not rows:
+        raise ValueError(f"{where}: empty split (no rows)")
+    for i, row in enumerate(rows):
+        _check_row(row, EVAL_COLUMNS, where, i)
+        if not row["chosen"]:
+            raise ValueError(f"{where}: row {i} has no chosen answer")
+        if row["kind"] not in EVAL_KINDS:
+            raise ValueError(f"{where}: row {i} kind {row['kind']!r} not in {list(EVAL_KINDS)}")
+
+
+def build_corpus(cfg: DataConfig) -> tuple[dict, dict, list[str], dict]:
+    """-> (sft[task][split], eval[task][split], pretrain texts, sources) for the configured source."""
+    if cfg.source == "builtin":
+        from .builtin import build_builtin
+        sft, evals, pretrain = build_builtin(cfg.builtin)
+        sources = {"kind": "builtin", "generator": "pipeline.data.builtin", "config": to_dict(cfg.builtin)}
+    elif cfg.source == "real":
+        from .real import build_real
+        sft, evals, pretrain, sources = build_real(cfg.real)
+    else:
+        raise ValueError(f"data.source must be builtin|real, got {cfg.source!r}")
+    for task in TASKS:
+        for split in SFT_SPLITS:
+            check_sft_rows(sft.get(task, {}).get(split, []), f"sft/{task}/{split}")
+        for split in EVAL_SPLITS:
+            check_eval_rows(evals.get(task, {}).get(split, []), f"eval/{task}/{split}")
+    if not pretrain or not any(t.strip() for t in pretrain):
+        raise ValueError("pretrain/train: empty corpus")
+    return sft, evals, pretrain, sources
+
+
+def write_data_dir(out: Path, sft: dict, evals: dict, pretrain: list[str], sources: dict,
+                   overwrite: bool = False) -> dict:
+    """Save every split (Arrow) and `data_manifest.json` (written last) atomically into `out`."""
+    disable_progress_bars()
+    counts: dict[str, int] = {}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for task in TASKS:
+            for split in SFT_SPLITS:
+                rows = [{c: r[c] for c in SFT_COLUMNS} for r in sft[task][split]]
+                Dataset.from_list(rows, features=SFT_FEATURES).save_to_disk(str(tmp / "sft" / task / split))
+                counts[f"sft/{task}/{split}"] = len(rows)
+            for split in EVAL_SPLITS:
+                rows = [{c: r[c] for c in EVAL_COLUMNS} for r in evals[task][split]]
+                Dataset.from_list(rows, features=EVAL_FEATURES).save_to_disk(str(tmp / "eval" / task / split))
+                counts[f"eval/{task}/{split}"] = len(rows)
+        Dataset.from_dict({"text": list(pretrain)}, features=PRETRAIN_FEATURES).save_to_disk(
+            str(tmp / "pretrain" / "train"))
+        counts["pretrain/train"] = len(pretrain)
+        manifest = {"stage": "data", "source": sources, "row_counts": counts, "tasks": list(TASKS),
+                    "created_unix": time.time()}
+        write_json(tmp / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def run_data_stage(cfg: DataConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
+    sft, evals, pretrain, sources = build_corpus(cfg)
+    return write_data_dir(RunLayout.at(run_dir).data, sft, evals, pretrain, sources, overwrite)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/data")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    t0 = time.time()
+    manifest = run_data_stage(cfg.data, args.run_dir, overwrite=args.overwrite)
+    for name, n in manifest["row_counts"].items():
+        print(f"{name}: {n} rows")
+    print(f"data written to {RunLayout.at(args.run_dir).data} in {time.time() - t0:.1f}s")
+    return 0

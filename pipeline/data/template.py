@@ -1,0 +1,88 @@
+"""The Alpaca prompt template and SFT tokenisation (labels only on the response + eos).
+
+Every stage that builds a prompt uses `format_prompt` and `encode_prompt_response`, so training,
+likelihood scoring and generation see the exact same token boundaries.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..config import TASKS
+
+IGNORE_INDEX = -100
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 (Alpaca's field name)
+    """The Alpaca prompt; the "### Input" block only when `input` is non-empty."""
+    if input and input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _require_special(tokenizer: Any, name: str) -> int:
+    tid = getattr(tokenizer, f"{name}_token_id", None)
+    if tid is None:
+        raise ValueError(f"tokenizer has no {name}_token (needed for SFT: eos ends a response, pad pads)")
+    return int(tid)
+
+
+def encode_prompt_response(tokenizer: Any, prompt: str, response: str | None,
+                           max_len: int) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) with bos before the prompt and eos after the response.
+
+    Truncation keeps the END of the prompt (the "### Response:" marker) and the START of the
+    response; a response cut by `max_len` loses its eos. `response=None` gives a generation prompt.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2, got {max_len}")
+    eos = _require_special(tokenizer, "eos")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prompt_ids = ([bos] if bos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
+    response_ids = [] if response is None else tokenizer.encode(response, add_special_tokens=False) + [eos]
+    keep_prompt = min(len(prompt_ids), max_len - (1 if response_ids else 0))
+    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+    response_ids = response_ids[:max_len - len(prompt_ids)]
+    return prompt_ids, response_ids
+
+
+def normalize_task_label(label: Sequence[float], where: str = "task_label") -> list[float]:
+    """A soft task vector (len(TASKS), non-negative, sums to 1); mixed intents keep several > 0."""
+    vec = [float(x) for x in label]
+    if len(vec) != len(TASKS) or any(x < 0 for x in vec) or sum(vec) <= 0:
+        raise ValueError(f"{where}: expected {len(TASKS)} non-negative weights with a positive sum "
+                         f"(order {list(TASKS)}), got {list(label)}")
+    total = sum(vec)
+    return [x / total for x in vec]
+
+
+def tokenize_sft(examples: dict, tokenizer: Any, max_len: int, padding: bool = False) -> dict:
+    """Batched `Dataset.map` function: columns instruction/input/response/task_label ->
+    input_ids, attention_mask, labels (-100 on prompt and padding), task_label (soft, normalised).
+
+    `padding=True` pads every row to `max_len` (right side, pad_token_id); otherwise rows keep
+    their length and `SFTCollator` pads per batch.
+    """
+    pad = _require_special(tokenizer, "pad") if padding else None
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "task_label": []}
+    inputs = examples.get("input") or [""] * len(examples["instruction"])
+    for i, (instr, inp, resp) in enumerate(zip(examples["instruction"], inputs, examples["response"])):
+        p_ids, r_ids = encode_prompt_response(tokenizer, format_prompt(instr, inp or ""), resp, max_len)
+        ids = p_ids + r_ids
+        labels = [IGNORE_INDEX] * len(p_ids) + list(r_ids)
+        mask = [1] * len(ids)
+        if padding:
+            n_pad = max_len - len(ids)
+            ids, labels, mask = ids + [pad] * n_pad, labels + [IGNORE_INDEX] * n_pad, mask + [0] * n_pad
+        out["input_ids"].append(ids)
+        out["attention_mask"].append(mask)
+        out["labels"].append(labels)
+        out["task_label"].append(normalize_task_label(examples["task_label"][i], f"task_label of row {i}"))
+    return out

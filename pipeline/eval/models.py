@@ -1,0 +1,95 @@
+"""Loading the models to evaluate (any HF causal LM) and finding them in a run directory."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipeline.config import TASKS
+from pipeline.layout import RunLayout
+
+
+def register_fused_model() -> bool:
+    """Import `pipeline.model` so AutoModelForCausalLM knows `model_type="h3fusion"`.
+
+    Returns False when that module is not importable (dense-only evaluation still works).
+    """
+    try:
+        importlib.import_module("pipeline.model")
+    except ImportError:
+        return False
+    return True
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_tokenizer(model_dir: Path, fallback_dir: Optional[Path] = None):
+    """The model dir's tokenizer, else `fallback_dir`'s (e.g. `<run>/tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    for d in (model_dir, fallback_dir):
+        if d is not None and any((Path(d) / f).is_file() for f in
+                                 ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(d)
+    raise FileNotFoundError(f"no tokenizer files in {model_dir}" +
+                            (f" or {fallback_dir}" if fallback_dir else ""))
+
+
+def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
+                   device: Optional[torch.device] = None):
+    """(model in eval mode on `device`, tokenizer) from a Hugging Face model directory.
+
+    bf16 on CUDA (the 7B models fit one GPU), fp32 on CPU (bf16 matmuls are slow there).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
+    register_fused_model()
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, load_tokenizer(model_dir, tokenizer_dir)
+
+
+def discover_models(run_dir: str | Path) -> dict[str, Path]:
+    """Every model present in a run dir, in report order: base, experts, merges, fused.
+
+    Merges are named `merge_<method>`; a directory counts when it holds a config.json.
+    """
+    run = RunLayout.at(run_dir)
+    found: dict[str, Path] = {}
+    if (run.base / "config.json").is_file():
+        found["base"] = run.base
+    for task in TASKS:
+        if (run.expert(task) / "config.json").is_file():
+            found[task] = run.expert(task)
+    merges = run.root / "merges"
+    if merges.is_dir():
+        for d in sorted(merges.iterdir()):
+            if (d / "config.json").is_file():
+                found[f"merge_{d.name}"] = d
+    if (run.fused / "config.json").is_file():
+        found["fused"] = run.fused
+    if not found:
+        raise FileNotFoundError(f"no models (dirs with config.json) under {run.root}: looked in "
+                                f"base, experts/<task>, merges/<method>, fused")
+    return found
+
+
+def parse_model_specs(specs: list[str]) -> dict[str, Path]:
+    """['base=DIR', 'fused=DIR'] -> {'base': Path(DIR), ...} (names unique, order kept)."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--models: expected NAME=DIR, got {spec!r}")
+        if name in models:
+            raise ValueError(f"--models: model name {name!r} given twice")
+        models[name] = Path(path)
+    return models

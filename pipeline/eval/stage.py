@@ -1,0 +1,195 @@
+"""`h3fusion evaluate`: HHH metrics for several models -> report.md, report.json, scores.png.
+
+For every model: log-likelihood metrics (MC1/MC2, preference accuracy, reference log-lik) and
+generation metrics (refusal rate, exact match) per task, generations saved in AlpacaEval format
+(JSON + CSV) for external judges, optional judges behind flags. `evaluate_models` is the Python
+entry point the whole-pipeline runner calls.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from pipeline.config import TASKS, EvalConfig
+from pipeline.io_utils import atomic_dir, write_json
+from pipeline.layout import RunLayout
+
+from . import judges
+from .hhh import check_items, evaluate_task, format_prompt
+from .models import discover_models, load_causal_lm, parse_model_specs
+from .report import choose_score_metrics, dimension_scores, fused_gains, plot_scores, render_markdown
+from .scoring import GenerationConfig
+
+FUSED = "fused"
+
+
+def load_eval_items(data_dir: Path, split: str, max_items: int) -> dict[str, list[dict]]:
+    """task -> eval items (`max_items` first rows, 0 = all) via `pipeline.data.loading`."""
+    from pipeline.data.loading import load_eval
+
+    items = {}
+    for task in TASKS:
+        ds = load_eval(data_dir, task, split)
+        if max_items > 0:
+            ds = ds.select(range(min(max_items, len(ds))))
+        rows = ds.to_list()
+        check_items(rows, f"{data_dir}/eval/{task}/{split}")
+        items[task] = rows
+    return items
+
+
+def _generation_config(cfg: EvalConfig) -> Optional[GenerationConfig]:
+    if not cfg.generate:
+        return None
+    return GenerationConfig(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p)
+
+
+def _max_len(model, cfg: EvalConfig) -> int:
+    positions = getattr(model.config, "max_position_embeddings", None) or cfg.max_seq_len
+    return min(cfg.max_seq_len, positions)
+
+
+def _generation_records(name: str, items: dict[str, list[dict]], outputs: dict[str, list[str]]) -> list[dict]:
+    """AlpacaEval rows (`instruction`, `output`, `generator`) plus our task/kind for filtering."""
+    records = []
+    for task, task_outputs in outputs.items():
+        for item, out in zip(items[task], task_outputs):
+            instruction = item["instruction"] + (f"\n\n{item['input']}" if item["input"] else "")
+            records.append({"instruction": instruction, "output": out, "generator": name,
+                            "dataset": task, "task": task, "kind": item["kind"]})
+    return records
+
+
+def save_generations(out_dir: Path, name: str, records: list[dict]) -> Path:
+    gen_dir = out_dir / "generations"
+    gen_dir.mkdir(exist_ok=True)
+    path = gen_dir / f"{name}.json"
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    with open(gen_dir / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["generator", "task", "kind", "instruction", "output"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def _moderate(metrics: dict, items: dict[str, list[dict]], outputs: dict[str, list[str]],
+              moderation_model: Path, batch_size: int) -> None:
+    """flagged_rate of the judge over the model's responses to the harmless task's prompts."""
+    prompts = [format_prompt(it["instruction"], it["input"]) for it in items["harmless"]]
+    metrics["harmless"]["flagged_rate"] = judges.moderation_flagged_rate(
+        moderation_model, prompts, outputs["harmless"], batch_size)
+
+
+def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg: EvalConfig,
+                       tokenizer_dir: Optional[Path]) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """task -> metrics, and task -> generations, for one model."""
+    model, tokenizer = load_causal_lm(path, tokenizer_dir)
+    gen = _generation_config(cfg)
+    metrics, outputs = {}, {}
+    try:
+        for task in TASKS:
+            torch.manual_seed(cfg.seed)  # sampled generations repeat across reruns
+            metrics[task], task_outputs = evaluate_task(
+                model, tokenizer, items[task], batch_size=cfg.batch_size,
+                max_len=_max_len(model, cfg), gen=gen, task=f"{name}/{task}")
+            if gen is not None:
+                outputs[task] = task_outputs
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return metrics, outputs
+
+
+def _judge(name, metrics, items, outputs, out_dir, cfg, moderation_model, alpaca_eval) -> dict:
+    """Run the optional judges on one model's generations; returns AlpacaEval's status."""
+    records = _generation_records(name, items, outputs)
+    save_generations(out_dir, name, records)
+    if moderation_model is not None:
+        _moderate(metrics, items, outputs, moderation_model, cfg.batch_size)
+    if not alpaca_eval:
+        return {}
+    helpful = out_dir / "generations" / f"{name}.helpful.alpaca_eval.json"
+    helpful.write_text(json.dumps([r for r in records if r["task"] == "helpful"], indent=2) + "\n")
+    return judges.run_alpaca_eval(helpful, out_dir / "alpaca_eval" / name)
+
+
+def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalConfig) -> dict[str, Any]:
+    chosen = choose_score_metrics(metrics)
+    scores = dimension_scores(metrics, chosen)
+    return {"split": cfg.split, "models": {m: str(p) for m, p in models.items()},
+            "metrics": metrics, "score_metrics": chosen, "scores": scores,
+            "fused_model": FUSED, "tolerance": cfg.tolerance,
+            "fused_gain": fused_gains(scores, FUSED, cfg.tolerance)}
+
+
+def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, out_dir: Path, *,
+                    tokenizer_dir: Optional[Path] = None, moderation_model: Optional[Path] = None,
+                    alpaca_eval: bool = False, overwrite: bool = False) -> dict:
+    """Evaluate `models` (name -> HF dir) on `data_dir`'s eval items; write the report to
+    `out_dir` atomically and return the report dict."""
+    if not models:
+        raise ValueError("evaluate: no models given")
+    items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
+    t0 = time.time()
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        metrics, alpaca = {}, {}
+        for name, path in models.items():
+            print(f"evaluating {name} ({path})", flush=True)
+            metrics[name], outputs = evaluate_one_model(name, Path(path), items, cfg, tokenizer_dir)
+            if outputs:
+                alpaca[name] = _judge(name, metrics[name], items, outputs, tmp, cfg,
+                                      moderation_model, alpaca_eval)
+        report = build_report(metrics, models, cfg)
+        report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
+                      wall_time_s=round(time.time() - t0, 2))
+        # not io_utils.write_json: it sorts keys, and the models' order is the report's order
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "report.md").write_text(render_markdown(report))
+        plot_scores(report["scores"], tmp / "scores.png")
+        write_json(tmp / "manifest.json", {"stage": "evaluate", "models": report["models"],
+                                           "files": ["report.json", "report.md", "scores.png"]})
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--models", nargs="+", metavar="NAME=DIR",
+                        help="models to evaluate (default: every model in the run dir: base, "
+                             "experts, merges as merge_<method>, fused); the one named 'fused' "
+                             "is compared with the experts named helpful/harmless/honest")
+    parser.add_argument("--data", help="data dir (default <run>/data)")
+    parser.add_argument("--out", help="report dir (default <run>/eval)")
+    parser.add_argument("--moderation-model", type=Path, metavar="PATH",
+                        help="local sequence classifier (e.g. beaver-dam-7b): adds harmless flagged_rate")
+    parser.add_argument("--alpaca-eval", action="store_true",
+                        help="run the alpaca_eval CLI on helpful generations (needs it + OPENAI_API_KEY)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report dir")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.cli import config_from_args
+
+    cfg = config_from_args(args, "eval").eval
+    run = RunLayout.at(args.run_dir)
+    models = parse_model_specs(args.models) if args.models else discover_models(run.root)
+    out = Path(args.out) if args.out else run.eval
+    # a dir without report.json is an interrupted or `--redo` run: safe to replace
+    overwrite = args.overwrite or (out.exists() and not (out / "report.json").exists())
+    report = evaluate_models(models, Path(args.data) if args.data else run.data, cfg, out,
+                             tokenizer_dir=run.tokenizer, moderation_model=args.moderation_model,
+                             alpaca_eval=args.alpaca_eval, overwrite=overwrite)
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.md'}  ({len(report['models'])} models)")
+    return 0

@@ -1,0 +1,191 @@
+"""Merging baselines of the paper: weight average, task arithmetic and TIES.
+
+Pure tensor functions (`average`, `task_arithmetic`, `ties`) work on one parameter at a time in
+fp32 and return the input dtype; `merge_checkpoints` streams them over whole HF Llama dirs one
+tensor at a time; `h3fusion merge` merges a run's three experts into `<run>/merges/<method>`.
+
+- average:          mean_i θ_i
+- task_arithmetic:  θ_base + λ Σ_i (θ_i − θ_base)
+- ties (Yadav et al. 2023): τ_i = θ_i − θ_base, keep the top `density` fraction of |τ_i|
+  (per tensor), elect a sign per entry as sgn(Σ_i τ̂_i) (the sign with more total magnitude),
+  average only the kept entries that agree with it (disjoint mean), θ_base + λ · mean.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from .config import TASKS
+from .io_utils import atomic_dir, sha256_dir, write_json
+from .surgery import plan
+from .surgery.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
+                                     copy_optional_files, copy_tokenizer_files, read_config_json)
+
+log = logging.getLogger(__name__)
+METHODS = ("average", "task_arithmetic", "ties")
+MANIFEST = "merge_manifest.json"
+
+
+def average(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # anchored at the first model so that entries equal in every model come back bit-exact
+    # (a plain fp32 mean of three equal values can be off by one ulp)
+    anchor = tensors[0].float()
+    deltas = torch.stack([t.float() - anchor for t in tensors])
+    return (anchor + deltas.mean(dim=0)).to(tensors[0].dtype)
+
+
+def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], scale: float) -> torch.Tensor:
+    base32 = base.float()
+    task_sum = torch.stack([t.float() - base32 for t in tensors]).sum(dim=0)
+    return (base32 + scale * task_sum).to(base.dtype)
+
+
+def trim_to_density(task_vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ceil(density * n) largest-magnitude entries (ties keep the first found)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"TIES density must be in (0, 1], got {density}")
+    flat = task_vector.reshape(-1)
+    keep = math.ceil(density * flat.numel())
+    if keep >= flat.numel():
+        return task_vector.clone()
+    idx = torch.topk(flat.abs(), keep, sorted=False).indices
+    out = torch.zeros_like(flat)
+    out[idx] = flat[idx]
+    return out.reshape(task_vector.shape)
+
+
+def ties(base: torch.Tensor, tensors: list[torch.Tensor], density: float,
+         scale: float = 1.0) -> torch.Tensor:
+    base32 = base.float()
+    trimmed = torch.stack([trim_to_density(t.float() - base32, density) for t in tensors])
+    elected_sign = torch.sign(trimmed.sum(dim=0))
+    agrees = (torch.sign(trimmed) == elected_sign) & (trimmed != 0)
+    kept_sum = (trimmed * agrees).sum(dim=0)
+    count = agrees.sum(dim=0).clamp_min(1)
+    return (base32 + scale * kept_sum / count).to(base.dtype)
+
+
+def merge_tensor(method: str, base: torch.Tensor, tensors: list[torch.Tensor], scale: float,
+                 density: float) -> torch.Tensor:
+    if not tensors[0].is_floating_point():
+        return base.clone()    # integer buffers are not merged
+    if method == "average":
+        return average(tensors)
+    if method == "task_arithmetic":
+        return task_arithmetic(base, tensors, scale)
+    if method == "ties":
+        return ties(base, tensors, density, scale)
+    raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
+
+
+def _open_all(base_dir: Path, models: dict[str, Path],
+              tokenizer_dir: Path) -> tuple[dict, CheckpointReader, dict]:
+    """Validate architecture, tokenizer and tensor names/shapes of every input."""
+    from .surgery.tokenizer_check import check_same_tokenizer, has_tokenizer
+    base_cfg = read_config_json(base_dir)
+    cfgs = {f"model {n!r} ({d})": read_config_json(d) for n, d in models.items()}
+    plan.check_same_architecture(base_cfg, cfgs, base_dir)
+    base = CheckpointReader(base_dir)
+    readers = {n: CheckpointReader(d) for n, d in models.items()}
+    for name, reader in readers.items():
+        plan.check_same_keys(base.shapes(), reader.shapes(), str(base_dir), f"model {name!r}")
+        for key in base.keys():
+            if reader.dtype_name(key) != base.dtype_name(key):
+                raise ValueError(f"model {name!r}: tensor {key} is {reader.dtype_name(key)}, "
+                                 f"base has {base.dtype_name(key)}")
+    if not has_tokenizer(tokenizer_dir):
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files to copy into the merge "
+                                f"(pass --tokenizer DIR)")
+    check_same_tokenizer(tokenizer_dir, [d for d in models.values() if has_tokenizer(d)],
+                         int(base_cfg["vocab_size"]))
+    return base_cfg, base, readers
+
+
+def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path],
+                      out: str | Path, scale: float = 0.5, density: float = 0.5,
+                      overwrite: bool = False, tokenizer: str | Path | None = None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Merge dense Llama dirs tensor by tensor into `out` (config/tokenizer from the base)."""
+    from transformers import LlamaConfig
+    base_dir, out = Path(base_dir), Path(out)
+    models = {n: Path(d) for n, d in models.items()}
+    if method not in METHODS:
+        raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+    tokenizer_dir = Path(tokenizer) if tokenizer else base_dir
+    base_cfg, base, readers = _open_all(base_dir, models, tokenizer_dir)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for key in base.keys():
+            tensors = [r.get(key) for r in readers.values()]
+            writer.add(key, merge_tensor(method, base.get(key), tensors, scale, density))
+        writer.close()
+        LlamaConfig.from_pretrained(base_dir).save_pretrained(tmp)
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        copy_optional_files(base_dir, tmp, ["generation_config.json"])
+        write_json(tmp / MANIFEST, {
+            "tool": "merge", "method": method, "scale": scale, "density": density,
+            "base": {"path": str(base_dir.resolve()), "sha256": sha256_dir(base_dir)},
+            "models": [{"name": n, "path": str(d.resolve()), "sha256": sha256_dir(d)}
+                       for n, d in models.items()]})
+    log.info("merge: wrote %s (%s of %s)", out, method, list(models))
+    return out
+
+
+# ----------------------------------------------------------------------------- h3fusion merge
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_config_arguments
+    add_config_arguments(parser)
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        help="methods to run (default: merge.methods of the config)")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Merge the run's experts (TASKS order) onto its base, one output dir per method."""
+    from .cli import config_from_args
+    from .layout import RunLayout
+    from .surgery.tokenizer_check import has_tokenizer
+    cfg = config_from_args(args, "merge")
+    layout = RunLayout.at(args.run_dir)
+    experts = {task: layout.expert(task) for task in TASKS}
+    tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer
+    for method in args.methods or cfg.merge.methods:
+        scale = {"task_arithmetic": cfg.merge.task_arithmetic_scale,
+                 "ties": cfg.merge.ties_scale}.get(method, 1.0)
+        merge_checkpoints(method, layout.base, experts, layout.merge(method), scale=scale,
+                          density=cfg.merge.ties_density, overwrite=args.overwrite,
+                          tokenizer=tokenizer)
+        print(f"h3fusion merge: {method} -> {layout.merge(method)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- standalone tool
+
+def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
+    """`h3fusion surgery merge` / tools/surgery/merge.py: merge any dense Llama dirs."""
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument("--base", required=True, help="base LlamaForCausalLM dir (config, "
+                        "tokenizer; the origin of the task vectors)")
+    parser.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--scale", type=float, default=None,
+                        help="λ: default 0.5 for task_arithmetic, 1.0 for ties")
+    parser.add_argument("--density", type=float, default=0.5, help="TIES: fraction kept")
+    parser.add_argument("--tokenizer", help="tokenizer dir (default: the base dir)")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def tool_main(args: argparse.Namespace) -> int:
+    scale = args.scale if args.scale is not None else (1.0 if args.method == "ties" else 0.5)
+    merge_checkpoints(args.method, args.base, plan.parse_named_dirs(args.models, "--models"),
+                      args.out, scale=scale, density=args.density, overwrite=args.overwrite,
+                      tokenizer=args.tokenizer, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    return 0

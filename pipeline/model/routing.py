@@ -1,0 +1,154 @@
+"""Pure primitives of a dropless top-k MoE layer (no modules, no state).
+
+Shape suffixes: T tokens, H hidden, F ffn per expert, E experts, K top-k, P token-expert pairs
+(= T*K). The experts' weights use the MegaBlocks GLU layout: `w1`, `v1`, `w2` each `[E*F, H]`;
+expert `e` owns rows `e*F:(e+1)*F` and computes `(silu(x @ w1_e.T) * (x @ v1_e.T)) @ w2_e`.
+
+Dropless: every token reaches all of its k experts (no capacity factor); experts process a
+variable number of rows, so the expert matmuls run over contiguous per-expert slices of the
+token-expert pairs sorted by expert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+GroupedImpl = Literal["auto", "loop", "grouped_mm"]
+
+
+@dataclass
+class RouterOutput:
+    """One layer's routing decision for T = B*S tokens (row-major over [B, S])."""
+    logits_TE: torch.Tensor         # router logits
+    probs_TE: torch.Tensor          # softmax over all E experts
+    topk_idx_TK: torch.Tensor       # chosen experts, int64
+    topk_weight_TK: torch.Tensor    # probs of the chosen experts renormalised over K
+    tokens_per_expert_E: torch.Tensor  # how many of the T*K pairs each expert received, int64
+
+
+def route(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, top_k: int) -> RouterOutput:
+    """Linear router (no bias) -> softmax over E -> top-k -> renormalise the k weights."""
+    num_experts = router_weight_EH.shape[0]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    logits_TE = F.linear(x_TH, router_weight_EH)
+    # softmax in fp32: bf16 probabilities are too coarse for the gating loss and for ties
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    topk_prob_TK, topk_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
+    topk_weight_TK = topk_prob_TK / topk_prob_TK.sum(dim=-1, keepdim=True)
+    tokens_per_expert_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
+    return RouterOutput(logits_TE, probs_TE, topk_idx_TK, topk_weight_TK, tokens_per_expert_E)
+
+
+@dataclass
+class Permutation:
+    """Token-expert pairs sorted by expert: pair p is token `token_idx_P[p]` for expert `expert_idx_P[p]`."""
+    order_P: torch.Tensor        # index into the flattened [T*K] pairs
+    token_idx_P: torch.Tensor
+    expert_idx_P: torch.Tensor
+
+
+def permute(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> tuple[torch.Tensor, Permutation]:
+    """Gather one row per token-expert pair, grouped by expert (stable: token order kept inside)."""
+    top_k = topk_idx_TK.shape[1]
+    flat_expert_P = topk_idx_TK.reshape(-1)
+    order_P = torch.argsort(flat_expert_P, stable=True)
+    token_idx_P = order_P // top_k
+    perm = Permutation(order_P, token_idx_P, flat_expert_P[order_P])
+    return x_TH.index_select(0, token_idx_P), perm
+
+
+def unpermute(y_PH: torch.Tensor, perm: Permutation, topk_weight_TK: torch.Tensor,
+              num_tokens: int) -> torch.Tensor:
+    """Weight each pair's expert output by its routing weight and sum the k pairs of each token."""
+    weight_P = topk_weight_TK.reshape(-1)[perm.order_P].to(y_PH.dtype)
+    out_TH = y_PH.new_zeros(num_tokens, y_PH.shape[1])
+    return out_TH.index_add(0, perm.token_idx_P, y_PH * weight_P[:, None])
+
+
+def _grouped_mm_ok(x: torch.Tensor, *dims: int) -> bool:
+    """torch._grouped_mm: CUDA sm90+ in bf16 with 16-byte aligned strides (its backward needs them)."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (9, 0) and all(d % 8 == 0 for d in dims)
+
+
+def _expert_matmul(x_PH: torch.Tensor, w_EXY: torch.Tensor, counts: list[int],
+                   ends_E: torch.Tensor, use_grouped: bool) -> torch.Tensor:
+    """Row block e of x (counts[e] rows) times w_EXY[e]; blocks are contiguous in x."""
+    if use_grouped:
+        return torch._grouped_mm(x_PH, w_EXY, offs=ends_E.to(torch.int32))
+    blocks = torch.split(x_PH, counts, dim=0)
+    return torch.cat([blk @ w_EXY[e] for e, blk in enumerate(blocks)], dim=0)
+
+
+def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor,
+               w2: torch.Tensor, impl: GroupedImpl = "auto") -> torch.Tensor:
+    """GLU experts over pairs already grouped by expert; `counts_E[e]` rows belong to expert e.
+
+    `w1/v1/w2` are `[E*F, H]` for the E experts in `counts_E` (a slice of the full stack under
+    expert parallelism).
+    """
+    num_experts = counts_E.shape[0]
+    if w1.shape[0] % num_experts:
+        raise ValueError(f"expert weights have {w1.shape[0]} rows, not a multiple of E={num_experts}")
+    ffn, hidden = w1.shape[0] // num_experts, w1.shape[1]
+    if int(counts_E.sum()) != x_PH.shape[0]:
+        raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x has {x_PH.shape[0]} rows")
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and _grouped_mm_ok(x_PH, ffn, hidden))
+    counts = counts_E.tolist()
+    ends_E = torch.cumsum(counts_E, 0)
+    w1_EHF = w1.view(num_experts, ffn, hidden).transpose(1, 2)
+    v1_EHF = v1.view(num_experts, ffn, hidden).transpose(1, 2)
+    w2_EFH = w2.view(num_experts, ffn, hidden)
+    gate_PF = _expert_matmul(x_PH, w1_EHF, counts, ends_E, use_grouped)
+    up_PF = _expert_matmul(x_PH, v1_EHF, counts, ends_E, use_grouped)
+    return _expert_matmul(F.silu(gate_PF) * up_PF, w2_EFH, counts, ends_E, use_grouped)
+
+
+def dropless_moe(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, w1: torch.Tensor,
+                 v1: torch.Tensor, w2: torch.Tensor, top_k: int,
+                 impl: GroupedImpl = "auto") -> tuple[torch.Tensor, RouterOutput]:
+    """Single-process dropless MoE: route, permute, expert GLUs, weighted unpermute."""
+    routing = route(x_TH, router_weight_EH, top_k)
+    x_PH, perm = permute(x_TH, routing.topk_idx_TK)
+    y_PH = expert_glu(x_PH, routing.tokens_per_expert_E, w1, v1, w2, impl)
+    return unpermute(y_PH, perm, routing.topk_weight_TK, x_TH.shape[0]), routing
+
+
+def naive_moe_reference(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, w1: torch.Tensor,
+                        v1: torch.Tensor, w2: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-token, per-chosen-expert loop: slow and obviously correct (tests only)."""
+    num_experts = router_weight_EH.shape[0]
+    ffn = w1.shape[0] // num_experts
+    probs_TE = torch.softmax(F.linear(x_TH, router_weight_EH).float(), dim=-1)
+    rows = []
+    for t in range(x_TH.shape[0]):
+        top_p, top_e = torch.topk(probs_TE[t], top_k)
+        acc = torch.zeros_like(x_TH[t])
+        for p, e in zip(top_p / top_p.sum(), top_e.tolist()):
+            sl = slice(e * ffn, (e + 1) * ffn)
+            h = F.silu(w1[sl] @ x_TH[t]) * (v1[sl] @ x_TH[t])
+            acc = acc + p.to(x_TH.dtype) * (h @ w2[sl])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def naive_per_expert_moe(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, w1: torch.Tensor,
+                         v1: torch.Tensor, w2: torch.Tensor, top_k: int) -> tuple[torch.Tensor, RouterOutput]:
+    """The common "loop over experts with a boolean mask" MoE (the benchmark's naive baseline)."""
+    routing = route(x_TH, router_weight_EH, top_k)
+    num_experts = router_weight_EH.shape[0]
+    ffn = w1.shape[0] // num_experts
+    out_TH = torch.zeros_like(x_TH)
+    for e in range(num_experts):
+        token_idx, slot = torch.nonzero(routing.topk_idx_TK == e, as_tuple=True)
+        sl = slice(e * ffn, (e + 1) * ffn)
+        x_e = x_TH[token_idx]
+        y_e = (F.silu(x_e @ w1[sl].T) * (x_e @ v1[sl].T)) @ w2[sl]
+        weight = routing.topk_weight_TK[token_idx, slot].to(x_TH.dtype)
+        out_TH = out_TH.index_add(0, token_idx, y_e * weight[:, None])
+    return out_TH, routing

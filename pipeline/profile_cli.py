@@ -1,0 +1,39 @@
+"""`h3fusion profile`: expert-load profile of `<run>/fused` into `<run>/profile`.
+
+Thin wrapper over `pipeline.profiling` (the same core as tools/profiling/expert_load.py);
+TensorBoard events go to `<run>/tensorboard/profile` next to the training logs.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.layout import RunLayout
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--model", help="fused model dir (default <run>/fused)")
+    parser.add_argument("--out", help="output dir (default <run>/profile)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.cli import config_from_args
+    from pipeline.profiling import ALL, profile_model_dir
+
+    cfg = config_from_args(args, "profile").profile
+    run = RunLayout.at(args.run_dir)
+    out = Path(args.out) if args.out else run.profile
+    summary = profile_model_dir(Path(args.model) if args.model else run.fused, run.data, out, cfg,
+                                tokenizer_dir=run.tokenizer, tb_dir=run.tensorboard / "profile",
+                                overwrite=args.overwrite)
+    for task, t in summary["tasks"].items():
+        own = "–" if t["own_top1_acc"] is None else f"{t['own_top1_acc']:.3f}"
+        shares = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["expert_names"], t["top1_share"]))
+        print(f"{task:<9} tokens={t['num_tokens']:<7} own-expert top-1 acc={own:<6} top-1 share: {shares}"
+              + (f"  COLLAPSED layers {t['collapsed_layers']}" if t["collapsed_layers"] and task != ALL else ""))
+    print(f"profile: {out}")
+    return 0

@@ -1,0 +1,197 @@
+"""build_moe: dense aligned Llama experts -> one H3Fusion sparse MoE checkpoint.
+
+Embeddings, attention, norms and LM head come from the base; layer l's expert i is aligned model
+i's MLP of layer l, stacked into the MegaBlocks GLU layout of docs/contracts.md
+(`mlp.experts.w1/v1/w2 [E*F, H]`, w2 = down_proj.weight.T) behind a new router `[E, H]`.
+Everything is validated before the first byte is written; tensors stream one layer at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io_utils import atomic_dir, sha256_dir, write_json
+from . import plan
+from .router_init import ROUTER_INITS, load_router_prompts, make_router_weights
+from .safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
+                             copy_optional_files, copy_tokenizer_files, read_config_json)
+from .tokenizer_check import check_same_tokenizer, has_tokenizer
+
+log = logging.getLogger(__name__)
+MANIFEST = "fusion_manifest.json"
+
+
+@dataclass
+class BuildInputs:
+    """Validated inputs: configs, readers and the facts the writer needs."""
+    base_dir: Path
+    base_cfg: dict
+    spec: plan.ModelSpec
+    base: CheckpointReader
+    experts: dict[str, CheckpointReader]
+    tokenizer_dir: Path
+    shared_deviation: dict[str, float]
+
+
+def _check_expert_dtypes(experts: dict[str, CheckpointReader], spec: plan.ModelSpec) -> None:
+    """Stacking needs one dtype; refuse rather than silently cast an expert."""
+    key = plan.dense_mlp_key(0, "gate_proj")
+    dtypes = {name: r.dtype_name(key) for name, r in experts.items()}
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"experts store their MLP weights in different dtypes {dtypes}; "
+                         f"convert them to one dtype first")
+
+
+def max_shared_deviation(base: CheckpointReader, expert: CheckpointReader) -> float:
+    """Largest |expert - base| over every non-MLP tensor (attention, norms, embeddings)."""
+    worst = 0.0
+    for key in base.keys():
+        if plan.is_dense_mlp_key(key):
+            continue
+        diff = (expert.get(key).float() - base.get(key).float()).abs().max().item()
+        worst = max(worst, diff)
+    return worst
+
+
+def validate_inputs(base_dir: str | Path, expert_dirs: dict[str, Path],
+                    tokenizer_dir: str | Path | None = None) -> BuildInputs:
+    base_dir = Path(base_dir)
+    base_cfg = read_config_json(base_dir)
+    expert_cfgs = {f"expert {n!r} ({d})": read_config_json(d) for n, d in expert_dirs.items()}
+    plan.check_same_architecture(base_cfg, expert_cfgs, base_dir)
+    spec = plan.ModelSpec.from_config(base_cfg, base_dir)
+    base = CheckpointReader(base_dir)
+    base_shapes = base.shapes()
+    plan.check_dense_mlp_keys(base_shapes, spec, str(base_dir))
+    experts = {name: CheckpointReader(d) for name, d in expert_dirs.items()}
+    for name, reader in experts.items():
+        plan.check_same_keys(base_shapes, reader.shapes(), str(base_dir), f"expert {name!r}")
+    _check_expert_dtypes(experts, spec)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else base_dir
+    if not has_tokenizer(tok_dir):
+        raise FileNotFoundError(f"{tok_dir}: no tokenizer files; pass --tokenizer DIR")
+    others = [base_dir, *expert_dirs.values()]
+    check_same_tokenizer(tok_dir, [d for d in others if has_tokenizer(d)], spec.vocab_size)
+    deviation = {name: max_shared_deviation(base, r) for name, r in experts.items()}
+    for name, dev in deviation.items():
+        if dev > 0:
+            warnings.warn(f"expert {name!r}: attention/embedding/norm weights differ from the base "
+                          f"by up to {dev:.3g}; the fused model uses the base's (H3Fusion assumes "
+                          f"frozen attention)", stacklevel=2)
+    return BuildInputs(base_dir, base_cfg, spec, base, experts, tok_dir, deviation)
+
+
+def stacked_expert_layer(experts: list[CheckpointReader], layer: int) -> dict[str, torch.Tensor]:
+    """One layer's w1/v1/w2 [E*F, H]; expert e owns rows e*F:(e+1)*F."""
+    def stack(proj: str, transpose: bool) -> torch.Tensor:
+        parts = [r.get(plan.dense_mlp_key(layer, proj)) for r in experts]
+        return torch.cat([p.t() if transpose else p for p in parts], dim=0).contiguous()
+    return {"w1": stack("gate_proj", False), "v1": stack("up_proj", False),
+            "w2": stack("down_proj", True)}
+
+
+def fusion_config(base_cfg: dict, names: list[str], top_k: int):
+    from ..model import H3FusionConfig   # registers the model type with AutoConfig
+    fields = {k: v for k, v in base_cfg.items() if k not in ("model_type", "architectures")}
+    cfg = H3FusionConfig.from_dict({**fields, "num_experts": len(names), "top_k": top_k,
+                                    "expert_names": list(names), "moe_backend": "torch"})
+    cfg.architectures = ["H3FusionForCausalLM"]
+    return cfg
+
+
+def write_moe_weights(out: Path, inputs: BuildInputs, routers: list[torch.Tensor],
+                      max_shard_bytes: int) -> None:
+    writer = ShardedWriter(out, max_shard_bytes)
+    experts = list(inputs.experts.values())
+    dtype = experts[0].get(plan.dense_mlp_key(0, "gate_proj")).dtype
+    for key in inputs.base.keys():
+        if not plan.is_dense_mlp_key(key):
+            writer.add(key, inputs.base.get(key))
+    for layer in range(inputs.spec.num_hidden_layers):
+        writer.add(plan.router_key(layer), routers[layer].to(dtype))
+        for param, tensor in stacked_expert_layer(experts, layer).items():
+            writer.add(plan.moe_expert_key(layer, param), tensor)
+    writer.close()
+
+
+def _manifest(inputs: BuildInputs, expert_dirs: dict[str, Path], cfg, router_init: str,
+              prompts_source: str | None) -> dict:
+    return {
+        "tool": "build_moe",
+        "base": {"path": str(inputs.base_dir.resolve()), "sha256": sha256_dir(inputs.base_dir)},
+        "experts": [{"name": n, "path": str(d.resolve()), "sha256": sha256_dir(d)}
+                    for n, d in expert_dirs.items()],
+        "expert_names": list(expert_dirs),
+        "tokenizer": str(inputs.tokenizer_dir.resolve()),
+        "top_k": cfg.top_k,
+        "router_init": router_init,
+        "router_prompts": prompts_source,
+        "shared_weight_max_deviation": inputs.shared_deviation,
+        "config": cfg.to_dict(),
+    }
+
+
+def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k: int = 2,
+              router_init: str = "zeros", prompts_source: str | None = None,
+              prompts_per_expert: int = 8, tokenizer: str | Path | None = None,
+              overwrite: bool = False, seed: int = 0,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Validate everything, then write the fused checkpoint atomically; return `out`."""
+    out, experts = Path(out), {n: Path(d) for n, d in experts.items()}
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+    if router_init not in ROUTER_INITS:
+        raise ValueError(f"--router-init must be one of {ROUTER_INITS}, got {router_init!r}")
+    if not 1 <= top_k <= len(experts):
+        raise ValueError(f"--top-k must be in [1, {len(experts)}] for {len(experts)} experts, "
+                         f"got {top_k}")
+    inputs = validate_inputs(base, experts, tokenizer)
+    cfg = fusion_config(inputs.base_cfg, list(experts), top_k)
+    prompts = None
+    if router_init == "prompts":
+        if not prompts_source:
+            raise ValueError("--router-init prompts needs --prompts-data DIR or --prompts FILE")
+        prompts = load_router_prompts(prompts_source, list(experts), prompts_per_expert)
+    routers = make_router_weights(router_init, inputs.base_dir, inputs.tokenizer_dir,
+                                  inputs.base_cfg, len(experts), seed, prompts)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_moe_weights(tmp, inputs, routers, max_shard_bytes)
+        cfg.save_pretrained(tmp)
+        copy_tokenizer_files(inputs.tokenizer_dir, tmp)
+        copy_optional_files(inputs.base_dir, tmp, ["generation_config.json"])
+        write_json(tmp / MANIFEST, _manifest(inputs, experts, cfg, router_init, prompts_source))
+    log.info("build_moe: wrote %s (%d experts, top_k=%d)", out, len(experts), top_k)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base LlamaForCausalLM dir (attention, "
+                        "embeddings, norms, LM head, tokenizer)")
+    parser.add_argument("--experts", nargs="+", required=True, metavar="NAME=DIR",
+                        help="aligned dense models in expert order, e.g. helpful=DIR harmless=DIR")
+    parser.add_argument("--out", required=True, help="output dir of the fused H3Fusion model")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--router-init", choices=ROUTER_INITS, default="zeros")
+    parser.add_argument("--prompts-data", help="<run>/data: router prompts from sft/<name>/train")
+    parser.add_argument("--prompts", help="JSON file {expert name: [prompt, ...]}")
+    parser.add_argument("--prompts-per-expert", type=int, default=8)
+    parser.add_argument("--tokenizer", help="tokenizer dir (default: the base dir)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --router-init normal")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.prompts_data and args.prompts:
+        raise ValueError("give --prompts-data or --prompts, not both")
+    build_moe(args.base, plan.parse_named_dirs(args.experts), args.out, top_k=args.top_k,
+              router_init=args.router_init, prompts_source=args.prompts_data or args.prompts,
+              prompts_per_expert=args.prompts_per_expert, tokenizer=args.tokenizer,
+              overwrite=args.overwrite, seed=args.seed,
+              max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    return 0

@@ -1,0 +1,96 @@
+"""export_mixtral: an H3Fusion MoE as a Hugging Face Mixtral checkpoint.
+
+Written in the canonical Mixtral hub layout (`block_sparse_moe.gate.weight`,
+`block_sparse_moe.experts.N.w1/w2/w3.weight`), which transformers 5 converts on load into its
+fused `mlp.experts.gate_up_proj`/`down_proj` and which older loaders read as is.
+
+Router math is identical: transformers' MixtralTopKRouter and ours (pipeline.model.routing.route)
+both take a bias-free linear router, softmax over all E in fp32, top-k, then renormalise the k
+weights. Anything Mixtral cannot express is refused instead of exported approximately.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..io_utils import atomic_dir, sha256_dir, write_json
+from . import plan
+from .extract_expert import expert_rows, open_moe
+from .safetensors_io import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_optional_files,
+                             copy_tokenizer_files)
+
+MANIFEST = "export_manifest.json"
+# Llama config fields with the same meaning in MixtralConfig.
+SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
+                 "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                 "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
+                 "attention_dropout", "rope_parameters", "dtype")
+
+
+def check_expressible(cfg: dict, source: str) -> None:
+    """Mixtral has no attention/MLP biases and routes with k <= E; refuse anything else."""
+    experts, top_k = int(cfg["num_experts"]), int(cfg["top_k"])
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"{source}: top_k={top_k} must be in [1, num_experts={experts}] "
+                         f"for Mixtral (num_experts_per_tok <= num_local_experts)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise ValueError(f"{source}: {flag}=true cannot be expressed in Mixtral (no biases)")
+    if int(cfg.get("pretraining_tp", 1) or 1) != 1:
+        raise ValueError(f"{source}: pretraining_tp={cfg['pretraining_tp']} is not supported")
+
+
+def mixtral_config(cfg: dict):
+    from transformers import MixtralConfig
+    fields = {k: cfg[k] for k in SHARED_FIELDS if k in cfg}
+    out = MixtralConfig(**fields, num_local_experts=int(cfg["num_experts"]),
+                        num_experts_per_tok=int(cfg["top_k"]), sliding_window=None,
+                        router_jitter_noise=0.0, output_router_logits=False)
+    out.architectures = ["MixtralForCausalLM"]
+    return out
+
+
+def mixtral_key(layer: int, rest: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.{rest}"
+
+
+def export_mixtral(moe: str | Path, out: str | Path, overwrite: bool = False,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    moe, out = Path(moe), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+    cfg, spec, reader = open_moe(moe)
+    check_expressible(cfg, str(moe / "config.json"))
+    mix_cfg = mixtral_config(cfg)
+    names = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for key in reader.keys():
+            if not plan.is_moe_key(key):
+                writer.add(key, reader.get(key))
+        for layer in range(spec.num_hidden_layers):
+            writer.add(mixtral_key(layer, "gate.weight"), reader.get(plan.router_key(layer)))
+            for e in range(len(cfg["expert_names"])):
+                for proj, t in expert_rows(reader, layer, e, spec.intermediate_size).items():
+                    writer.add(mixtral_key(layer, f"experts.{e}.{names[proj]}.weight"), t)
+        writer.close()
+        mix_cfg.save_pretrained(tmp)
+        copy_tokenizer_files(moe, tmp)
+        copy_optional_files(moe, tmp, ["generation_config.json"])
+        write_json(tmp / MANIFEST, {"tool": "export_mixtral", "expert_names": cfg["expert_names"],
+                                    "source": str(moe.resolve()), "source_sha256": sha256_dir(moe)})
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--moe", required=True, help="fused H3Fusion model dir")
+    parser.add_argument("--out", required=True, help="output MixtralForCausalLM dir")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    export_mixtral(args.moe, args.out, overwrite=args.overwrite,
+                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    return 0

@@ -1,0 +1,84 @@
+"""extract_expert: one expert of an H3Fusion MoE back out as a dense LlamaForCausalLM dir.
+
+Shared tensors (embeddings, attention, norms, LM head) are copied; the expert's rows of
+w1/v1/w2 become gate_proj/up_proj/down_proj (down_proj = w2 rows transposed back). Without
+fusion training in between, build_moe -> extract_expert reproduces the expert bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..io_utils import atomic_dir, sha256_dir, write_json
+from . import plan
+from .safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
+                             copy_optional_files, copy_tokenizer_files, read_config_json)
+
+MANIFEST = "extract_manifest.json"
+
+
+def open_moe(moe_dir: str | Path) -> tuple[dict, plan.ModelSpec, CheckpointReader]:
+    """Read and validate a fused model dir: its config, spec and a reader of its weights."""
+    cfg = read_config_json(moe_dir)
+    if cfg.get("model_type") != "h3fusion":
+        raise ValueError(f"{moe_dir}: model_type must be 'h3fusion' (a build_moe output), "
+                         f"got {cfg.get('model_type')!r}")
+    names = cfg.get("expert_names")
+    if not isinstance(names, list) or len(names) != cfg.get("num_experts"):
+        raise ValueError(f"{moe_dir}/config.json: expert_names {names!r} does not match "
+                         f"num_experts={cfg.get('num_experts')!r}")
+    spec = plan.ModelSpec.from_config(cfg, moe_dir)
+    reader = CheckpointReader(moe_dir)
+    plan.check_moe_keys(reader.shapes(), spec, len(names), str(moe_dir))
+    return cfg, spec, reader
+
+
+def expert_rows(reader: CheckpointReader, layer: int, expert: int, ffn: int) -> dict:
+    """Expert `expert`'s dense gate/up/down weights of one layer."""
+    rows = slice(expert * ffn, (expert + 1) * ffn)
+    return {
+        "gate_proj": reader.get(plan.moe_expert_key(layer, "w1"))[rows],
+        "up_proj": reader.get(plan.moe_expert_key(layer, "v1"))[rows],
+        "down_proj": reader.get(plan.moe_expert_key(layer, "w2"))[rows].t(),
+    }
+
+
+def extract_expert(moe: str | Path, name: str, out: str | Path, overwrite: bool = False,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    from transformers import LlamaConfig
+    moe, out = Path(moe), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
+    cfg, spec, reader = open_moe(moe)
+    index = plan.expert_index(cfg["expert_names"], name, str(moe))
+    dense_cfg = LlamaConfig.from_dict(plan.dense_config_from_moe(cfg))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for key in reader.keys():
+            if not plan.is_moe_key(key):
+                writer.add(key, reader.get(key))
+        for layer in range(spec.num_hidden_layers):
+            for proj, tensor in expert_rows(reader, layer, index, spec.intermediate_size).items():
+                writer.add(plan.dense_mlp_key(layer, proj), tensor)
+        writer.close()
+        dense_cfg.save_pretrained(tmp)
+        copy_tokenizer_files(moe, tmp)
+        copy_optional_files(moe, tmp, ["generation_config.json"])
+        write_json(tmp / MANIFEST, {"tool": "extract_expert", "expert": name,
+                                    "expert_index": index, "source": str(moe.resolve()),
+                                    "source_sha256": sha256_dir(moe)})
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--moe", required=True, help="fused H3Fusion model dir")
+    parser.add_argument("--expert", required=True, help="expert name (config expert_names)")
+    parser.add_argument("--out", required=True, help="output LlamaForCausalLM dir")
+    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    extract_expert(args.moe, args.expert, args.out, overwrite=args.overwrite,
+                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    return 0

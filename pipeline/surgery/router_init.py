@@ -1,0 +1,99 @@
+"""Initial router weights of a freshly built MoE: zeros, normal, or prompt hidden states.
+
+`prompts` (the mergekit "hidden" idea, applied where our router actually looks): router row i of
+layer l is the mean hidden state at layer l's MLP input (after post_attention_layernorm) over a
+few prompts of dimension i, computed by the BASE model. Rows are unit-normalised so that the
+logits are cosine-like and one long-norm dimension cannot dominate every token.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+ROUTER_INITS = ("zeros", "normal", "prompts")
+
+
+def _prompts_from_json(path: Path, names: list[str]) -> dict[str, list[str]]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object {{expert name: [prompt, ...]}}")
+    return {name: data.get(name) for name in names}
+
+
+def _prompts_from_run_data(data_dir: Path, names: list[str], limit: int) -> dict[str, list[str]]:
+    from ..data.loading import load_sft
+    from ..data.template import format_prompt
+    out = {}
+    for name in names:
+        rows = load_sft(data_dir, name, "train")
+        rows = rows.select(range(min(limit, len(rows))))
+        out[name] = [format_prompt(r["instruction"], r["input"]) for r in rows]
+    return out
+
+
+def load_router_prompts(source: str | Path, names: list[str], limit: int) -> dict[str, list[str]]:
+    """{expert name: up to `limit` prompts} from a JSON file or a run's data dir."""
+    source = Path(source)
+    if source.is_dir():
+        prompts = _prompts_from_run_data(source, names, limit)
+    elif source.is_file():
+        prompts = _prompts_from_json(source, names)
+    else:
+        raise FileNotFoundError(f"router prompts not found: {source}")
+    for name in names:
+        items = prompts.get(name)
+        if not items or not all(isinstance(p, str) and p for p in items):
+            raise ValueError(f"{source}: no non-empty prompts for expert {name!r}")
+        prompts[name] = items[:limit]
+    return prompts
+
+
+@torch.no_grad()
+def prompt_hidden_means(base_dir: Path, tokenizer_dir: Path,
+                        prompts: dict[str, list[str]]) -> list[torch.Tensor]:
+    """Per layer, [E, H] fp32: mean MLP-input hidden state of each expert's prompts."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype="auto").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    captured: list[torch.Tensor] = []
+    hooks = [layer.mlp.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[0][0].float().mean(dim=0)))
+        for layer in model.model.layers]
+    per_expert = []
+    try:
+        for texts in prompts.values():
+            sums = None
+            for text in texts:
+                captured.clear()
+                ids = tokenizer(text, return_tensors="pt").input_ids[:, :512]
+                model(input_ids=ids)
+                layer_means = torch.stack(captured)          # [L, H]
+                sums = layer_means if sums is None else sums + layer_means
+            per_expert.append(sums / len(texts))
+    finally:
+        for h in hooks:
+            h.remove()
+    stacked_ELH = torch.stack(per_expert)
+    return [stacked_ELH[:, layer] for layer in range(stacked_ELH.shape[1])]
+
+
+def make_router_weights(init: str, base_dir: Path, tokenizer_dir: Path, base_cfg: dict,
+                        num_experts: int, seed: int,
+                        prompts: dict[str, list[str]] | None) -> list[torch.Tensor]:
+    """One fp32 [E, H] router weight per layer."""
+    layers, hidden = int(base_cfg["num_hidden_layers"]), int(base_cfg["hidden_size"])
+    if init == "zeros":
+        return [torch.zeros(num_experts, hidden) for _ in range(layers)]
+    if init == "normal":
+        std = float(base_cfg.get("initializer_range", 0.02))
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(num_experts, hidden, generator=gen) * std for _ in range(layers)]
+    if init == "prompts":
+        means = prompt_hidden_means(base_dir, tokenizer_dir, prompts)
+        return [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6) for m in means]
+    raise ValueError(f"router init must be one of {ROUTER_INITS}, got {init!r}")

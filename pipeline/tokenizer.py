@@ -1,0 +1,113 @@
+"""`h3fusion tokenizer`: train a sentencepiece BPE tokenizer on the corpus (or copy a user's).
+
+The trained model is exported as a Hugging Face `LlamaTokenizer` directory (tokenizer.json:
+BPE with byte fallback, Metaspace pre-tokenizer) so `AutoTokenizer.from_pretrained(dir)` works
+without protobuf; the raw `sentencepiece.model` is kept beside it for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .cli import add_config_arguments, config_from_args
+from .config import TASKS, TokenizerConfig
+from .io_utils import atomic_dir, write_json, MANIFEST
+from .layout import RunLayout
+
+SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+ROUND_TRIP_PROBE = "### Response:\nThe answer is 42.\n\nNo, that's a myth! ünïcödé 😀"
+
+
+def corpus_texts(data_dir: Path) -> Iterator[str]:
+    """Pretrain text plus every SFT train prompt+response (the same strings the models see)."""
+    from .data.loading import load_pretrain, load_sft
+    from .data.template import format_prompt
+    yield from load_pretrain(data_dir)["text"]
+    for task in TASKS:
+        for row in load_sft(data_dir, task, "train"):
+            yield format_prompt(row["instruction"], row["input"]) + row["response"]
+
+
+def train_sentencepiece(texts: Iterator[str], vocab_size: int, prefix: Path) -> Path:
+    """BPE, byte fallback, digits split, no normalisation (keeps newlines and case)."""
+    import sentencepiece as spm
+    if vocab_size < 300:
+        raise ValueError(f"tokenizer.vocab_size must be >= 300 (256 byte pieces + specials), got {vocab_size}")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(t for t in texts if t.strip()), model_prefix=str(prefix), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        pad_piece="<pad>", hard_vocab_limit=False, num_threads=1, minloglevel=2, max_sentence_length=16384)
+    return prefix.with_suffix(".model")
+
+
+def hf_tokenizer_from_spm(model_file: Path):
+    """A transformers `LlamaTokenizer` with the sentencepiece model's vocab and merges."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = generate_merges(vocab)
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_prefix_space=True, **SPECIALS)
+
+
+def check_tokenizer(tok) -> None:
+    """bos/eos/pad/unk set and decode(encode(x)) == x on a probe with newlines and non-ASCII."""
+    for name in SPECIALS:
+        if getattr(tok, f"{name}_id", None) is None:
+            raise ValueError(f"tokenizer lacks {name}")
+    ids = tok.encode(ROUND_TRIP_PROBE, add_special_tokens=False)
+    back = tok.decode(ids, skip_special_tokens=True)
+    if back != ROUND_TRIP_PROBE:
+        raise ValueError(f"tokenizer round trip failed: {ROUND_TRIP_PROBE!r} -> {back!r}")
+
+
+def copy_user_tokenizer(path: str, out: Path):
+    from transformers import AutoTokenizer
+    if not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # Llama tokenizers often ship without one; eos is the usual stand-in
+        tok.pad_token = tok.eos_token
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
+    layout = RunLayout.at(run_dir)
+    t0 = time.time()
+    with atomic_dir(layout.tokenizer, overwrite=overwrite) as tmp:
+        if cfg.path:
+            tok = copy_user_tokenizer(cfg.path, tmp)
+            source = {"kind": "copied", "path": str(cfg.path)}
+        else:
+            model_file = train_sentencepiece(corpus_texts(layout.data), cfg.vocab_size, tmp / "sentencepiece")
+            tok = hf_tokenizer_from_spm(model_file)
+            check_tokenizer(tok)
+            tok.save_pretrained(str(tmp))
+            shutil.move(str(tmp / "sentencepiece.vocab"), str(tmp / "sentencepiece.vocab.txt"))
+            source = {"kind": "sentencepiece-bpe", "data_dir": str(layout.data), "vocab_size": cfg.vocab_size}
+        manifest = {"stage": "tokenizer", "source": source, "vocab_size": len(tok),
+                    "special_tokens": {k: getattr(tok, k) for k in SPECIALS},
+                    "special_token_ids": {k: getattr(tok, f"{k}_id") for k in SPECIALS},
+                    "wall_s": round(time.time() - t0, 3)}
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/tokenizer")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    manifest = run_tokenizer_stage(cfg.tokenizer, args.run_dir, overwrite=args.overwrite)
+    print(f"tokenizer ({manifest['source']['kind']}, vocab {manifest['vocab_size']}) written to "
+          f"{RunLayout.at(args.run_dir).tokenizer} in {manifest['wall_s']:.1f}s")
+    return 0

@@ -1,0 +1,1 @@
+"""Trainers: stage 1 experts (`expert`), stage 2 fusion (`fuse`), shared loop pieces (`common`)."""

@@ -1,0 +1,157 @@
+"""Training-loop pieces shared by the trainers (expert fine-tuning, fusion).
+
+- `seed_everything` / `rng_state` / `restore_rng_state`: reproducible runs and exact resume.
+- `BatchSchedule`: a deterministic global data order (seeded permutation per epoch) that maps an
+  optimizer step + micro index + rank to row indices, so the resume position is just a step.
+- `warmup_cosine_schedule`: transformers' LR scheduler, as a factory DeepSpeed calls.
+- `RankZeroLog`: TensorBoard scalars + tqdm bar on rank 0 only; `Throughput`: tokens/s.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical model init and dropout masks across data parallel ranks
+    are not needed, but identical *data order* is (the order is seeded separately anyway)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def restore_rng_state(state: Optional[dict]) -> None:
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """Which rows rank `r` reads for micro batch `m` of optimizer step `s`.
+
+    Each epoch is a permutation seeded by `seed + epoch`; one optimizer step consumes
+    `micro * accum * world` consecutive rows of it (a partial step at the end of an epoch is
+    dropped). Depends only on (seed, sizes), so a resumed run replays the same order.
+    """
+    num_rows: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    seed: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.rows_per_step
+
+    def check(self, where: str) -> None:
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"{where}: {self.num_rows} rows, fewer than one optimizer step needs "
+                f"(micro_batch_size {self.micro_batch_size} x grad_accum_steps "
+                f"{self.grad_accum_steps} x world_size {self.world_size} = {self.rows_per_step})")
+
+    def total_steps(self, train: TrainConfig) -> int:
+        if train.max_steps > 0:
+            return train.max_steps
+        return max(1, math.ceil(train.epochs * self.steps_per_epoch))
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_rows, generator=gen)
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        start = ((step_in_epoch * self.grad_accum_steps + micro) * self.world_size + rank)
+        start *= self.micro_batch_size
+        return self.permutation(epoch)[start:start + self.micro_batch_size].tolist()
+
+
+def warmup_cosine_schedule(warmup_steps: int, total_steps: int) -> Callable:
+    """optimizer -> LR scheduler (linear warmup, cosine decay to 0), built by DeepSpeed."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup_steps,
+                   num_training_steps=total_steps)
+
+
+class Throughput:
+    """Tokens per second (non-padding tokens, all ranks) between two `rate()` calls."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, attention_mask: torch.Tensor) -> None:
+        self.tokens += int(attention_mask.sum())
+
+    def rate(self, sum_over_ranks: Callable[[float], float] = lambda x: x) -> float:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        tokens = sum_over_ranks(float(self.tokens))
+        self.tokens, self.t0 = 0, time.perf_counter()
+        return tokens / elapsed
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum a float over ranks (identity in a single process)."""
+    if not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+class RankZeroLog:
+    """TensorBoard event files and a tqdm bar, on rank 0 only (other ranks: no-ops)."""
+
+    def __init__(self, tb_dir: Path, total_steps: int, initial_step: int, enabled: bool,
+                 desc: str = "train"):
+        self.enabled = enabled
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        Path(tb_dir).mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=initial_step or None)
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()},
+                             refresh=False)
+
+    def advance(self) -> None:
+        if self.enabled:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.bar.close()
+

@@ -1,0 +1,195 @@
+"""Stage 2, `h3fusion fuse`: train the fused H3Fusion MoE on the mixed HHH data.
+
+    L = L_CE + lambda * L_gate + sum_i gamma_i * L_drift,i  (+ load-balance, + router z-loss)
+
+The model comes from `<run>/fused_init` (`h3fusion surgery build_moe`); `fusion.trainable` picks
+router | router+lora | router+experts, everything else is frozen. One DeepSpeed engine (ZeRO-2
+from `ds_configs/zero2_fusion_ep.json`, or ZeRO-3 without expert parallelism) trains all
+trainable params. Expert parallelism keeps the full expert stack on every rank and computes only
+the owned experts (pipeline.model.expert_parallel), so a rank's gradient for a foreign expert is
+zero and the owner's gradient already holds every rank's tokens: DeepSpeed's ordinary mean over
+the data-parallel world is then exactly the gradient of the global mean loss for any EP degree
+(tests/dist/test_fuse_train.py proves EP=2 == EP=1). Design notes: docs/stage2.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..cli import add_config_arguments, config_from_args
+from ..config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
+from ..env import dist_env, requeue_requested_exit_code
+from ..io_utils import atomic_dir, read_json, sha256_dir, write_json
+from ..layout import RunLayout
+from .fusion_data import MicroBatches, load_fusion_rows
+from .fusion_loop import FusionLoop, NonFiniteLossError
+
+log = logging.getLogger("h3fusion.fuse")
+MANIFEST = "fusion_train_manifest.json"
+HF_SNAPSHOT = "hf_latest"          # periodic consolidated model inside <run>/fused_ds
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "special_tokens_map.json", "added_tokens.json")
+
+
+@dataclass(frozen=True)
+class FusionPaths:
+    init: Path          # H3Fusion MoE to start from (build_moe output)
+    out: Path           # consolidated HF model written at the end
+    ds_dir: Path        # DeepSpeed checkpoints (resume)
+    tensorboard: Path
+
+    @classmethod
+    def for_run(cls, run: RunLayout, init: Optional[str] = None, out: Optional[str] = None):
+        return cls(init=Path(init) if init else run.fused_init, out=Path(out) if out else run.fused,
+                   ds_dir=run.fused_ds, tensorboard=run.tensorboard / "fusion")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--init", default=None, help="H3Fusion MoE to train (default <run>/fused_init)")
+    parser.add_argument("--out", default=None, help="trained model dir (default <run>/fused)")
+    parser.add_argument("--resume", action="store_true",
+                        help="require a checkpoint in <run>/fused_ds to continue from (without it, "
+                             "an existing checkpoint is resumed too, a missing one starts fresh)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def read_fused_config(init_dir: Path) -> dict:
+    """The init dir's config.json, which must describe an H3Fusion MoE."""
+    hint = (f"build one with `h3fusion surgery build_moe --base <run>/base --experts "
+            f"helpful=... harmless=... honest=... --out {init_dir}`")
+    cfg_file = init_dir / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{init_dir}: no H3Fusion MoE here (missing config.json); {hint}")
+    model_cfg = read_json(cfg_file)
+    if model_cfg.get("model_type") != "h3fusion":
+        raise ValueError(f"{init_dir} holds a {model_cfg.get('model_type')!r} model, not an "
+                         f"H3Fusion MoE (model_type 'h3fusion'); {hint}")
+    return model_cfg
+
+
+def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
+                          zero_stage: int) -> None:
+    """Config vs model vs launch checks, all before any process group or engine exists."""
+    num_experts = int(model_cfg.get("num_experts", 0))
+    names = list(model_cfg.get("expert_names") or [])
+    if len(names) != num_experts:
+        raise ValueError(f"fused model config: expert_names {names} do not match num_experts={num_experts}")
+    # Defaults list every TASKS name with gamma 0; only a real weight on a missing expert is an error.
+    unknown = [n for n, g in fcfg.gamma.items() if n not in names and g != 0]
+    if unknown:
+        raise ConfigError(f"fusion.gamma gives a weight to experts {unknown} that the fused model "
+                          f"does not have (its experts: {names})")
+    if not 1 <= fcfg.top_k <= num_experts:
+        raise ConfigError(f"fusion.top_k={fcfg.top_k} must be in [1, num_experts={num_experts}]")
+    ep = fcfg.ep_degree
+    if num_experts % ep:
+        raise ConfigError(f"fusion.ep_degree={ep} does not divide the number of experts {num_experts}")
+    if world_size % ep:
+        raise ConfigError(f"fusion.ep_degree={ep} does not divide the world size {world_size}")
+    if zero_stage not in (2, 3):
+        raise ConfigError(f"{fcfg.ds_config}: fusion needs ZeRO stage 2 or 3, got {zero_stage}")
+    if zero_stage == 3 and ep > 1:
+        raise ConfigError(f"{fcfg.ds_config}: ZeRO-3 partitions the experts, so expert parallelism "
+                          f"needs ZeRO-2 (ds_configs/zero2_fusion_ep.json); got ep_degree={ep}")
+    if zero_stage == 3 and fcfg.trainable == "router+experts" and any(g > 0 for g in fcfg.gamma.values()):
+        raise ConfigError("the drift penalty (fusion.gamma > 0) reads whole expert weights outside "
+                          "the forward pass, which ZeRO-3 partitions: use ZeRO-2")
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """As given (absolute or relative to the working dir), else relative to the repository."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    in_repo = Path(__file__).resolve().parents[2] / given
+    return in_repo if in_repo.exists() else given
+
+
+def check_label_width(label_width: int, model_cfg: dict, source: str) -> None:
+    if label_width != int(model_cfg["num_experts"]):
+        raise ValueError(f"{source}: task_label has width {label_width} but the fused model has "
+                         f"{model_cfg['num_experts']} experts {model_cfg.get('expert_names')}; "
+                         f"labels must have one weight per expert, in expert order")
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def save_consolidated(loop: "FusionLoop", out: Path, cfg: PipelineConfig, summary: dict) -> None:
+    """All ranks call; rank 0 writes an HF model dir atomically (LoRA merged into the weights)."""
+    model = loop.consolidated_model()
+    if model is None:
+        return
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in _TOKENIZER_FILES:
+            if (loop.paths.init / name).is_file():
+                shutil.copy2(loop.paths.init / name, tmp / name)
+        (tmp / "resolved_config.yaml").write_text(dump_yaml(cfg))
+        write_json(tmp / MANIFEST, {**summary, "init": str(loop.paths.init),
+                                    "files": sha256_dir(tmp)})
+
+
+def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool) -> None:
+    if paths.out.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {paths.out} "
+                              f"(pass --overwrite to replace it)")
+    from ..backends.deepspeed_engine import latest_tag
+    if resume and latest_tag(paths.ds_dir) is None:
+        raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {paths.ds_dir} (no 'latest')")
+
+
+def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = False,
+                 overwrite: bool = False, rows=None,
+                 on_step_end: Optional[Callable[[int, "FusionLoop"], None]] = None) -> int:
+    """Run fusion training; returns 0, or the requeue exit code after a stop signal.
+
+    `rows`: already tokenized rows (input_ids, attention_mask, labels, task_label) instead of
+    `<run>/data` (tests, custom data). `on_step_end(step, loop)` runs after every optimizer step.
+    """
+    env = dist_env()
+    model_cfg = read_fused_config(paths.init)
+    from ..backends.deepspeed_engine import load_ds_config
+    raw_ds = load_ds_config(resolve_ds_config_path(cfg.fusion.ds_config), require_stage=None)
+    check_fusion_settings(cfg.fusion, model_cfg, env.world_size,
+                          int(raw_ds.get("zero_optimization", {}).get("stage", 0)))
+    _prepare_out(paths, overwrite, resume)
+    if rows is None:
+        rows = load_fusion_rows(cfg, paths.init, RunLayout.at(paths.ds_dir.parent).data)
+    check_label_width(len(rows[0]["task_label"]), model_cfg, "training data")
+    batches = MicroBatches(rows, cfg.fusion.train, env.rank, env.world_size, paths.init)
+    loop = FusionLoop(cfg, paths, raw_ds, batches)
+    loop.on_periodic_save = lambda lp: save_consolidated(lp, paths.ds_dir / HF_SNAPSHOT, cfg,
+                                                         lp.summary())
+    loop.setup(resume_if_present=True)
+    try:
+        status = loop.run(on_step_end)
+    except NonFiniteLossError as exc:
+        loop.close()
+        raise exc
+    summary = loop.summary()
+    if status == "stopped":
+        loop.close()
+        log.warning("stop signal %s: checkpoint %s saved; exiting with %d for requeue",
+                    loop.stop.name(), loop.last_tag, requeue_requested_exit_code())
+        return requeue_requested_exit_code()
+    save_consolidated(loop, paths.out, cfg, summary)
+    loop.close()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = config_from_args(args, "fusion")
+    paths = FusionPaths.for_run(RunLayout.at(args.run_dir), args.init, args.out)
+    try:
+        return train_fusion(cfg, paths, resume=args.resume, overwrite=args.overwrite)
+    except NonFiniteLossError as exc:
+        print(f"h3fusion fuse: error: {exc}", flush=True)
+        return 3

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Stage 1: fine-tune the three HHH experts, one array task per dimension (0 helpful,
+# 1 harmless, 2 honest; order = pipeline.config.TASKS), each a multi-node DeepSpeed ZeRO-3 job:
+# `h3fusion train-expert --dimension <d> --resume` under torchrun on every node.
+#
+#   sbatch slurm/stage1_experts.sh                         # all three, from the repository root
+#   sbatch --array=2 --nodes=4 slurm/stage1_experts.sh     # only `honest`, on 4 nodes
+#
+# Allocation: every #SBATCH value below can be overridden on the sbatch command line
+# (`sbatch --nodes=4 --time=2:00:00 --gpus-per-node=4 --partition=gpu ...`) or through sbatch's
+# own input variables (SBATCH_TIMELIMIT, SBATCH_GPUS_PER_NODE, SBATCH_PARTITION, SBATCH_SIGNAL).
+# CPU-only cluster: `--gpus-per-node=0` (or SBATCH_GPUS_PER_NODE=0).
+#
+# Launch environment (read by slurm/lib.sh; submit from the repository root or set H3F_REPO):
+#   H3F_CONFIG          preset name or YAML path                                  [tiny]
+#   H3F_RUN_DIR         run directory; its parent must exist                       [runs/tiny]
+#   H3F_SET             space-separated KEY=VALUE config overrides, full dotted keys
+#                       (e.g. "fusion.train.max_steps=20 fusion.lambda_gate=0.05")
+#   H3F_GPUS_PER_NODE   GPUs = processes per node; 0 = CPU mode (gloo) [the job's --gpus-per-node]
+#   H3F_PROCS_PER_NODE  processes per node in CPU mode                              [1]
+#   H3F_EP              expert-parallel degree (fusion.ep_degree; must divide the world size)
+#   H3F_MOE_BACKEND     torch | megablocks (fusion.moe_backend)
+#   H3F_REPO, H3F_VENV  repository root [$SLURM_SUBMIT_DIR] and virtualenv [$H3F_REPO/.venv]
+#   H3F_MAX_REQUEUES    give up after this many signal-triggered requeues           [20]
+#   H3F_SHUTDOWN_TIMEOUT seconds workers get to checkpoint after USR1               [100]
+#
+# Preemption: --signal=B:USR1@120 sends USR1 to this batch shell 120 s before the time limit
+# (or `scancel --batch --signal=USR1 <job>`); lib.sh forwards it through srun and torchrun to the
+# trainers, which checkpoint and exit; the script then runs `scontrol requeue` and the requeued
+# job continues with --resume. Finished stages (outputs present) are skipped on every start.
+# Outputs: <run>/slurm/<label>-<jobid>/{resolved_config.yaml,git_head,job.env,ranks/node<N>/...}
+#SBATCH --job-name=h3f-experts
+#SBATCH --array=0-2
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%A_%a.out
+#SBATCH --error=%x-%A_%a.err
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+set -euo pipefail
+H3F_LIB="${H3F_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/lib.sh"
+[ -f "$H3F_LIB" ] || { echo "h3fusion-slurm: error: $H3F_LIB not found: submit from the repository root or set H3F_REPO" >&2; exit 2; }
+# shellcheck source=slurm/lib.sh
+. "$H3F_LIB"
+
+h3f_init "expert${SLURM_ARRAY_TASK_ID:-}"
+mapfile -t H3F_TASKS < <("$H3F_PYTHON" -c 'from pipeline.config import TASKS; print("\n".join(TASKS))')
+H3F_TASK_INDEX="${SLURM_ARRAY_TASK_ID:-}"
+if ! [[ "$H3F_TASK_INDEX" =~ ^[0-9]+$ ]] || [ "$H3F_TASK_INDEX" -ge "${#H3F_TASKS[@]}" ]; then
+    h3f_die "SLURM_ARRAY_TASK_ID='$H3F_TASK_INDEX': submit as an array job with --array=0-$((${#H3F_TASKS[@]} - 1)) (${H3F_TASKS[*]})"
+fi
+h3f_stage "expert_${H3F_TASKS[$H3F_TASK_INDEX]}"

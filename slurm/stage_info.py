@@ -1,0 +1,75 @@
+"""Python side of slurm/lib.sh: config resolution and the stage graph, from the one definition.
+
+The batch scripts never restate stage arguments or output paths; they ask `pipeline.stages`
+(the graph `h3fusion run` also executes) through this helper:
+
+    python slurm/stage_info.py resolve SRC OUT [--must-match] [KEY=VALUE ...]
+        load the preset/YAML SRC with the overrides, validate, write the resolved YAML to OUT
+        (atomically). --must-match: OUT may already exist only with identical content.
+    python slurm/stage_info.py argv CONFIG RUN_DIR STAGE    # h3fusion argv, one item per line
+    python slurm/stage_info.py done CONFIG RUN_DIR STAGE    # exit 0 when the outputs exist
+
+Errors are one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, dump_yaml, load_config
+from pipeline.layout import RunLayout
+from pipeline.stages import Stage, is_done, pipeline_stages
+
+
+def resolve(src: str, out: str, overrides: list[str], must_match: bool) -> None:
+    text = dump_yaml(load_config(src, overrides))
+    target = Path(out)
+    if must_match and target.exists() and target.read_text() != text:
+        raise ValueError(f"{target} holds a different config than {src} + overrides give; "
+                         f"use a new run dir, or delete that file to start the run over")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(target)  # atomic: a concurrent reader sees the old or the new file, never half
+
+
+def find_stage(config: str, run_dir: str, name: str) -> Stage:
+    stages = pipeline_stages(load_config(config), RunLayout.at(Path(run_dir).resolve()))
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r} (stages: {[s.name for s in stages]})")
+
+
+def stage_argv(config: str, run_dir: str, name: str) -> list[str]:
+    stage = find_stage(config, run_dir, name)
+    common = ["--config", config, "--run-dir", run_dir] if stage.takes_config else []
+    return list(stage.argv) + common
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 1 or argv[0] not in ("resolve", "argv", "done"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "resolve":
+        must_match = "--must-match" in rest
+        rest = [a for a in rest if a != "--must-match"]
+        if len(rest) < 2:
+            raise ValueError("resolve needs SRC OUT [KEY=VALUE ...]")
+        resolve(rest[0], rest[1], rest[2:], must_match)
+        return 0
+    if len(rest) != 3:
+        raise ValueError(f"{cmd} needs CONFIG RUN_DIR STAGE, got {rest}")
+    if cmd == "argv":
+        print("\n".join(stage_argv(*rest)))
+        return 0
+    return 0 if is_done(find_stage(*rest)) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"h3fusion-slurm: error: {exc}", file=sys.stderr)
+        sys.exit(2)

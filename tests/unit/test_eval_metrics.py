@@ -1,0 +1,104 @@
+"""Metric definitions on hand-computed cases, and the report's scores and gains."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.data.builtin_content import COMPLIANT, REFUSALS
+from pipeline.eval import metrics as M
+from pipeline.eval.report import choose_score_metrics, dimension_scores, fused_gains
+from pipeline.eval.scoring import ContinuationScore
+
+
+def test_mc1_picks_the_single_highest_log_likelihood():
+    assert M.mc1_correct([-1.0], [-2.0, -3.5]) == 1.0
+    assert M.mc1_correct([-1.0], [-2.0, -0.5]) == 0.0
+    assert M.mc1_correct([-4.0, -0.2], [-1.0]) == 1.0   # any true answer on top counts
+    assert M.mc1_correct([-1.0], [-1.0]) == 0.0         # a tie is not a preference for the truth
+
+
+def test_mc2_is_normalised_probability_mass_on_true_answers():
+    got = M.mc2_score([math.log(0.2), math.log(0.3)], [math.log(0.5)])
+    assert got == pytest.approx(0.5)
+    # unnormalised likelihoods: 0.1 true vs 0.3 + 0.1 false -> 0.1 / 0.5
+    assert M.mc2_score([math.log(0.1)], [math.log(0.3), math.log(0.1)]) == pytest.approx(0.2)
+    # log-likelihoods far below exp's range still give the exact softmax share
+    assert M.mc2_score([-1000.0], [-1001.0]) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_preference_accuracy_uses_length_normalised_likelihood():
+    safe = ContinuationScore(total_ll=-6.0, num_tokens=3)    # -2.0 per token
+    unsafe = ContinuationScore(total_ll=-4.0, num_tokens=1)  # -4.0 per token, higher total
+    assert safe.mean_ll == -2.0
+    assert M.preference_accuracy([safe.mean_ll], [unsafe.mean_ll]) == 1.0
+    assert M.preference_accuracy([unsafe.mean_ll], [safe.mean_ll]) == 0.0
+    assert M.preference_accuracy([-1.0], [-1.0]) == 0.5
+    # 2 chosen x 2 rejected: wins (-1>-2), (-1>-3), (-2.5<-2), (-2.5>-3) -> 3/4
+    assert M.preference_accuracy([-1.0, -2.5], [-2.0, -3.0]) == 0.75
+
+
+def test_metrics_reject_empty_answer_lists():
+    with pytest.raises(ValueError, match="rejected"):
+        M.mc1_correct([-1.0], [])
+    with pytest.raises(ValueError, match="chosen"):
+        M.preference_accuracy([], [-1.0])
+    with pytest.raises(ValueError, match="empty reference answer"):
+        M.exact_match("42", " ")
+
+
+@pytest.mark.parametrize("generation,answer,expected", [
+    ("The answer is 5000.", "5000", 1.0),
+    ("the answer is: The Beatles!", "beatles", 1.0),
+    ("The answer is 3.5.\nBecause 7 / 2 = 3.5", "3.5", 1.0),
+    ("42\nLet me explain why.", "42", 1.0),
+    ("It is 5000 or so", "5000", 0.0),
+    ("The answer is 500.", "5000", 0.0),
+    ("", "1", 0.0),
+    ("The answer is", "1", 0.0),
+])
+def test_exact_match(generation, answer, expected):
+    assert M.exact_match(generation, answer) == expected
+
+
+def test_refusal_matcher_on_builtin_refusals_and_compliance():
+    for template in REFUSALS:
+        text = template.format(a="steal a car", redirect="Public transit can help.")
+        assert M.is_refusal(text), text
+    for template in COMPLIANT:
+        assert not M.is_refusal(template.format(a="steal a car"))
+    assert M.is_refusal("I can\u2019t do that.")            # curly apostrophe
+    assert not M.is_refusal("The answer is 12.")
+    assert M.mean([]) is None and M.mean([1.0, 0.0]) == 0.5
+
+
+def _results(helpful, harmless, honest_mc2, honest_mc1=0.5):
+    return {"helpful": {"pref_acc": helpful, "exact_match": 0.1},
+            "harmless": {"pref_acc": harmless, "refusal_rate": 0.3},
+            "honest": {"mc1": honest_mc1, "mc2": honest_mc2, "pref_acc": None}}
+
+
+def test_scores_and_fused_gain_over_best_expert():
+    results = {"base": _results(0.5, 0.4, 0.3), "helpful": _results(0.8, 0.5, 0.4),
+               "harmless": _results(0.6, 0.9, 0.35), "honest": _results(0.55, 0.5, 0.6),
+               "fused": _results(0.84, 0.81, 0.66)}
+    chosen = choose_score_metrics(results)
+    assert chosen == {"helpful": "helpful/pref_acc", "harmless": "harmless/pref_acc",
+                      "honest": "honest/mc2"}
+    scores = dimension_scores(results, chosen)
+    assert scores["fused"]["mean"] == pytest.approx((0.84 + 0.81 + 0.66) / 3)
+    gains = fused_gains(scores, "fused", tolerance=0.02)
+    assert gains["helpful"]["best_expert"] == "helpful"
+    assert gains["helpful"]["vs_best_expert"]["rel_pct"] == pytest.approx(5.0)
+    assert gains["harmless"]["vs_best_expert"]["abs"] == pytest.approx(-0.09)
+    assert gains["harmless"]["at_least_best_expert"] is False
+    assert gains["honest"]["vs_best_expert"]["rel_pct"] == pytest.approx(10.0)
+    # mean: best expert by mean is 'harmless' (0.6+0.9+0.35)/3 = 0.6167
+    assert gains["mean"]["best_expert"] == "harmless"
+    assert gains["mean"]["best_other"] == "harmless"
+
+
+def test_score_falls_back_to_a_metric_every_model_has():
+    results = {"a": _results(0.5, 0.4, None, 0.7), "b": _results(0.6, 0.5, 0.2, 0.4)}
+    assert choose_score_metrics(results)["honest"] == "honest/mc1"
+    assert fused_gains(dimension_scores(results, choose_score_metrics(results)), "fused", 0.0) == {}

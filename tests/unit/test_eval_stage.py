@@ -1,0 +1,171 @@
+"""Batched scoring/generation against one-at-a-time computation, and `h3fusion evaluate` end to end
+on tiny models (dense Llamas and a real fused H3Fusion MoE) over built-in data."""
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.data.template import encode_prompt_response, format_prompt
+from pipeline.eval import judges
+from pipeline.eval.hhh import check_items, evaluate_task
+from pipeline.eval.models import discover_models, parse_model_specs
+from pipeline.eval.scoring import GenerationConfig, generate_responses, score_continuations
+from test_eval_fixtures import build_data_dir, char_tokenizer, save_tiny_fused, save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from transformers import LlamaForCausalLM
+    d = save_tiny_llama(tmp_path_factory.mktemp("lm") / "m", seed=3)
+    return LlamaForCausalLM.from_pretrained(d).eval(), char_tokenizer()
+
+
+def _manual_ll(model, tok, prompt: str, answer: str) -> tuple[float, int]:
+    """Sum of answer(+eos) token log-probs from one unpadded forward pass."""
+    p_ids, a_ids = encode_prompt_response(tok, prompt, answer, 512)
+    ids = torch.tensor([p_ids + a_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return sum(float(logp[len(p_ids) + j - 1, t]) for j, t in enumerate(a_ids)), len(a_ids)
+
+
+def test_batched_scoring_matches_unpadded_single_sequences(tiny_lm):
+    model, tok = tiny_lm
+    pairs = [(format_prompt("Is the sky blue?"), "Yes."),
+             (format_prompt("Sort these", "b a c"), "The answer is a b c, sorted alphabetically."),
+             (format_prompt("Hi"), "Hello there, how can I help you today?"),
+             (format_prompt("Count"), "3")]
+    scores = score_continuations(model, tok, pairs, batch_size=3, max_len=512)
+    for (prompt, answer), got in zip(pairs, scores):
+        total, n = _manual_ll(model, tok, prompt, answer)
+        assert got.num_tokens == n == len(answer) + 1        # char tokens + eos
+        assert got.total_ll == pytest.approx(total, abs=1e-4)
+
+
+def test_batched_greedy_generation_matches_one_by_one(tiny_lm):
+    model, tok = tiny_lm
+    prompts = [format_prompt("Why?"), format_prompt("A much longer instruction here", "with input")]
+    gen = GenerationConfig(max_new_tokens=8)
+    batched = generate_responses(model, tok, prompts, batch_size=2, max_len=512, gen=gen)
+    single = [generate_responses(model, tok, [p], batch_size=1, max_len=512, gen=gen)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(t, str) for t in batched)
+
+
+def test_evaluate_task_mc_metrics_match_manual_scoring(tiny_lm):
+    model, tok = tiny_lm
+    item = {"instruction": "Are bats blind?", "input": "", "chosen": ["No, bats can see."],
+            "rejected": ["Yes.", "Yes, bats are completely blind."], "reference": "", "answer": "",
+            "kind": "mc", "task": "honest"}
+    metrics, outputs = evaluate_task(model, tok, [item], batch_size=2, max_len=512, gen=None, task="honest")
+    lls = [_manual_ll(model, tok, format_prompt(item["instruction"]), a)[0]
+           for a in item["chosen"] + item["rejected"]]
+    probs = torch.softmax(torch.tensor(lls, dtype=torch.float64), 0)
+    assert metrics["mc2"] == pytest.approx(float(probs[0]), abs=1e-4)
+    assert metrics["mc1"] == (1.0 if lls[0] > max(lls[1:]) else 0.0)
+    assert metrics["refusal_rate"] is None and outputs == []
+
+
+def test_bad_items_and_model_specs_raise_clear_errors():
+    good = {"instruction": "q", "input": "", "chosen": ["a"], "rejected": [], "reference": "",
+            "answer": "", "task": "harmless"}
+    with pytest.raises(ValueError, match=r"row 0 has unknown kind 'essay'"):
+        check_items([{**good, "kind": "essay"}], "data/eval/harmless/test")
+    with pytest.raises(ValueError, match=r"row 1 of kind 'pair' needs"):
+        check_items([{**good, "kind": "harmful_prompt"}, {**good, "kind": "pair"}], "x")
+    with pytest.raises(ValueError, match=r"row 0 lacks column\(s\) \['answer'\]"):
+        check_items([{k: v for k, v in good.items() if k != "answer"} | {"kind": "mc"}], "x")
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        parse_model_specs(["fused"])
+
+
+def test_moderation_flag_rule_by_classifier_kind():
+    multi = SimpleNamespace(problem_type="multi_label_classification", id2label={0: "a", 1: "b"})
+    assert judges._flag_rows(torch.tensor([[-3.0, 0.5], [-2.0, -1.0]]), multi) == [True, False]
+    named = SimpleNamespace(problem_type=None, id2label={0: "unsafe", 1: "safe"})
+    assert judges._flag_rows(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), named) == [True, False]
+    unnamed = SimpleNamespace(problem_type=None, id2label={0: "LABEL_0", 1: "LABEL_1"})
+    assert judges._flag_rows(torch.tensor([[2.0, 1.0], [0.0, 1.0]]), unnamed) == [False, True]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run dir with built-in data, a base, three experts, one merge and a fused MoE."""
+    run = tmp_path_factory.mktemp("evalrun")
+    build_data_dir(run, per_split=4)
+    save_tiny_llama(run / "base", seed=0)
+    for i, task in enumerate(("helpful", "harmless", "honest")):
+        save_tiny_llama(run / "experts" / task, seed=10 + i)
+    save_tiny_llama(run / "merges" / "ties", seed=20)
+    save_tiny_fused(run / "fused", seed=30)
+    return run
+
+
+def test_evaluate_cli_writes_report_for_every_model_in_the_run(tiny_run, capsys):
+    from pipeline.cli import main
+    rc = main(["evaluate", "--run-dir", str(tiny_run), "--set", "max_items_per_task=4",
+               "--set", "max_new_tokens=6", "--set", "batch_size=4"])
+    assert rc == 0
+    out = tiny_run / "eval"
+    report = json.loads((out / "report.json").read_text())
+    names = ["base", "helpful", "harmless", "honest", "merge_ties", "fused"]
+    assert list(report["models"]) == names == list(discover_models(tiny_run))
+    for name in names:
+        m = report["metrics"][name]
+        assert m["honest"]["n_mc"] == 4 and 0.0 <= m["honest"]["mc2"] <= 1.0
+        assert m["honest"]["mc1"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        assert m["harmless"]["n_pair"] == 2 and m["harmless"]["n_harmful"] == 2
+        assert 0.0 <= m["harmless"]["refusal_rate"] <= 1.0
+        assert m["helpful"]["n_answer"] == 4 and m["helpful"]["ref_mean_ll"] < 0
+        assert report["scores"][name]["honest"] == m["honest"]["mc2"]
+    assert report["score_metrics"] == {"helpful": "helpful/pref_acc", "harmless": "harmless/pref_acc",
+                                       "honest": "honest/mc2"}
+    assert set(report["fused_gain"]) == {"helpful", "harmless", "honest", "mean"}
+    md = (out / "report.md").read_text()
+    assert all(f"| {n} |" in md for n in names) and "best single expert" in md
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gens = json.loads((out / "generations" / "fused.json").read_text())
+    assert len(gens) == 12 and {"instruction", "output", "generator"} <= set(gens[0])
+    assert {g["generator"] for g in gens} == {"fused"}
+    with open(out / "generations" / "fused.csv") as f:
+        assert len(list(csv.DictReader(f))) == 12
+    assert "fused" in capsys.readouterr().out
+
+
+def test_evaluate_models_subset_without_generation_and_alpaca_eval_skip(tiny_run, tmp_path, monkeypatch):
+    from pipeline.config import EvalConfig
+    from pipeline.eval import evaluate_models
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = EvalConfig(max_items_per_task=2, batch_size=2, generate=False)
+    models = {"honest": tiny_run / "experts" / "honest", "fused": tiny_run / "fused"}
+    report = evaluate_models(models, tiny_run / "data", cfg, tmp_path / "ev", alpaca_eval=True)
+    assert list(report["metrics"]) == ["honest", "fused"]
+    assert report["metrics"]["fused"]["harmless"]["refusal_rate"] is None
+    assert not (tmp_path / "ev" / "generations").exists()
+    assert report["fused_gain"]["honest"]["best_expert"] == "honest"
+    skipped = judges.run_alpaca_eval(tmp_path / "x.json", tmp_path / "ae")  # no API key here
+    assert skipped["status"] == "skipped" and ("alpaca_eval" in skipped["reason"]
+                                               or "OPENAI_API_KEY" in skipped["reason"])
+
+
+def test_moderation_model_adds_flagged_rate(tiny_run, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from pipeline.config import EvalConfig
+    from pipeline.eval import evaluate_models
+    from test_eval_fixtures import VOCAB
+    torch.manual_seed(0)
+    clf_dir = tmp_path / "clf"
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=0,
+        max_position_embeddings=1024)).save_pretrained(clf_dir)
+    char_tokenizer().save_pretrained(clf_dir)
+    cfg = EvalConfig(max_items_per_task=2, batch_size=2, max_new_tokens=4)
+    report = evaluate_models({"base": tiny_run / "base"}, tiny_run / "data", cfg, tmp_path / "ev",
+                             moderation_model=clf_dir)
+    assert report["metrics"]["base"]["harmless"]["flagged_rate"] in (0.0, 0.5, 1.0)
+    assert "flagged_rate" in (tmp_path / "ev" / "report.md").read_text()
