@@ -195,7 +195,8 @@ def heatmap_figure(task: str, task_summary: dict, expert_names: Sequence[str]):
     import matplotlib.pyplot as plt
 
     layers = task_summary["layers"]
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(expert_names), 1.5 + 0.45 * len(layers)))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(expert_names), 2 + 0.45 * len(layers)),
+                             layout="constrained")
     for ax, key in zip(axes, ("top1_share", "topk_share")):
         grid = [s[key] for s in layers]
         im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -208,34 +209,30 @@ def heatmap_figure(task: str, task_summary: dict, expert_names: Sequence[str]):
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         ax.set_title(key.replace("_", " "))
-    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.colorbar(im, ax=list(axes), shrink=0.9)
     fig.suptitle(f"routing of {task} tokens ({task_summary['num_tokens']} tokens)")
     return fig
 
 
-def write_plots_and_tensorboard(summary: dict, out_dir: Path, tb_dir: Optional[Path]) -> None:
+def write_plots_and_tensorboard(summary: dict, out_dir: Path, tb_dir: Path) -> None:
     """heatmap_<task>.png per task; per-layer curves and heatmaps to TensorBoard (step = layer)."""
     import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
 
-    writer = None
-    if tb_dir is not None:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(tb_dir))
+    writer = SummaryWriter(log_dir=str(tb_dir))
     names = summary["expert_names"]
     for task, t in summary["tasks"].items():
         fig = heatmap_figure(task, t, names)
         fig.savefig(out_dir / f"heatmap_{task}.png", dpi=110, bbox_inches="tight")
-        if writer is not None:
-            for layer, s in enumerate(t["layers"]):
-                for e, name in enumerate(names):
-                    writer.add_scalar(f"profile/{task}/top1_share/{name}", s["top1_share"][e], layer)
-                for key in ("imbalance_max_mean", "load_cv", "entropy", "own_top1_acc"):
-                    if s[key] is not None:
-                        writer.add_scalar(f"profile/{task}/{key}", s[key], layer)
-            writer.add_figure(f"profile/heatmap/{task}", fig, close=False)
+        for layer, s in enumerate(t["layers"]):
+            for e, name in enumerate(names):
+                writer.add_scalar(f"profile/{task}/top1_share/{name}", s["top1_share"][e], layer)
+            for key in ("imbalance_max_mean", "load_cv", "entropy", "own_top1_acc"):
+                if s[key] is not None:
+                    writer.add_scalar(f"profile/{task}/{key}", s[key], layer)
+        writer.add_figure(f"profile/heatmap/{task}", fig, close=True)
         plt.close(fig)
-    if writer is not None:
-        writer.close()
+    writer.close()
 
 
 def profile_model(model, tokenizer, pairs_by_task: dict[str, list[tuple[str, str]]], out_dir: Path,

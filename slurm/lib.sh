@@ -204,11 +204,14 @@ h3f_run_single() {  # h3f_run_single ARGS...: `h3fusion ARGS` as one process on 
     h3f_wait_step
 }
 
-h3f_requeue() {  # h3f_requeue WHY: put this job back in the queue; it resumes from its checkpoint
+h3f_requeue() {  # h3f_requeue WHY [STAGE]: back into the queue; STAGE resumes from its checkpoint
     local restarts="${SLURM_RESTART_COUNT:-0}" max="${H3F_MAX_REQUEUES:-20}"
     [ "$restarts" -lt "$max" ] ||
         h3f_die "$1; not requeueing again after $restarts restarts (H3F_MAX_REQUEUES=$max)"
-    h3f_info "$1: requeueing job $SLURM_JOB_ID (restart $((restarts + 1))); it resumes with --resume"
+    # The marker makes the next start pass --resume, which insists on the checkpoint: a stage
+    # that was stopped by a signal must continue, never silently start over.
+    if [ -n "${2:-}" ]; then touch "$H3F_JOB_DIR/resume.$2"; fi
+    h3f_info "$1: requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
     scontrol requeue "$SLURM_JOB_ID" ||
         h3f_die "scontrol requeue $SLURM_JOB_ID failed (submit with --requeue)"
     exit 0
@@ -230,13 +233,17 @@ h3f_stage() {  # h3f_stage NAME [EXTRA_ARGS...]: run a stage of pipeline/stages.
     local argv=()
     mapfile -t argv <<<"$text"
     h3f_info "stage $name: h3fusion ${argv[*]} $*"
-    case "${argv[0]}" in
-        train-expert | fuse) h3f_launch -m pipeline.cli "${argv[@]}" --resume "$@" || rc=$? ;;
-        *) h3f_run_single "${argv[@]}" "$@" || rc=$? ;;
-    esac
+    local trainer=""  # training stages run on every node and can resume from a checkpoint
+    case "${argv[0]}" in train-expert | fuse) trainer="$name" ;; esac
+    if [ -n "$trainer" ]; then
+        if [ -f "$H3F_JOB_DIR/resume.$name" ]; then argv+=(--resume); fi
+        h3f_launch -m pipeline.cli "${argv[@]}" "$@" || rc=$?
+    else
+        h3f_run_single "${argv[@]}" "$@" || rc=$?
+    fi
     [ "$rc" -eq 0 ] && { h3f_info "stage $name: done"; return 0; }
     if [ "$H3F_PREEMPTED" = 1 ] || [ "$rc" -eq "$H3F_REQUEUE_CODE" ]; then
-        h3f_requeue "stage $name stopped by a signal (exit $rc)"
+        h3f_requeue "stage $name stopped by a signal (exit $rc)" "$trainer"
     fi
     h3f_die "stage $name failed with exit status $rc (per-rank logs: $H3F_JOB_DIR/ranks)"
 }

@@ -57,7 +57,7 @@ def _likelihood_metrics(items, reqs, scores) -> dict[str, Any]:
         if kind == "mc":
             good = [s.total_ll for s in roles["chosen"]]
             bad = [s.total_ll for s in roles["rejected"]]
-            mc1.append(M.mc1_correct(good, bad))
+            mc1.append(M.mc1_correct(good[0], bad))  # chosen[0] = the MC1 answer
             mc2.append(M.mc2_score(good, bad))
         elif kind == "pair":
             pref.append(M.preference_accuracy([s.mean_ll for s in roles["chosen"]],

@@ -125,7 +125,7 @@ def plot_scores(scores: dict[str, dict], path: Path) -> None:
     groups = list(SCORE_METRICS) + ["mean"]
     models = list(scores)
     width = 0.8 / max(len(models), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(len(models), 1) * 0.5), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.35 * len(groups) * len(models)), 4))
     for j, model in enumerate(models):
         values = [scores[model][g] if scores[model][g] is not None else 0.0 for g in groups]
         ax.bar([i + j * width for i in range(len(groups))], values, width, label=model)

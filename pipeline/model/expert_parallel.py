@@ -19,6 +19,7 @@ expert -> GLU experts -> undo the regrouping -> all_to_all_single back -> weight
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,11 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
 from .routing import RouterOutput, expert_glu, permute, route, unpermute
+
+# the autograd-aware functional all_to_all_single is what we want; its deprecation notice (in
+# favour of a private module) would otherwise print on every first call per process
+warnings.filterwarnings("ignore", category=FutureWarning,
+                        message=r"torch\.distributed\.nn\.functional\.all_to_all_single is deprecated")
 
 
 def expert_ranges(num_experts: int, ep_size: int) -> list[tuple[int, int]]:

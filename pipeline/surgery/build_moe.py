@@ -38,7 +38,7 @@ class BuildInputs:
     shared_deviation: dict[str, float]
 
 
-def _check_expert_dtypes(experts: dict[str, CheckpointReader], spec: plan.ModelSpec) -> None:
+def _check_expert_dtypes(experts: dict[str, CheckpointReader]) -> None:
     """Stacking needs one dtype; refuse rather than silently cast an expert."""
     key = plan.dense_mlp_key(0, "gate_proj")
     dtypes = {name: r.dtype_name(key) for name, r in experts.items()}
@@ -71,7 +71,7 @@ def validate_inputs(base_dir: str | Path, expert_dirs: dict[str, Path],
     experts = {name: CheckpointReader(d) for name, d in expert_dirs.items()}
     for name, reader in experts.items():
         plan.check_same_keys(base_shapes, reader.shapes(), str(base_dir), f"expert {name!r}")
-    _check_expert_dtypes(experts, spec)
+    _check_expert_dtypes(experts)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else base_dir
     if not has_tokenizer(tok_dir):
         raise FileNotFoundError(f"{tok_dir}: no tokenizer files; pass --tokenizer DIR")
@@ -102,6 +102,17 @@ def fusion_config(base_cfg: dict, names: list[str], top_k: int):
                                     "expert_names": list(names), "moe_backend": "torch"})
     cfg.architectures = ["H3FusionForCausalLM"]
     return cfg
+
+
+def write_generation_config(base_dir: Path, out: Path) -> None:
+    """The base's generation config; never one derived from the MoE config, whose `top_k`
+    (experts per token) transformers would read as top-k sampling."""
+    from transformers import GenerationConfig, LlamaConfig
+    if (base_dir / "generation_config.json").is_file():
+        copy_optional_files(base_dir, out, ["generation_config.json"])
+    else:
+        base_cfg = LlamaConfig.from_pretrained(base_dir)
+        GenerationConfig.from_model_config(base_cfg).save_pretrained(out)
 
 
 def write_moe_weights(out: Path, inputs: BuildInputs, routers: list[torch.Tensor],
@@ -163,7 +174,7 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
         write_moe_weights(tmp, inputs, routers, max_shard_bytes)
         cfg.save_pretrained(tmp)
         copy_tokenizer_files(inputs.tokenizer_dir, tmp)
-        copy_optional_files(inputs.base_dir, tmp, ["generation_config.json"])
+        write_generation_config(inputs.base_dir, tmp)
         write_json(tmp / MANIFEST, _manifest(inputs, experts, cfg, router_init, prompts_source))
     log.info("build_moe: wrote %s (%d experts, top_k=%d)", out, len(experts), top_k)
     return out

@@ -152,8 +152,12 @@ class ShardedWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        # contiguous copy: safetensors refuses views and tensors that share storage
-        self._pending[key] = tensor.detach().contiguous().clone()
+        tensor = tensor.detach().contiguous()
+        if tensor.untyped_storage().nbytes() != nbytes:
+            # a slice of a bigger tensor: copy it so the pending shard does not pin (and
+            # safetensors does not see) the whole parent storage
+            tensor = tensor.clone()
+        self._pending[key] = tensor
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 

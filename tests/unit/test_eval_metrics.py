@@ -11,11 +11,10 @@ from pipeline.eval.report import choose_score_metrics, dimension_scores, fused_g
 from pipeline.eval.scoring import ContinuationScore
 
 
-def test_mc1_picks_the_single_highest_log_likelihood():
-    assert M.mc1_correct([-1.0], [-2.0, -3.5]) == 1.0
-    assert M.mc1_correct([-1.0], [-2.0, -0.5]) == 0.0
-    assert M.mc1_correct([-4.0, -0.2], [-1.0]) == 1.0   # any true answer on top counts
-    assert M.mc1_correct([-1.0], [-1.0]) == 0.0         # a tie is not a preference for the truth
+def test_mc1_is_the_best_answer_beating_every_incorrect_one():
+    assert M.mc1_correct(-1.0, [-2.0, -3.5]) == 1.0
+    assert M.mc1_correct(-1.0, [-2.0, -0.5]) == 0.0
+    assert M.mc1_correct(-1.0, [-1.0]) == 0.0           # a tie is not a preference for the truth
 
 
 def test_mc2_is_normalised_probability_mass_on_true_answers():
@@ -40,7 +39,7 @@ def test_preference_accuracy_uses_length_normalised_likelihood():
 
 def test_metrics_reject_empty_answer_lists():
     with pytest.raises(ValueError, match="rejected"):
-        M.mc1_correct([-1.0], [])
+        M.mc1_correct(-1.0, [])
     with pytest.raises(ValueError, match="chosen"):
         M.preference_accuracy([], [-1.0])
     with pytest.raises(ValueError, match="empty reference answer"):

@@ -3,6 +3,7 @@ on tiny models (dense Llamas and a real fused H3Fusion MoE) over built-in data."
 from __future__ import annotations
 
 import csv
+import math
 import json
 from types import SimpleNamespace
 
@@ -93,7 +94,7 @@ def test_moderation_flag_rule_by_classifier_kind():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def eval_run(tmp_path_factory):
     """A run dir with built-in data, a base, three experts, one merge and a fused MoE."""
     run = tmp_path_factory.mktemp("evalrun")
     build_data_dir(run, per_split=4)
@@ -105,15 +106,15 @@ def tiny_run(tmp_path_factory):
     return run
 
 
-def test_evaluate_cli_writes_report_for_every_model_in_the_run(tiny_run, capsys):
+def test_evaluate_cli_writes_report_for_every_model_in_the_run(eval_run, capsys):
     from pipeline.cli import main
-    rc = main(["evaluate", "--run-dir", str(tiny_run), "--set", "max_items_per_task=4",
+    rc = main(["evaluate", "--run-dir", str(eval_run), "--set", "max_items_per_task=4",
                "--set", "max_new_tokens=6", "--set", "batch_size=4"])
     assert rc == 0
-    out = tiny_run / "eval"
+    out = eval_run / "eval"
     report = json.loads((out / "report.json").read_text())
     names = ["base", "helpful", "harmless", "honest", "merge_ties", "fused"]
-    assert list(report["models"]) == names == list(discover_models(tiny_run))
+    assert list(report["models"]) == names == list(discover_models(eval_run))
     for name in names:
         m = report["metrics"][name]
         assert m["honest"]["n_mc"] == 4 and 0.0 <= m["honest"]["mc2"] <= 1.0
@@ -136,13 +137,13 @@ def test_evaluate_cli_writes_report_for_every_model_in_the_run(tiny_run, capsys)
     assert "fused" in capsys.readouterr().out
 
 
-def test_evaluate_models_subset_without_generation_and_alpaca_eval_skip(tiny_run, tmp_path, monkeypatch):
+def test_evaluate_models_subset_without_generation_and_alpaca_eval_skip(eval_run, tmp_path, monkeypatch):
     from pipeline.config import EvalConfig
     from pipeline.eval import evaluate_models
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = EvalConfig(max_items_per_task=2, batch_size=2, generate=False)
-    models = {"honest": tiny_run / "experts" / "honest", "fused": tiny_run / "fused"}
-    report = evaluate_models(models, tiny_run / "data", cfg, tmp_path / "ev", alpaca_eval=True)
+    models = {"honest": eval_run / "experts" / "honest", "fused": eval_run / "fused"}
+    report = evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev", alpaca_eval=True)
     assert list(report["metrics"]) == ["honest", "fused"]
     assert report["metrics"]["fused"]["harmless"]["refusal_rate"] is None
     assert not (tmp_path / "ev" / "generations").exists()
@@ -152,7 +153,7 @@ def test_evaluate_models_subset_without_generation_and_alpaca_eval_skip(tiny_run
                                                or "OPENAI_API_KEY" in skipped["reason"])
 
 
-def test_moderation_model_adds_flagged_rate(tiny_run, tmp_path):
+def test_moderation_model_adds_flagged_rate(eval_run, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from pipeline.config import EvalConfig
     from pipeline.eval import evaluate_models
@@ -165,7 +166,23 @@ def test_moderation_model_adds_flagged_rate(tiny_run, tmp_path):
         max_position_embeddings=1024)).save_pretrained(clf_dir)
     char_tokenizer().save_pretrained(clf_dir)
     cfg = EvalConfig(max_items_per_task=2, batch_size=2, max_new_tokens=4)
-    report = evaluate_models({"base": tiny_run / "base"}, tiny_run / "data", cfg, tmp_path / "ev",
+    report = evaluate_models({"base": eval_run / "base"}, eval_run / "data", cfg, tmp_path / "ev",
                              moderation_model=clf_dir)
     assert report["metrics"]["base"]["harmless"]["flagged_rate"] in (0.0, 0.5, 1.0)
     assert "flagged_rate" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_evaluate_trained_tiny_base_with_its_sentencepiece_tokenizer(tiny_run, tmp_path):
+    """The shared fixture's pre-trained base and trained tokenizer (no tokenizer in the model
+    dir is needed: `<run>/tokenizer` is the fallback) on the real built-in eval split."""
+    from pipeline.config import EvalConfig
+    from pipeline.eval import evaluate_models
+    cfg = EvalConfig(max_items_per_task=6, batch_size=6, max_new_tokens=8)
+    report = evaluate_models({"base": tiny_run.base}, tiny_run.data, cfg, tmp_path / "ev",
+                             tokenizer_dir=tiny_run.tokenizer)
+    m = report["metrics"]["base"]
+    assert m["honest"]["n_mc"] == 6 and m["helpful"]["n_pair"] == 6 and m["harmless"]["n_harmful"] == 3
+    # a pre-trained LM gives its own corpus' responses far more than uniform likelihood
+    vocab = 512
+    assert m["helpful"]["ref_mean_ll"] > -math.log(vocab)
+    assert report["scores"]["base"]["mean"] is not None and report["fused_gain"] == {}

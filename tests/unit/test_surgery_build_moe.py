@@ -3,7 +3,6 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -265,3 +264,43 @@ def test_prompt_router_init_from_run_data(family, tmp_path):
     torch.testing.assert_close(row, expected[:, 1] / expected[:, 1].norm(dim=-1, keepdim=True),
                                rtol=1e-5, atol=1e-6)
     assert json.loads((out / MANIFEST).read_text())["router_prompts"] == str(data)
+
+
+def test_bf16_and_tied_embeddings_round_trip(tmp_path):
+    base = tmp_path / "base"
+    save_tiny_llama(base, seed=1, config=tiny_llama_config(tie_word_embeddings=True),
+                    dtype=torch.bfloat16)
+    experts = {n: tmp_path / n for n in ("a", "b")}
+    for i, (name, path) in enumerate(experts.items()):
+        make_expert(base, path, seed=i)
+    assert "lm_head.weight" not in dense_state(base)
+    moe = build_moe(base, experts, tmp_path / "moe", router_init="normal")
+    fused = dense_state(moe)
+    assert fused["model.layers.0.mlp.experts.w1"].dtype == torch.bfloat16
+    assert fused["model.layers.0.mlp.router.weight"].dtype == torch.bfloat16
+    for name, path in experts.items():
+        back = dense_state(extract_expert(moe, name, tmp_path / f"x_{name}"))
+        original = dense_state(path)
+        assert back.keys() == original.keys()
+        assert all(torch.equal(back[k], original[k]) and back[k].dtype == original[k].dtype
+                   for k in original)
+
+
+def test_experts_in_different_dtypes_are_refused(family, tmp_path):
+    base, experts = family
+    half = tmp_path / "half"
+    save_tiny_llama(half, seed=0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="different dtypes"):
+        build_moe(base, {**experts, "honest": half}, tmp_path / "o")
+
+
+def test_generation_config_never_inherits_the_router_top_k(family, tmp_path):
+    from pipeline.model import H3FusionForCausalLM
+    base, experts = family
+    bare = tmp_path / "bare_base"
+    shutil.copytree(base, bare)
+    (bare / "generation_config.json").unlink()
+    out = build_moe(bare, experts, tmp_path / "o", top_k=2)
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert "top_k" not in gen and gen["eos_token_id"] == 2
+    assert H3FusionForCausalLM.from_pretrained(out).generation_config.top_k is None

@@ -96,3 +96,19 @@ def test_refuses_what_mixtral_cannot_express(family, tmp_path):
         export_mixtral(moe, moe)
     assert not (tmp_path / "o").exists()
     assert json.loads((moe / "config.json").read_text())["expert_names"] == list(TASK_NAMES)
+
+
+def test_tied_embeddings_export_matches(tmp_path):
+    from pipeline.model import H3FusionForCausalLM
+    from surgery_fixtures import make_expert, save_tiny_llama, tiny_llama_config
+    base = tmp_path / "base"
+    save_tiny_llama(base, seed=2, config=tiny_llama_config(tie_word_embeddings=True))
+    experts = {n: tmp_path / n for n in ("a", "b")}
+    for i, path in enumerate(experts.values()):
+        make_expert(base, path, seed=10 + i)
+    moe = build_moe(base, experts, tmp_path / "moe", top_k=1, router_init="normal")
+    mixtral = _mixtral(export_mixtral(moe, tmp_path / "mixtral"))
+    assert mixtral.config.tie_word_embeddings
+    ours = H3FusionForCausalLM.from_pretrained(moe, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mixtral(IDS).logits, ours(IDS).logits, rtol=0, atol=1e-5)

@@ -1,0 +1,110 @@
+"""slurm/lib.sh launch wiring on a real 2-node SLURM cluster; bad input fails before srun."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+from .conftest import CPU_JOB_ARGS, REPO, job_env
+
+pytestmark = pytest.mark.slurm
+
+
+def _logs(tmp_path: Path) -> tuple[str, ...]:
+    return (f"--output={tmp_path}/%x-%j.out", f"--error={tmp_path}/%x-%j.err")
+
+
+def _read(tmp_path: Path, job_id: str, ext: str) -> str:
+    files = list(tmp_path.glob(f"*-{job_id}.{ext}"))
+    return files[0].read_text() if files else ""
+
+
+def test_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("shellcheck missing and cannot apt-get install it")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "shellcheck"], check=True,
+                       capture_output=True, timeout=600,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    scripts = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("slurm/*.sh"),
+                                                        *REPO.glob("tests/slurm/*.sh")])
+    assert "slurm/lib.sh" in scripts and "slurm/stage2_fusion.sh" in scripts
+    proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("procs_per_node", [1, 2])
+def test_two_node_gloo_allreduce(slurm_cluster, tmp_path, procs_per_node):
+    """srun + one torchrun per node + c10d rendezvous: distinct ranks, one process group."""
+    out, run = tmp_path / "probe", tmp_path / "run"
+    out.mkdir()
+    job = slurm_cluster.sbatch(
+        REPO / "tests/slurm/probe_job.sh", *CPU_JOB_ARGS, "--nodes=2", *_logs(tmp_path),
+        env=job_env(H3F_RUN_DIR=str(run), H3F_PROBE_OUT=str(out),
+                    H3F_PROCS_PER_NODE=str(procs_per_node)), timeout=300)
+    log = _read(tmp_path, job.job_id, "out")
+    assert job.returncode == 0, f"{job.stderr}\n{log}\n{_read(tmp_path, job.job_id, 'err')}"
+    world = 2 * procs_per_node
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    assert sorted(r["rank"] for r in records) == list(range(world))
+    assert {r["world_size"] for r in records} == {world}
+    assert {r["backend"] for r in records} == {"gloo"}
+    assert {r["allreduce_sum"] for r in records} == {world * (world + 1) / 2}
+    assert {r["slurm_nodeid"] for r in records} == {"0", "1"}  # every node took part
+    assert len({r["master"] for r in records}) == 1               # and met at one master
+    # Both nodes' output reaches the job log (srun --label prefixes the task id) ...
+    for node in (0, 1):
+        assert re.search(rf"^{node}: \[default0\]:probe rank=\d+ world={world}", log, re.M), log
+    # ... and every rank has its own log file under <run>/slurm/<label>-<job>/ranks/node<N>.
+    job_dir = run / "slurm" / f"probe-{job.job_id}"
+    rank_logs = sorted(job_dir.glob("ranks/node*/*/attempt_0/*/stdout.log"))
+    assert len(rank_logs) == world
+    assert all("probe rank=" in p.read_text() for p in rank_logs)
+    assert re.fullmatch(r"[0-9a-f]{40}\n", (job_dir / "git_head").read_text())
+    assert load_config(str(job_dir / "resolved_config.yaml")).name == "tiny"
+
+
+def _bad_job(slurm_cluster, tmp_path, env: dict):
+    job = slurm_cluster.sbatch(REPO / "slurm/stage2_fusion.sh", *CPU_JOB_ARGS, "--nodes=2",
+                               *_logs(tmp_path), env=job_env(**env), timeout=180)
+    return job, _read(tmp_path, job.job_id, "out"), _read(tmp_path, job.job_id, "err")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"H3F_CONFIG": "/nonexistent/h3f.yaml"},
+     "H3F_CONFIG=/nonexistent/h3f.yaml: config file not found"),
+    ({"H3F_RUN_DIR": "/nonexistent/deeper/run"},
+     "H3F_RUN_DIR=/nonexistent/deeper/run: parent directory /nonexistent/deeper does not exist"),
+    ({"H3F_GPUS_PER_NODE": "1"},
+     "H3F_GPUS_PER_NODE=1 GPUs requested but node node1 has 0 visible"),
+    ({"H3F_SET": "fusion.no_such_key=1"}, "unknown config key 'fusion.no_such_key'"),
+    ({"H3F_EP": "3"}, "H3F_EP=3 does not divide the world size 2 nodes x 1 procs"),
+], ids=["missing-config", "run-dir-parent-missing", "gpus-on-cpu-node", "bad-set", "bad-ep"])
+def test_bad_input_fails_fast_with_one_message(slurm_cluster, tmp_path, env, message):
+    env = {"H3F_RUN_DIR": str(tmp_path / "run"), **env}
+    job, out, err = _bad_job(slurm_cluster, tmp_path, env)
+    assert job.returncode == 2, f"{job.stderr}\n{out}\n{err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("h3fusion-slurm: error: "), err
+    assert message in lines[0]
+    # It stopped before any job step: nothing launched, no rank logs.
+    assert "stage " not in out and "[default0]" not in out
+    assert not list((tmp_path / "run").glob("slurm/*/ranks"))
+    assert slurm_cluster.job_info(job.job_id)["JobState"] == "FAILED"
+
+
+def test_gpu_request_on_cpu_cluster_rejected_at_submit(slurm_cluster, tmp_path):
+    """The script's own `--gpus-per-node=8` header on nodes without GRES: sbatch refuses."""
+    job = slurm_cluster.sbatch(REPO / "slurm/stage2_fusion.sh", "--cpus-per-task=1",
+                               *_logs(tmp_path), env=job_env(H3F_RUN_DIR=str(tmp_path / "r")),
+                               timeout=60)
+    assert job.returncode != 0 and not job.job_id
+    assert "Invalid generic resource" in job.stderr

@@ -1,0 +1,51 @@
+"""tools/profiling/throughput.py on CPU: runs, writes JSON, numbers positive and finite."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "profiling" / "throughput.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("throughput_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_runs_as_a_script():
+    done = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--out" in done.stdout and "llama2-7b-ffn" in done.stdout
+
+
+def test_tiny_preset_reports_positive_finite_numbers(tmp_path, capsys):
+    tool = _load_tool()
+    out = tmp_path / "tp"
+    assert tool.main(["--preset", "tiny", "--tokens", "64", "--warmup", "1", "--repeats", "3",
+                      "--out", str(out)]) == 0
+    report = json.loads((out / "throughput.json").read_text())
+    assert report["sizes"] == {"tokens": 64, "hidden": 64, "ffn": 128, "experts": 3, "top_k": 2}
+    rows = report["results"]
+    assert {(r["backend"], r["mode"]) for r in rows} == {
+        (b, m) for b in ("torch", "naive") for m in ("fwd", "fwd+bwd")}
+    for r in rows:
+        for key in ("median_s", "min_s", "max_s", "tokens_per_s", "achieved_flop_per_s",
+                    "ceiling_s", "ratio_to_ceiling", "peak_mem_mb", "flops"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["backend"], r["mode"], key)
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and len(r["times_s"]) == 3
+        assert sum(r["tokens_per_expert"]) == 64 * 2
+    # same seed -> same routing for every backend
+    assert len({tuple(r["tokens_per_expert"]) for r in rows}) == 1
+    assert "tokens/expert" in capsys.readouterr().out
+
+
+def test_bad_sizes_are_rejected(tmp_path):
+    tool = _load_tool()
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--experts", "2", "--top-k", "3", "--out", str(tmp_path)])

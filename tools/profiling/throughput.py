@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Throughput of one MoE layer: forward and forward+backward per backend.
+
+Backends: `torch` (our dropless MoE, pipeline.model.routing), `megablocks` (GPU only),
+`naive` (the common loop over experts with boolean masks). For each it reports the median time
+over `--repeats` runs after `--warmup` runs (CUDA events on GPU, perf_counter on CPU), the
+spread (min, max, interquartile range), tokens/s, achieved FLOP/s, the time of ONE dense matmul
+doing the same expert FLOPs (the ceiling a perfect MoE kernel could reach) and the MoE/ceiling
+ratio, peak memory and per-expert token counts. Prints a table and writes `throughput.json`
+into `--out` (written atomically).
+
+  python tools/profiling/throughput.py --preset tiny --out /tmp/tp
+  python tools/profiling/throughput.py --tokens 4096 --hidden 512 --ffn 1376 --experts 3 \
+      --top-k 2 --backends torch naive --out /tmp/tp
+  torchrun --nproc-per-node 2 tools/profiling/throughput.py --preset tiny --ep 2 --out /tmp/ep
+
+With `--ep N` (under torchrun, world size N) every rank routes its own `--tokens` tokens and
+experts are sharded over the N ranks (weak scaling); aggregate tokens/s = N * tokens / the
+slowest rank's median.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
+
+from pipeline.io_utils import atomic_dir, write_json  # noqa: E402
+
+PRESETS = {
+    "tiny": dict(tokens=256, hidden=64, ffn=128, experts=3, top_k=2),
+    "llama2-7b-ffn": dict(tokens=4096, hidden=4096, ffn=11008, experts=3, top_k=2),
+}
+BACKENDS = ("torch", "megablocks", "naive")
+MODES = ("fwd", "fwd+bwd")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="size preset; explicit size flags override it")
+    for name, default in PRESETS["tiny"].items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                       help=f"(default: preset value, tiny={default})")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
+                   help="default: torch naive (+ megablocks when CUDA and megablocks exist)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (run under torchrun)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output dir for throughput.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out dir")
+    args = p.parse_args(argv)
+    sizes = dict(PRESETS[args.preset or "tiny"])
+    for name in sizes:
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    if min(sizes.values()) < 1 or sizes["top_k"] > sizes["experts"]:
+        p.error(f"sizes must be >= 1 and top_k <= experts, got {sizes}")
+    if args.warmup < 0 or args.repeats < 1:
+        p.error("--warmup must be >= 0 and --repeats >= 1")
+    args.sizes = sizes
+    return args
+
+
+def _default_backends(device: torch.device) -> list[str]:
+    from pipeline.backends import megablocks_missing
+    names = ["torch", "naive"]
+    if device.type == "cuda" and megablocks_missing() is None:
+        names.insert(1, "megablocks")
+    return names
+
+
+def build_layer(sizes: dict, backend: str, device, dtype, seed: int):
+    """One H3FusionMoE layer with random weights (same seed -> same weights for every backend)."""
+    from pipeline.model.moe import H3FusionMoE   # lazy: keeps --help fast
+    cfg = SimpleNamespace(hidden_size=sizes["hidden"], intermediate_size=sizes["ffn"],
+                          num_experts=sizes["experts"], top_k=sizes["top_k"],
+                          moe_backend="megablocks" if backend == "megablocks" else "torch")
+    torch.manual_seed(seed)
+    layer = H3FusionMoE(cfg)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.router.weight, std=0.02)
+    return layer.to(device=device, dtype=dtype)
+
+
+def _layer_fn(layer, backend: str):
+    """x_BSH -> (out_BSH, routing) for the backend under test."""
+    from pipeline.model.routing import naive_per_expert_moe
+    if backend != "naive":
+        return layer
+    e = layer.experts
+
+    def naive(x_BSH):
+        out, routing = naive_per_expert_moe(x_BSH.flatten(0, 1), layer.router.weight,
+                                            e.w1, e.v1, e.w2, layer.top_k)
+        return out.view_as(x_BSH), routing
+    return naive
+
+
+class Timer:
+    """Seconds for one call of fn(): CUDA events on GPU (after a sync), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+
+def measure(fn, timer: Timer, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = sorted(timer(fn) for _ in range(repeats))
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1],
+            "iqr_s": quartiles[2] - quartiles[0], "times_s": times}
+
+
+def expert_flops(sizes: dict) -> float:
+    """Forward FLOPs of the experts (3 matmuls per token-expert pair) plus the router."""
+    t, h, f, e, k = (sizes[n] for n in ("tokens", "hidden", "ffn", "experts", "top_k"))
+    return 2.0 * t * k * 3 * h * f + 2.0 * t * h * e
+
+
+def dense_ceiling(sizes: dict, device, dtype, timer: Timer, warmup: int, repeats: int) -> dict:
+    """One dense [T*K, H] @ [H, 3F] matmul: the same expert FLOPs in a single GEMM."""
+    a = torch.randn(sizes["tokens"] * sizes["top_k"], sizes["hidden"], device=device, dtype=dtype)
+    b = torch.randn(sizes["hidden"], 3 * sizes["ffn"], device=device, dtype=dtype)
+    return measure(lambda: a @ b, timer, warmup, repeats)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource   # CPU: process-wide peak RSS (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step(fn, x: torch.Tensor, mode: str):
+    def run():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(x)
+            return
+        xg = x.detach().requires_grad_(True)
+        out, _ = fn(xg)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def bench_backend(backend: str, args, device, dtype, timer: Timer, ep_group=None) -> list[dict]:
+    sizes = args.sizes
+    layer = build_layer(sizes, backend, device, dtype, args.seed)
+    if ep_group is not None:
+        from pipeline.model import apply_expert_parallel
+        apply_expert_parallel(layer, ep_group)
+    fn = _layer_fn(layer, backend)
+    gen = torch.Generator().manual_seed(args.seed + 1 + (args.rank or 0))
+    x = torch.randn(1, sizes["tokens"], sizes["hidden"], generator=gen).to(device, dtype)
+    with torch.no_grad():
+        counts = fn(x)[1].tokens_per_expert_E.tolist()
+    rows = []
+    for mode in MODES:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = measure(_step(fn, x, mode), timer, args.warmup, args.repeats)
+        rows.append({"backend": backend, "mode": mode, **stats, "peak_mem_mb": _peak_memory_mb(device),
+                     "tokens_per_expert": counts})
+    return rows
+
+
+def add_derived(rows: list[dict], sizes: dict, ceiling: dict, world: int = 1) -> None:
+    """tokens/s, FLOP/s and the ratio to the dense-matmul ceiling (backward = 2x forward FLOPs)."""
+    for row in rows:
+        factor = 1.0 if row["mode"] == "fwd" else 3.0
+        row["flops"] = factor * expert_flops(sizes)
+        row["tokens_per_s"] = world * sizes["tokens"] / row["median_s"]
+        row["achieved_flop_per_s"] = world * row["flops"] / row["median_s"]   # all ranks
+        row["ceiling_s"] = factor * ceiling["median_s"]
+        row["ratio_to_ceiling"] = row["median_s"] / row["ceiling_s"]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'backend':<11}{'mode':<9}{'median ms':>11}{'min..max ms':>17}{'tok/s':>11}"
+            f"{'GFLOP/s':>10}{'ceil ms':>9}{'x ceil':>8}{'peak MB':>9}  tokens/expert")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        spread = f"{r['min_s'] * 1e3:.1f}..{r['max_s'] * 1e3:.1f}"
+        lines.append(
+            f"{r['backend']:<11}{r['mode']:<9}{r['median_s'] * 1e3:>11.2f}"
+            f"{spread:>17}{r['tokens_per_s']:>11.0f}"
+            f"{r['achieved_flop_per_s'] / 1e9:>10.1f}{r['ceiling_s'] * 1e3:>9.2f}"
+            f"{r['ratio_to_ceiling']:>8.2f}{r['peak_mem_mb']:>9.0f}  {r['tokens_per_expert']}")
+    return "\n".join(lines)
+
+
+def _init_ep(ep: int):
+    """Join torchrun's process group; returns (group, rank, world)."""
+    import torch.distributed as dist
+    from pipeline.env import dist_backend, dist_env
+    env = dist_env()
+    if env.world_size != ep:
+        raise ValueError(f"--ep {ep} needs WORLD_SIZE={ep} (run under torchrun --nproc-per-node "
+                         f"{ep}); got WORLD_SIZE={env.world_size}")
+    if not dist.is_initialized():
+        dist.init_process_group(dist_backend())
+    return dist.group.WORLD, env.rank, env.world_size
+
+
+def _slowest_rank(rows: list[dict]) -> None:
+    """EP: every rank must report the slowest rank's times (the step waits for it)."""
+    import torch.distributed as dist
+    for row in rows:
+        for key in ("median_s", "min_s", "max_s", "iqr_s"):
+            t = torch.tensor([row[key]], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            row[key] = float(t)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    ep_group, args.rank, world = (None, 0, 1) if args.ep == 1 else _init_ep(args.ep)
+    backends = args.backends or _default_backends(device)
+    if ep_group is not None:
+        backends = [b for b in backends if b != "naive"]   # the naive loop has no EP path
+    timer = Timer(device)
+    ceiling = dense_ceiling(args.sizes, device, dtype, timer, args.warmup, args.repeats)
+    rows = [row for b in backends for row in bench_backend(b, args, device, dtype, timer, ep_group)]
+    if ep_group is not None:
+        _slowest_rank(rows)
+    add_derived(rows, args.sizes, ceiling, world)
+    return {"sizes": args.sizes, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "ep": args.ep, "warmup": args.warmup, "repeats": args.repeats,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dense_ceiling": ceiling, "results": rows}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    if args.rank == 0:
+        print(f"sizes={report['sizes']} device={report['device']} dtype={report['dtype']} "
+              f"ep={report['ep']} threads={report['threads']}")
+        print(format_table(report["results"]))
+        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+            write_json(Path(tmp) / "throughput.json", report)
+        print(f"wrote {Path(args.out) / 'throughput.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
