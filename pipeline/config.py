@@ -313,6 +313,10 @@ def validate(cfg: PipelineConfig) -> None:
     """Value checks that types alone cannot express."""
     _check(cfg.data.source in ("builtin", "real"), f"data.source must be builtin|real, got {cfg.data.source!r}")
     _check(cfg.expert.method in ("ffn", "lora"), f"expert.method must be ffn|lora, got {cfg.expert.method!r}")
+    _check(cfg.expert.lora.r >= 1 and cfg.expert.lora.alpha > 0,
+           f"expert.lora: r must be >= 1 and alpha > 0, got r={cfg.expert.lora.r} alpha={cfg.expert.lora.alpha}")
+    _check(0.0 <= cfg.expert.lora.dropout < 1.0, f"expert.lora.dropout must be in [0, 1), got {cfg.expert.lora.dropout}")
+    _check(cfg.expert.num_procs >= 1, f"expert.num_procs must be >= 1, got {cfg.expert.num_procs}")
     f = cfg.fusion
     _check(f.trainable in ("router", "router+lora", "router+experts"),
            f"fusion.trainable must be router|router+lora|router+experts, got {f.trainable!r}")

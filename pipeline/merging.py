@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import TASKS
-from .io_utils import atomic_dir, sha256_dir, write_json
+from .io_utils import atomic_dir, is_complete, sha256_dir, write_json
 from .surgery import plan
 from .surgery.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                                      copy_optional_files, copy_tokenizer_files, read_config_json)
@@ -157,6 +157,11 @@ def main(args: argparse.Namespace) -> int:
     experts = {task: layout.expert(task) for task in TASKS}
     tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer
     for method in args.methods or cfg.merge.methods:
+        if is_complete(layout.merge(method), MANIFEST) and not args.overwrite:
+            # outputs are atomic, so a dir with its manifest is a finished merge: resume past it
+            print(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
+                  f"(--overwrite to redo)")
+            continue
         scale = {"task_arithmetic": cfg.merge.task_arithmetic_scale,
                  "ties": cfg.merge.ties_scale}.get(method, 1.0)
         merge_checkpoints(method, layout.base, experts, layout.merge(method), scale=scale,

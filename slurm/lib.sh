@@ -183,8 +183,11 @@ h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), A
     # Single quotes on purpose: $SLURM_NODEID must expand on each node, not here (else every
     # node would be node 0). Node 0 hosts the rendezvous store; the others connect to it.
     # shellcheck disable=SC2016
+    # --wait instead of --kill-on-bad-exit: after a signal the nodes' torchruns end a moment
+    # apart, and killing the later ones would cut their workers' checkpoint short; a node whose
+    # peers crashed is still stopped, H3F_SHUTDOWN_TIMEOUT + 30 s after the first one ended.
     srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
-        --kill-on-bad-exit=1 --label bash -c '
+        --kill-on-bad-exit=0 --wait=$((H3F_SHUTDOWN_TIMEOUT + 30)) --label bash -c '
         is_host=0; [ "$SLURM_NODEID" = 0 ] && is_host=1
         addr="$(scontrol show node "$SLURMD_NODENAME" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)"
         exec "$H3F_PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" \
@@ -232,11 +235,11 @@ h3f_stage() {  # h3f_stage NAME [EXTRA_ARGS...]: run a stage of pipeline/stages.
     text="$(h3f_stage_argv "$name")" || exit 2
     local argv=()
     mapfile -t argv <<<"$text"
-    h3f_info "stage $name: h3fusion ${argv[*]} $*"
     local trainer=""  # training stages run on every node and can resume from a checkpoint
     case "${argv[0]}" in train-expert | fuse) trainer="$name" ;; esac
+    if [ -n "$trainer" ] && [ -f "$H3F_JOB_DIR/resume.$name" ]; then argv+=(--resume); fi
+    h3f_info "stage $name: h3fusion ${argv[*]} $*"
     if [ -n "$trainer" ]; then
-        if [ -f "$H3F_JOB_DIR/resume.$name" ]; then argv+=(--resume); fi
         h3f_launch -m pipeline.cli "${argv[@]}" "$@" || rc=$?
     else
         h3f_run_single "${argv[@]}" "$@" || rc=$?

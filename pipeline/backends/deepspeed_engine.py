@@ -18,6 +18,7 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -127,6 +128,8 @@ def init_distributed() -> None:
     """Create the process group from the launcher's env (torchrun, deepspeed, srun+export)."""
     import deepspeed
 
+    # DeepSpeed calls torch's deprecated collective names on every step; one line each, per rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     env = dist_env()
     export_dist_env(env)  # srun without a launcher sets only SLURM_*; env:// needs RANK etc.
     if not torch.distributed.is_initialized():

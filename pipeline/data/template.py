@@ -38,8 +38,9 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str | None,
                            max_len: int) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) with bos before the prompt and eos after the response.
 
-    Truncation keeps the END of the prompt (the "### Response:" marker) and the START of the
-    response; a response cut by `max_len` loses its eos. `response=None` gives a generation prompt.
+    Truncation keeps the END of the prompt (the "### Response:" marker, and bos is then lost) and
+    the START of the response, giving the response at least max_len // 2 tokens; a response cut
+    by `max_len` loses its eos. `response=None` gives a generation prompt.
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
@@ -47,10 +48,10 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str | None,
     bos = getattr(tokenizer, "bos_token_id", None)
     prompt_ids = ([bos] if bos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
     response_ids = [] if response is None else tokenizer.encode(response, add_special_tokens=False) + [eos]
-    keep_prompt = min(len(prompt_ids), max_len - (1 if response_ids else 0))
-    prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
-    response_ids = response_ids[:max_len - len(prompt_ids)]
-    return prompt_ids, response_ids
+    # Over budget: the response keeps up to half of max_len (more if the prompt is short).
+    keep_response = min(len(response_ids), max(max_len - len(prompt_ids), max_len // 2))
+    keep_prompt = min(len(prompt_ids), max_len - keep_response)
+    return prompt_ids[len(prompt_ids) - keep_prompt:], response_ids[:keep_response]
 
 
 def normalize_task_label(label: Sequence[float], where: str = "task_label") -> list[float]:

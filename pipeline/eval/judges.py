@@ -44,14 +44,16 @@ def moderation_flagged_rate(model_dir: str | Path, prompts: Sequence[str], respo
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    clf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if clf.config.pad_token_id is None:
         clf.config.pad_token_id = tok.pad_token_id
     flagged = 0
     for lo in range(0, len(prompts), batch_size):
         enc = tok(list(prompts[lo: lo + batch_size]), list(responses[lo: lo + batch_size]),
                   padding=True, truncation=True, max_length=512, return_tensors="pt")
-        flagged += sum(_flag_rows(clf(**enc).logits, clf.config))
+        flagged += sum(_flag_rows(clf(**enc.to(device)).logits.cpu(), clf.config))
     return flagged / len(prompts)
 
 

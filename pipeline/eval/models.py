@@ -11,16 +11,9 @@ from pipeline.config import TASKS
 from pipeline.layout import RunLayout
 
 
-def register_fused_model() -> bool:
-    """Import `pipeline.model` so AutoModelForCausalLM knows `model_type="h3fusion"`.
-
-    Returns False when that module is not importable (dense-only evaluation still works).
-    """
-    try:
-        importlib.import_module("pipeline.model")
-    except ImportError:
-        return False
-    return True
+def register_fused_model() -> None:
+    """Import `pipeline.model` so AutoModelForCausalLM knows `model_type="h3fusion"`."""
+    importlib.import_module("pipeline.model")
 
 
 def pick_device() -> torch.device:
@@ -44,16 +37,24 @@ def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
     """(model in eval mode on `device`, tokenizer) from a Hugging Face model directory.
 
     bf16 on CUDA (the 7B models fit one GPU), fp32 on CPU (bf16 matmuls are slow there).
+    A fused H3Fusion model always runs its MoE on the torch backend here.
     """
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
+    from transformers import AutoConfig
+
     register_fused_model()
     device = device or pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "model_type", "") == "h3fusion":
+        # same parameters, pure-PyTorch dropless MoE: loads anywhere (a fused model trained with
+        # MegaBlocks is evaluated on a CPU-only machine too) and routes identically
+        config.moe_backend = "torch"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
     return model, load_tokenizer(model_dir, tokenizer_dir)
 
 

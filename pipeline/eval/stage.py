@@ -139,6 +139,9 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     `out_dir` atomically and return the report dict."""
     if not models:
         raise ValueError("evaluate: no models given")
+    if (moderation_model is not None or alpaca_eval) and not cfg.generate:
+        raise ValueError("--moderation-model and --alpaca-eval judge generations: "
+                         "they need eval.generate=true")
     items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
     t0 = time.time()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:

@@ -30,6 +30,7 @@ def open_moe(moe_dir: str | Path) -> tuple[dict, plan.ModelSpec, CheckpointReade
     spec = plan.ModelSpec.from_config(cfg, moe_dir)
     reader = CheckpointReader(moe_dir)
     plan.check_moe_keys(reader.shapes(), spec, len(names), str(moe_dir))
+    plan.check_shared_keys(reader.keys(), str(moe_dir))
     return cfg, spec, reader
 
 

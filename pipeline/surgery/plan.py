@@ -151,6 +151,28 @@ def check_moe_keys(shapes: Mapping[str, tuple], spec: ModelSpec, num_experts: in
             if tuple(shapes[key]) != shape:
                 raise ValueError(f"{source}: tensor {key} has shape {list(shapes[key])}, "
                                  f"expected {list(shape)}")
+    known = {router_key(l) for l in range(spec.num_hidden_layers)}
+    known |= {moe_expert_key(l, p) for l in range(spec.num_hidden_layers) for p in MOE_PARAMS}
+    unexpected = sorted(k for k in shapes if layer_of(k) and layer_of(k)[1].startswith("mlp.")
+                        and k not in known)
+    if unexpected:
+        # e.g. LoRA adapters on the experts: dropping them silently would change the model
+        raise ValueError(f"{source}: unexpected MoE tensors {unexpected[:3]} (only router.weight "
+                         f"and experts.w1/v1/w2 are understood; fold adapters in first)")
+
+
+_SHARED_KEY_RE = re.compile(
+    r"^(model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight|"
+    r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight|"
+    r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.(weight|bias))$")
+
+
+def check_shared_keys(keys: list[str], source: str) -> None:
+    """Outside the MoE, a fused model holds only Llama's tensors (no adapters, no prefixes)."""
+    unknown = sorted(k for k in keys if not is_moe_key(k) and not _SHARED_KEY_RE.match(k))
+    if unknown:
+        raise ValueError(f"{source}: tensors that are not part of a Llama/H3Fusion model: "
+                         f"{unknown[:3]} (PEFT adapters? fold them in first)")
 
 
 def check_same_keys(reference: Mapping[str, tuple], other: Mapping[str, tuple],

@@ -91,8 +91,9 @@ def load_train_rows(job: ExpertJob, tokenizer) -> list[dict]:
 
     ds = load_sft(job.data, job.dimension, "train")
     max_len = job.cfg.expert.train.max_seq_len
+    # keep_in_memory: no cache files written into <run>/data (shared, and ranks would race)
     tokenized = ds.map(lambda b: tokenize_sft(b, tokenizer, max_len), batched=True,
-                       remove_columns=ds.column_names, desc=None)
+                       remove_columns=ds.column_names, keep_in_memory=True)
     return tokenized.to_list()
 
 

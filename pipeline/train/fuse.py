@@ -25,7 +25,7 @@ from ..config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
 from ..env import dist_env, requeue_requested_exit_code
 from ..io_utils import atomic_dir, read_json, sha256_dir, write_json
 from ..layout import RunLayout
-from .fusion_data import MicroBatches, load_fusion_rows
+from .fusion_data import MicroBatches, has_tokenizer, load_fusion_rows
 from .fusion_loop import FusionLoop, NonFiniteLossError
 
 log = logging.getLogger("h3fusion.fuse")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_fused_config(init_dir: Path) -> dict:
     """The init dir's config.json, which must describe an H3Fusion MoE."""
     hint = (f"build one with `h3fusion surgery build_moe --base <run>/base --experts "
-            f"helpful=... harmless=... honest=... --out {init_dir}`")
+            f"helpful=... harmless=... honest=... --out <run>/fused_init` (or pass --init DIR)")
     cfg_file = init_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{init_dir}: no H3Fusion MoE here (missing config.json); {hint}")
@@ -161,7 +161,9 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
                           int(raw_ds.get("zero_optimization", {}).get("stage", 0)))
     _prepare_out(paths, overwrite, resume)
     if rows is None:
-        rows = load_fusion_rows(cfg, paths.init, RunLayout.at(paths.ds_dir.parent).data)
+        run = RunLayout.at(paths.ds_dir.parent)
+        tokenizer_dir = paths.init if has_tokenizer(paths.init) else run.tokenizer
+        rows = load_fusion_rows(cfg, tokenizer_dir, run.data)
     check_label_width(len(rows[0]["task_label"]), model_cfg, "training data")
     batches = MicroBatches(rows, cfg.fusion.train, env.rank, env.world_size, paths.init)
     loop = FusionLoop(cfg, paths, raw_ds, batches)

@@ -1,19 +1,17 @@
-"""Fusion training data: the mixed HHH SFT rows, tokenized, and a deterministic batch schedule.
+"""Fusion training data: the mixed HHH SFT rows, tokenized, and rank-local micro batches.
 
-The schedule is a pure function of (seed, optimizer step, micro step, rank): epoch e uses the
-permutation `randperm(n, seed + e)`, and optimizer step s of that epoch takes the next
-`micro_batch * world * grad_accum` rows, rank r its own `micro_batch`-row slice of each micro
-step. Resuming at step s therefore sees exactly the batches an uninterrupted run would have.
+The order is `pipeline.train.common.BatchSchedule`: a pure function of (seed, optimizer step,
+micro step, rank), so resuming at step s sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from ..config import PipelineConfig, TrainConfig
+from ..io_utils import read_json
 
 
 def load_fusion_rows(cfg: PipelineConfig, tokenizer_dir: Path, data_dir: Path) -> list[dict]:
@@ -32,57 +30,38 @@ def load_fusion_rows(cfg: PipelineConfig, tokenizer_dir: Path, data_dir: Path) -
     return [dict(r) for r in tokenized]
 
 
-def pad_token_id(tokenizer_dir: Path) -> int:
-    """The fused model's pad id: from its tokenizer if it has one, else its config, else 0."""
-    for name in ("tokenizer_config.json", "config.json"):
-        path = tokenizer_dir / name
-        if path.is_file():
-            import json
-            value = json.loads(path.read_text()).get("pad_token_id")
-            if isinstance(value, int):
-                return value
-    try:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def pad_token_id(model_dir: Path) -> int:
+    """The fused model's pad id: its tokenizer's when the dir has one, else config.json's, else 0."""
+    if has_tokenizer(model_dir):
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        if tok.pad_token_id is not None:
-            return int(tok.pad_token_id)
-    except (OSError, ValueError):
-        pass
-    return 0
+        pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
+        if pad is not None:
+            return int(pad)
+    pad = read_json(model_dir / "config.json").get("pad_token_id")
+    return pad if isinstance(pad, int) else 0
 
 
 class MicroBatches:
-    """Rank-local micro batches of the global, seeded schedule (see module docstring)."""
+    """Rank-local, collated micro batches of `common.BatchSchedule`'s global seeded order."""
 
     def __init__(self, rows: Sequence[dict[str, Any]], train: TrainConfig, rank: int,
                  world_size: int, model_dir: Path):
         from ..data.collate import SFTCollator
+        from .common import BatchSchedule
 
-        self.rows, self.train, self.rank, self.world = rows, train, rank, world_size
-        self.rows_per_step = train.micro_batch_size * world_size * train.grad_accum_steps
-        if len(rows) < self.rows_per_step:
-            raise ValueError(f"training data has {len(rows)} rows, fewer than one optimizer step "
-                             f"needs (micro_batch_size {train.micro_batch_size} x world {world_size} "
-                             f"x grad_accum_steps {train.grad_accum_steps} = {self.rows_per_step})")
-        self.steps_per_epoch = len(rows) // self.rows_per_step
+        self.rows, self.train, self.rank = rows, train, rank
+        self.schedule = BatchSchedule(len(rows), train.micro_batch_size, train.grad_accum_steps,
+                                      world_size, train.seed)
+        self.schedule.check("fusion training data")
+        self.total_steps = self.schedule.total_steps(train)
         self.collate = SFTCollator(pad_token_id(model_dir), max_len=train.max_seq_len)
-        self._perm_epoch, self._perm = -1, None
-
-    @property
-    def total_steps(self) -> int:
-        if self.train.max_steps > 0:
-            return self.train.max_steps
-        return max(1, math.ceil(self.train.epochs * self.steps_per_epoch))
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.train.seed + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.rows), generator=gen), epoch
-        return self._perm
 
     def get(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        perm = self._permutation(epoch)
-        micro_bs = self.train.micro_batch_size
-        start = ((step_in_epoch * self.train.grad_accum_steps + micro) * self.world + self.rank) * micro_bs
-        return self.collate([self.rows[int(i)] for i in perm[start:start + micro_bs]])
+        return self.collate([self.rows[i] for i in self.schedule.indices(step, micro, self.rank)])

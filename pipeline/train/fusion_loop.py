@@ -15,7 +15,11 @@ import torch.distributed as dist
 from ..config import PipelineConfig, to_dict
 from ..env import dist_env
 from . import fusion_metrics as fm
+from .common import RankZeroLog, restore_rng_state, rng_state, seed_everything
+from .common import warmup_cosine_schedule
 from .signals import any_rank_requested, install_stop_handlers
+
+_RESUME_IGNORED = ("log_every", "save_every")   # may change between a run and its resume
 
 log = logging.getLogger("h3fusion.fuse")
 
@@ -57,7 +61,7 @@ class FusionLoop:
         self.collapse = fm.CollapseDetector(self.fcfg.collapse_threshold, self.fcfg.collapse_steps)
         self.history: list[dict] = []   # one row of scalars per optimizer step (all ranks equal)
         self.stop = install_stop_handlers()
-        self.writer = None
+        self.tb: Optional[RankZeroLog] = None
         self.on_periodic_save: Optional[Callable[["FusionLoop"], None]] = None
 
     # ------------------------------------------------------------------ set-up
@@ -70,7 +74,7 @@ class FusionLoop:
         self.ds = dse.resolve_ds_config(self.raw_ds, dse.DsTrainSettings(
             t.micro_batch_size, t.grad_accum_steps, t.grad_clip, t.lr, t.weight_decay, env.world_size))
         dse.init_distributed()
-        torch.manual_seed(t.seed)
+        seed_everything(t.seed)   # same LoRA init on every rank
         zero3 = self.ds["zero_optimization"]["stage"] == 3
         model = self._load_model(H3FusionForCausalLM, dse, zero3)
         if zero3:
@@ -83,11 +87,10 @@ class FusionLoop:
         self.expert_names = list(model.config.expert_names)
         self.gamma_E = torch.tensor([self.fcfg.gamma.get(n, 0.0) for n in self.expert_names])
         self.initial_experts = self._snapshot_experts(model)
-        warmup = max(0, t.warmup_steps)
         self.engine = dse.build_engine(
-            model, self.ds, [p for p in model.parameters() if p.requires_grad],
-            lr_lambda=lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0,
-            lr=t.lr, weight_decay=t.weight_decay)
+            model, self.ds, [p for p in model.parameters() if p.requires_grad], lr=t.lr,
+            weight_decay=t.weight_decay,
+            scheduler_factory=warmup_cosine_schedule(t.warmup_steps, self.batches.total_steps))
         if resume_if_present and dse.latest_tag(self.paths.ds_dir) is not None:
             self._resume(dse)
 
@@ -107,9 +110,8 @@ class FusionLoop:
         return snapshot_expert_params(model, device="cpu")
 
     def _resume(self, dse) -> None:
-        tag, client, _ = dse.load_checkpoint(self.engine, self.paths.ds_dir)
-        saved = client.get("fusion_config")
-        now = to_dict(self.fcfg)
+        tag, client, rank_state = dse.load_checkpoint(self.engine, self.paths.ds_dir)
+        saved, now = client.get("fusion_config"), self._comparable_config()
         if saved is not None and saved != now:
             diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ValueError(f"{self.paths.ds_dir}/{tag}: checkpoint was trained with different "
@@ -117,7 +119,14 @@ class FusionLoop:
         self.step, self.last_tag = int(client["step"]), tag
         self.history = list(client.get("history", []))
         self.collapse.streak = int(client.get("collapse_streak", 0))
+        restore_rng_state(rank_state)
         log.info("resumed from %s/%s at step %d", self.paths.ds_dir, tag, self.step)
+
+    def _comparable_config(self) -> dict:
+        cfg = to_dict(self.fcfg)
+        for key in _RESUME_IGNORED:
+            cfg["train"].pop(key)
+        return cfg
 
     # ------------------------------------------------------------------ one step
     def _losses(self, out, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -158,7 +167,7 @@ class FusionLoop:
         probs = [r.probs_TE.detach() for r in out.router_outputs]
         topk = [r.topk_idx_TK for r in out.router_outputs]
         correct, total = fm.top1_routing_hits(probs, mask, label)
-        vec = torch.cat([torch.tensor([float(v) for v in terms.values()] +
+        vec = torch.cat([torch.tensor([float(v.detach()) for v in terms.values()] +
                                       [float(fm.routing_entropy(probs, mask)), float(mask.sum()), 1.0]),
                          correct, total, fm.top1_load(topk, mask, self.num_experts).reshape(-1)])
         stats["keys"] = list(terms)
@@ -183,7 +192,8 @@ class FusionLoop:
     def run(self, on_step_end: Optional[Callable] = None) -> str:
         """Train to the last step; return "done" or "stopped" (signal checkpoint saved)."""
         total_steps = self.batches.total_steps
-        pbar = self._progress(total_steps)
+        self.tb = RankZeroLog(self.paths.tensorboard, total_steps, self.step,
+                              dist.get_rank() == 0, desc="fuse")
         while self.step < total_steps:
             t0, stats = time.time(), {}
             for micro in range(self.fcfg.train.grad_accum_steps):
@@ -193,7 +203,7 @@ class FusionLoop:
             row.update(step=self.step, tokens_per_s=row["tokens"] / max(time.time() - t0, 1e-9))
             self.history.append(row)
             self._check_collapse(row)
-            self._log(row, pbar)
+            self._log(row)
             if on_step_end is not None:
                 on_step_end(self.step, self)
             stop = any_rank_requested(self.stop.requested, _max_over_ranks)
@@ -213,42 +223,31 @@ class FusionLoop:
                         "layer for %d steps (step %d, per-layer top-1 load %s)",
                         100 * self.collapse.threshold, self.collapse.steps, self.step, row["load"])
 
-    def _progress(self, total_steps: int):
-        if dist.get_rank() != 0:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-        self.writer = SummaryWriter(str(self.paths.tensorboard))
-        return tqdm(total=total_steps, initial=self.step, desc="fuse", dynamic_ncols=True)
-
-    def _log(self, row: dict, pbar) -> None:
-        if pbar is None:
-            return
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{row['loss/total']:.4f}", gate=f"{row['loss/gate']:.4f}")
+    def _log(self, row: dict) -> None:
+        self.tb.advance()
         every = max(1, self.fcfg.train.log_every)
-        if self.step % every and self.step != self.batches.total_steps:
+        if not self.tb.enabled or (self.step % every and self.step != self.batches.total_steps):
             return
-        for key, value in row.items():
-            if key.startswith(("loss/", "router/", "routing_acc/")) or key == "tokens_per_s":
-                self.writer.add_scalar(key if "/" in key else f"speed/{key}", value, self.step)
+        self.tb.scalars(self.step, {(k if "/" in k else f"speed/{k}"): v for k, v in row.items()
+                                    if k.startswith(("loss/", "router/", "routing_acc/"))
+                                    or k == "tokens_per_s"})
         for layer, loads in enumerate(row["load"]):
             for name, value in zip(self.expert_names, loads):
-                self.writer.add_scalar(f"load/layer{layer}/{name}", value, self.step)
+                self.tb.writer.add_scalar(f"load/layer{layer}/{name}", value, self.step)
         if self.initial_experts:
             from ..losses import expert_drift
             drift = expert_drift(self.engine.module, self.initial_experts, self.num_experts)
             for name, value in zip(self.expert_names, drift.tolist()):
-                self.writer.add_scalar(f"drift_norm/{name}", value, self.step)
-        self.writer.flush()
+                self.tb.writer.add_scalar(f"drift_norm/{name}", value, self.step)
+        self.tb.writer.flush()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         from ..backends import deepspeed_engine as dse
         tag = f"step{self.step:07d}"
-        client = {"step": self.step, "fusion_config": to_dict(self.fcfg), "history": self.history,
-                  "collapse_streak": self.collapse.streak}
-        dse.save_checkpoint(self.engine, self.paths.ds_dir, tag, client)
+        client = {"step": self.step, "fusion_config": self._comparable_config(),
+                  "history": self.history, "collapse_streak": self.collapse.streak}
+        dse.save_checkpoint(self.engine, self.paths.ds_dir, tag, client, rank_state=rng_state())
         self.last_tag = tag
 
     def consolidated_model(self):
@@ -276,5 +275,5 @@ class FusionLoop:
 
     def close(self) -> None:
         self.stop.uninstall()
-        if self.writer is not None:
-            self.writer.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from test_fuse_support import build_tiny_fused, load_weights, make_rows, result, run_jobs
+from test_fuse_support import REPO, build_tiny_fused, load_weights, make_rows, result, run_jobs
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 NAMES2 = ["helpful", "harmless"]
@@ -36,6 +36,8 @@ def runs(tmp_path_factory):
         job("experts_g", experts + ["fusion.gamma.helpful=100.0"]),
         job("ep1", ep + ["fusion.ep_degree=1"], init2, "rows2.json"),
         job("ep2", ep + ["fusion.ep_degree=2"], init2, "rows2.json"),
+        job("zero3", ["fusion.trainable=router", "fusion.train.max_steps=3",
+                      f"fusion.ds_config={REPO / 'ds_configs' / 'zero3_fusion.json'}"]),
         job("nan", ["fusion.train.lr=0.0", "fusion.train.save_every=2", "fusion.collapse_threshold=0.5",
                     "fusion.collapse_steps=2"], hook={"kind": "nan", "step": 3}),
     ]
@@ -153,3 +155,15 @@ def test_nan_loss_stops_with_step_and_checkpoint_and_collapse_is_warned(runs):
     assert "at step 4" in res["error"] and "step0000002" in res["error"], res["error"]
     assert not (runs / "nan" / "fused").exists()
     assert any("router collapse" in w for w in res["warnings"]), res["warnings"]
+
+
+def test_zero3_with_moe_leaf_modules_trains_the_router(runs):
+    res = _ok(runs, "zero3")
+    assert [h["step"] for h in res["history"]] == [1, 2, 3]
+    before, after = load_weights(runs / "init3"), load_weights(runs / "zero3" / "fused")
+    routers, frozen = _split(before, lambda k: k.endswith("mlp.router.weight"))
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), f"frozen {k} changed"
+    assert all(not torch.equal(before[k], after[k]) for k in routers)
+    manifest = json.loads((runs / "zero3" / "fused" / "fusion_train_manifest.json").read_text())
+    assert manifest["zero_stage"] == 3

@@ -2,7 +2,6 @@
 ends with the same weights as the uninterrupted run (fp32, same seed)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -18,6 +17,21 @@ from test_train_expert_fixtures import (REPO, dist_env_vars, load_weights, new_r
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its workers (torchrun starts them in their own sessions, so killing
+    its process group alone would leave them running)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def _kill_after_first_checkpoint(cmd: list[str], latest, log_path, timeout: float = 400) -> str:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=dist_env_vars(), cwd=REPO, stdout=log,
@@ -25,7 +39,7 @@ def _kill_after_first_checkpoint(cmd: list[str], latest, log_path, timeout: floa
         deadline = time.time() + timeout
         while not latest.is_file() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-training
+        _kill_tree(proc.pid)
         proc.wait()
     assert latest.is_file(), f"no checkpoint before the kill; log:\n{open(log_path).read()[-4000:]}"
     return latest.read_text()

@@ -186,3 +186,68 @@ def test_evaluate_trained_tiny_base_with_its_sentencepiece_tokenizer(tiny_run, t
     vocab = 512
     assert m["helpful"]["ref_mean_ll"] > -math.log(vocab)
     assert report["scores"]["base"]["mean"] is not None and report["fused_gain"] == {}
+
+
+def test_fused_model_saved_for_megablocks_is_evaluated_on_the_torch_backend(tmp_path):
+    from pipeline.eval.models import load_causal_lm
+    from test_eval_fixtures import tiny_fused_model
+    model = tiny_fused_model(seed=5)
+    model.config.moe_backend = "megablocks"   # as a GPU fusion run would save it
+    model.save_pretrained(tmp_path / "mb")
+    char_tokenizer().save_pretrained(tmp_path / "mb")
+    loaded, tok = load_causal_lm(tmp_path / "mb")
+    assert loaded.config.moe_backend == "torch"
+    ids = torch.tensor([tok.encode("Are bats blind?", add_special_tokens=False)])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, tiny_fused_model(seed=5)(input_ids=ids).logits, atol=1e-5)
+
+
+def test_sampled_generation_is_seeded_and_stops_at_eos(tiny_lm):
+    model, tok = tiny_lm
+    gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_p=0.95)
+    prompts = [format_prompt("Say something"), format_prompt("Another one")]
+    torch.manual_seed(7)
+    first = generate_responses(model, tok, prompts, batch_size=2, max_len=512, gen=gen)
+    torch.manual_seed(7)
+    assert generate_responses(model, tok, prompts, batch_size=2, max_len=512, gen=gen) == first
+    assert all(len(t) <= 12 and "</s>" not in t for t in first)
+
+
+@pytest.fixture(scope="module")
+def real_data(shared_data, tmp_path_factory):
+    """`<run>/data` built by the data stage from the real slices (TruthfulQA with mc_task.json)."""
+    from pipeline.config import DataConfig, RealDataConfig
+    from pipeline.data.stage import run_data_stage
+    run = tmp_path_factory.mktemp("realrun")
+    real = RealDataConfig(alpaca=str(shared_data / "alpaca" / "alpaca_small.json"),
+                          beavertails=str(shared_data / "beavertails" / "beavertails_sample.csv"),
+                          truthfulqa=str(shared_data / "truthfulqa" / "TruthfulQA.csv"),
+                          truthfulqa_mc=str(shared_data / "truthfulqa" / "mc_task.json"),
+                          alpaca_eval=str(shared_data / "alpaca_eval" / "alpaca_eval_text_davinci_003.json"),
+                          max_train_per_task=20, max_eval_per_task=3)
+    run_data_stage(DataConfig(source="real", real=real), run)
+    return run / "data"
+
+
+def test_real_truthfulqa_mc1_mc2_from_the_data_loaders(real_data, shared_data, tiny_lm):
+    from pipeline.eval.stage import load_eval_items
+    items = load_eval_items(real_data, "test", 3)
+    honest = items["honest"]
+    targets = {r["question"].strip(): r for r in json.loads((shared_data / "truthfulqa" / "mc_task.json").read_text())}
+    for it in honest:   # what we score is exactly TruthfulQA's targets, MC1 answer first
+        t = targets[it["instruction"].strip()]
+        assert it["kind"] == "mc" and it["chosen"][0] == next(a for a, y in t["mc1_targets"].items() if y == 1).strip()
+        assert {a.strip() for a, y in t["mc2_targets"].items() if y == 1} == set(it["chosen"])
+    model, tok = tiny_lm
+    metrics, _ = evaluate_task(model, tok, honest, batch_size=4, max_len=512, gen=None, task="honest")
+    mc1, mc2 = [], []
+    for it in honest:
+        lls = [_manual_ll(model, tok, format_prompt(it["instruction"]), a)[0] for a in it["chosen"] + it["rejected"]]
+        probs = torch.softmax(torch.tensor(lls, dtype=torch.float64), 0)
+        mc2.append(float(probs[: len(it["chosen"])].sum()))
+        mc1.append(1.0 if lls[0] > max(lls[len(it["chosen"]):]) else 0.0)
+    assert metrics["n_mc"] == 3
+    assert metrics["mc2"] == pytest.approx(sum(mc2) / 3, abs=1e-4)
+    assert metrics["mc1"] == sum(mc1) / 3
+    # AlpacaEval references and BeaverTails pairs come through the same loaders
+    assert items["helpful"][0]["reference"] and items["harmless"][0]["rejected"]

@@ -23,6 +23,17 @@ def _tiny_llama(seed: int = 0) -> LlamaForCausalLM:
                                         num_key_value_heads=2, tie_word_embeddings=False))
 
 
+def _save_tokenizer(out) -> None:
+    """A word-level tokenizer: model dirs in this pipeline always carry one."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(61)}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<unk>")),
+                                  unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(out)
+
+
 def _trained_peft(r: int, alpha: float, use_rslora: bool = False):
     """A PEFT LoRA model whose B matrices are non-zero (as after training)."""
     model = get_peft_model(_tiny_llama(), LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS,
@@ -55,6 +66,7 @@ def test_state_dict_merge_matches_peft_merge_and_unload(r, alpha, rslora):
 def test_merge_lora_dir_from_saved_adapter(tmp_path):
     base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
     _tiny_llama().save_pretrained(base_dir)
+    _save_tokenizer(base_dir)
     peft = _trained_peft(4, 8.0)
     peft.save_pretrained(adapter_dir)
     info = merge_lora_dir(base_dir, adapter_dir, out)
@@ -65,7 +77,7 @@ def test_merge_lora_dir_from_saved_adapter(tmp_path):
     for name, tensor in reference.items():
         torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
     reloaded = LlamaForCausalLM.from_pretrained(out)  # a normal HF model dir
-    assert reloaded.config.hidden_size == 32
+    assert reloaded.config.hidden_size == 32 and (out / "tokenizer.json").is_file()
 
 
 def test_bad_adapters_are_named(tmp_path):

@@ -101,7 +101,7 @@ def test_merge_validation(family, tmp_path):
     assert json.loads((tmp_path / "o" / merging.MANIFEST).read_text())["method"] == "ties"
 
 
-def test_h3fusion_merge_on_a_run_dir(family, tmp_path):
+def test_h3fusion_merge_on_a_run_dir(family, tmp_path, capsys):
     import shutil
     base, experts = family
     run = tmp_path / "run"
@@ -116,7 +116,10 @@ def test_h3fusion_merge_on_a_run_dir(family, tmp_path):
         assert manifest["method"] == method
     assert json.loads((run / "merges/ties" / merging.MANIFEST).read_text())["density"] == 0.25
     assert json.loads((run / "merges/task_arithmetic" / merging.MANIFEST).read_text())["scale"] == 0.3
-    assert cli_main(["merge", "--run-dir", str(run), "--methods", "average"]) == 2   # exists
+    before = (run / "merges/average/model.safetensors").stat().st_mtime_ns
+    assert cli_main(["merge", "--run-dir", str(run), "--methods", "average"]) == 0
+    assert "complete, skipping" in capsys.readouterr().out
+    assert (run / "merges/average/model.safetensors").stat().st_mtime_ns == before
 
 
 def test_merge_tool_cli(family, tmp_path):

@@ -304,3 +304,18 @@ def test_generation_config_never_inherits_the_router_top_k(family, tmp_path):
     gen = json.loads((out / "generation_config.json").read_text())
     assert "top_k" not in gen and gen["eos_token_id"] == 2
     assert H3FusionForCausalLM.from_pretrained(out).generation_config.top_k is None
+
+
+def test_prompt_init_needs_exactly_one_prompt_source(family, tmp_path):
+    from pipeline.cli import main
+    base, experts = family
+    with pytest.raises(ValueError, match="--router-init prompts needs"):
+        build_moe(base, experts, tmp_path / "o", router_init="prompts")
+    with pytest.raises(FileNotFoundError, match="router prompts not found"):
+        build_moe(base, experts, tmp_path / "o", router_init="prompts",
+                  prompts_source=str(tmp_path / "nowhere.json"))
+    named = [f"{n}={d}" for n, d in experts.items()]
+    assert main(["surgery", "build_moe", "--base", str(base), "--out", str(tmp_path / "o"),
+                 "--router-init", "prompts", "--prompts", "a.json", "--prompts-data", "d",
+                 "--experts", *named]) == 2
+    assert not (tmp_path / "o").exists()

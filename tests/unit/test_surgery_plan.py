@@ -60,6 +60,8 @@ def test_moe_shapes_follow_the_contract():
     shapes = {plan.router_key(l): (3, 32) for l in range(2)}
     shapes.update({plan.moe_expert_key(l, p): (144, 32) for l in range(2) for p in plan.MOE_PARAMS})
     plan.check_moe_keys(shapes, SPEC, 3, "moe")
+    with pytest.raises(ValueError, match="unexpected MoE tensors.*experts.lora_A"):
+        plan.check_moe_keys({**shapes, "model.layers.0.mlp.experts.lora_A": (8, 32)}, SPEC, 3, "m")
     with pytest.raises(ValueError, match=r"router.weight has shape \[3, 32\], expected \[2, 32\]"):
         plan.check_moe_keys(shapes, SPEC, 2, "moe")
 
@@ -84,3 +86,12 @@ def test_key_classification_and_dense_config():
     assert dense["model_type"] == "llama" and "num_experts" not in dense and "top_k" not in dense
     with pytest.raises(ValueError, match="no expert named 'd'"):
         plan.expert_index(["a", "b", "c"], "d", "moe")
+
+
+def test_shared_keys_outside_llama_are_refused():
+    plan.check_shared_keys(["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                            "model.layers.3.self_attn.k_proj.weight",
+                            "model.layers.0.post_attention_layernorm.weight",
+                            "model.layers.1.mlp.experts.w1"], "moe")
+    with pytest.raises(ValueError, match="q_proj.lora_A.weight.*fold them in first"):
+        plan.check_shared_keys(["model.layers.0.self_attn.q_proj.lora_A.weight"], "moe")

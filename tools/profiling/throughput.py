@@ -3,7 +3,8 @@
 
 Backends: `torch` (our dropless MoE, pipeline.model.routing), `megablocks` (GPU only),
 `naive` (the common loop over experts with boolean masks). For each it reports the median time
-over `--repeats` runs after `--warmup` runs (CUDA events on GPU, perf_counter on CPU), the
+over `--repeats` runs after `--warmup` runs (CUDA events on GPU, perf_counter on CPU; all
+variants are timed round-robin so load drift on a shared machine hits them alike), the
 spread (min, max, interquartile range), tokens/s, achieved FLOP/s, the time of ONE dense matmul
 doing the same expert FLOPs (the ceiling a perfect MoE kernel could reach) and the MoE/ceiling
 ratio, peak memory and per-expert token counts. Prints a table and writes `throughput.json`
@@ -129,13 +130,28 @@ class Timer:
         return begin.elapsed_time(end) / 1e3
 
 
-def measure(fn, timer: Timer, warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = sorted(timer(fn) for _ in range(repeats))
+def _stats(times: list[float]) -> dict:
+    times = sorted(times)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1],
             "iqr_s": quartiles[2] - quartiles[0], "times_s": times}
+
+
+def measure(fns: dict, timer: Timer, warmup: int, repeats: int, device: torch.device) -> dict:
+    """Time every fn round-robin (fn1, fn2, ..., fn1, ...) so load drift on a shared machine hits
+    all of them alike; returns per-fn time stats and peak memory."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    peak = {name: 0.0 for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name].append(timer(fn))
+            peak[name] = max(peak[name], _peak_memory_mb(device))
+    return {name: {**_stats(times[name]), "peak_mem_mb": peak[name]} for name in fns}
 
 
 def expert_flops(sizes: dict) -> float:
@@ -144,11 +160,11 @@ def expert_flops(sizes: dict) -> float:
     return 2.0 * t * k * 3 * h * f + 2.0 * t * h * e
 
 
-def dense_ceiling(sizes: dict, device, dtype, timer: Timer, warmup: int, repeats: int) -> dict:
+def dense_ceiling_fn(sizes: dict, device, dtype):
     """One dense [T*K, H] @ [H, 3F] matmul: the same expert FLOPs in a single GEMM."""
     a = torch.randn(sizes["tokens"] * sizes["top_k"], sizes["hidden"], device=device, dtype=dtype)
     b = torch.randn(sizes["hidden"], 3 * sizes["ffn"], device=device, dtype=dtype)
-    return measure(lambda: a @ b, timer, warmup, repeats)
+    return lambda: a @ b
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -159,6 +175,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _step(fn, x: torch.Tensor, mode: str):
+    """One timed call: forward under no_grad, or forward + backward of sum(out)."""
     def run():
         if mode == "fwd":
             with torch.no_grad():
@@ -170,7 +187,8 @@ def _step(fn, x: torch.Tensor, mode: str):
     return run
 
 
-def bench_backend(backend: str, args, device, dtype, timer: Timer, ep_group=None) -> list[dict]:
+def backend_steps(backend: str, args, device, dtype, ep_group=None) -> tuple[dict, list[int]]:
+    """{(backend, mode): step fn} for one backend, and its per-expert token counts."""
     sizes = args.sizes
     layer = build_layer(sizes, backend, device, dtype, args.seed)
     if ep_group is not None:
@@ -181,14 +199,20 @@ def bench_backend(backend: str, args, device, dtype, timer: Timer, ep_group=None
     x = torch.randn(1, sizes["tokens"], sizes["hidden"], generator=gen).to(device, dtype)
     with torch.no_grad():
         counts = fn(x)[1].tokens_per_expert_E.tolist()
-    rows = []
-    for mode in MODES:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        stats = measure(_step(fn, x, mode), timer, args.warmup, args.repeats)
-        rows.append({"backend": backend, "mode": mode, **stats, "peak_mem_mb": _peak_memory_mb(device),
-                     "tokens_per_expert": counts})
-    return rows
+    return {(backend, mode): _step(fn, x, mode) for mode in MODES}, counts
+
+
+def bench(backends: list[str], args, device, dtype, timer: Timer, ep_group=None):
+    """Rows per (backend, mode) and the dense ceiling's stats, all timed round-robin."""
+    steps, counts = {("dense", "ceiling"): dense_ceiling_fn(args.sizes, device, dtype)}, {}
+    for backend in backends:
+        backend_fns, counts[backend] = backend_steps(backend, args, device, dtype, ep_group)
+        steps.update(backend_fns)
+    stats = measure(steps, timer, args.warmup, args.repeats, device)
+    ceiling = stats.pop(("dense", "ceiling"))
+    rows = [{"backend": b, "mode": m, **st, "tokens_per_expert": counts[b]}
+            for (b, m), st in stats.items()]
+    return rows, ceiling
 
 
 def add_derived(rows: list[dict], sizes: dict, ceiling: dict, world: int = 1) -> None:
@@ -233,7 +257,7 @@ def _slowest_rank(rows: list[dict]) -> None:
     """EP: every rank must report the slowest rank's times (the step waits for it)."""
     import torch.distributed as dist
     for row in rows:
-        for key in ("median_s", "min_s", "max_s", "iqr_s"):
+        for key in ("median_s", "min_s", "max_s", "iqr_s", "peak_mem_mb"):
             t = torch.tensor([row[key]], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             row[key] = float(t)
@@ -246,11 +270,9 @@ def run(args) -> dict:
     backends = args.backends or _default_backends(device)
     if ep_group is not None:
         backends = [b for b in backends if b != "naive"]   # the naive loop has no EP path
-    timer = Timer(device)
-    ceiling = dense_ceiling(args.sizes, device, dtype, timer, args.warmup, args.repeats)
-    rows = [row for b in backends for row in bench_backend(b, args, device, dtype, timer, ep_group)]
+    rows, ceiling = bench(backends, args, device, dtype, Timer(device), ep_group)
     if ep_group is not None:
-        _slowest_rank(rows)
+        _slowest_rank(rows + [ceiling])
     add_derived(rows, args.sizes, ceiling, world)
     return {"sizes": args.sizes, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "ep": args.ep, "warmup": args.warmup, "repeats": args.repeats,

@@ -1,0 +1,132 @@
+"""Stage 1 bad input: one clear error, raised before any process group exists (single process,
+no DeepSpeed engine). Also the pure pieces: DS JSON resolution and the deterministic data order."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
+from pipeline.cli import main as cli_main
+from pipeline.config import load_config
+from pipeline.train.common import BatchSchedule
+from pipeline.train.expert import prepare_job
+
+DS_OK = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+         "bf16": {"enabled": "auto"},
+         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+SETTINGS = DsTrainSettings(micro_batch_size=4, grad_accum_steps=2, grad_clip=1.0, lr=1e-3,
+                           weight_decay=0.0, world_size=2)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """Just enough of a run for the checks: a Llama config.json and the data split dir."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4).save_pretrained(tmp_path / "base")
+    (tmp_path / "data" / "sft" / "helpful" / "train").mkdir(parents=True)
+    return tmp_path
+
+
+def _ds_file(tmp_path, content) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def _job(run_dir, *sets, dimension="helpful", **kw):
+    return prepare_job(load_config("tiny", list(sets)), run_dir, dimension, **kw)
+
+
+def test_cli_rejects_unknown_dimension_without_a_process_group(run_dir, capsys):
+    rc = cli_main(["train-expert", "--dimension", "funny", "--run-dir", str(run_dir)])
+    assert rc == 2 and "unknown dimension 'funny'" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
+def test_base_missing_or_not_llama(run_dir, tmp_path):
+    import shutil
+
+    from transformers import GPT2Config
+
+    shutil.rmtree(run_dir / "base")
+    with pytest.raises(FileNotFoundError, match="base model dir not found"):
+        _job(run_dir)
+    GPT2Config(n_layer=1).save_pretrained(run_dir / "base")
+    with pytest.raises(ValueError, match="not Llama-style"):
+        _job(run_dir)
+
+
+def test_missing_data_existing_output_and_resume_without_checkpoint(run_dir):
+    with pytest.raises(FileNotFoundError, match="sft/harmless/train"):
+        _job(run_dir, dimension="harmless")
+    with pytest.raises(FileNotFoundError, match="--resume: no DeepSpeed checkpoint"):
+        _job(run_dir, resume=True)
+    (run_dir / "experts" / "helpful").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _job(run_dir)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not valid JSON"),
+    ({**DS_OK, "zero_optimization": {"stage": 2}}, "stage must be 3, got 2"),
+    ({**DS_OK, "zero_optimization": {"stage": 3}}, "stage3_gather_16bit_weights_on_model_save"),
+    ({**DS_OK, "train_batch_size": 12}, r"train_batch_size=12 != micro_batch_size 8 x grad_accum"),
+    ({**DS_OK, "train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3 disagrees"),
+])
+def test_bad_ds_config_names_file_and_key(run_dir, tmp_path, content, match):
+    path = _ds_file(tmp_path, content)
+    with pytest.raises(ValueError, match=match) as err:
+        _job(run_dir, f"expert.ds_config={path}", "expert.train.micro_batch_size=8")
+    assert path in str(err.value)
+    assert not torch.distributed.is_initialized()
+
+
+def test_missing_ds_config_file(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="DeepSpeed config not found"):
+        _job(run_dir, f"expert.ds_config={tmp_path / 'nope.json'}")
+
+
+def test_valid_job_resolves_repo_ds_config(run_dir):
+    job = _job(run_dir, "expert.train.micro_batch_size=3", "expert.train.grad_accum_steps=5")
+    ds = job.ds_config
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 5)
+    assert ds["train_batch_size"] == 15 * job.world_size
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_resolve_fills_auto_and_picks_precision(tmp_path):
+    raw = load_ds_config(_ds_file(tmp_path, {**DS_OK, "optimizer": {"type": "AdamW",
+                                                                    "params": {"lr": "auto"}}}))
+    cpu = resolve_ds_config(raw, SETTINGS, accelerator="cpu")
+    assert (cpu["train_batch_size"], cpu["gradient_clipping"]) == (16, 1.0)
+    assert not cpu["bf16"]["enabled"] and "optimizer" not in cpu
+    assert cpu["zero_force_ds_cpu_optimizer"] is False
+    gpu = resolve_ds_config(raw, SETTINGS, accelerator="cuda")
+    assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["lr"] == 1e-3
+    assert "_source" not in gpu
+
+
+def test_batch_schedule_is_a_deterministic_partition():
+    sched = BatchSchedule(num_rows=50, micro_batch_size=3, grad_accum_steps=2, world_size=2, seed=5)
+    assert sched.steps_per_epoch == 4  # 50 // 12; the last 2 rows of each epoch are dropped
+    epoch0 = [i for s in range(4) for m in range(2) for r in range(2) for i in sched.indices(s, m, r)]
+    assert len(epoch0) == len(set(epoch0)) == 48
+    assert sched.indices(4, 0, 0) != sched.indices(0, 0, 0)  # a new permutation per epoch
+    assert sched.indices(5, 1, 1) == BatchSchedule(50, 3, 2, 2, 5).indices(5, 1, 1)
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        BatchSchedule(10, 3, 2, 2, 5).check("data.arrow")
+
+
+@pytest.mark.parametrize("override,match", [("expert.lora.r=0", "r must be >= 1"),
+                                            ("expert.lora.dropout=1.0", "dropout must be in"),
+                                            ("expert.method=full", "ffn|lora")])
+def test_expert_config_values_are_checked(override, match):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])

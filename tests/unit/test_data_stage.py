@@ -1,0 +1,73 @@
+"""`h3fusion data`: on-disk layout, manifest, loading API, atomic failure."""
+import json
+
+import pytest
+
+from pipeline.cli import main as cli_main
+from pipeline.config import TASKS
+from pipeline.data import EVAL_COLUMNS, SFT_COLUMNS
+from pipeline.data.loading import load_eval, load_mixed_sft, load_pretrain, load_sft
+
+SMALL = ["--set", "data.builtin.train_per_task=20", "--set", "data.builtin.dev_per_task=4",
+         "--set", "data.builtin.test_per_task=6", "--set", "data.builtin.pretrain_per_task=10"]
+
+
+def test_layout_and_manifest(tiny_run):
+    data = tiny_run.data
+    manifest = json.loads((data / "data_manifest.json").read_text())
+    assert manifest["source"]["kind"] == "builtin"
+    for task in TASKS:
+        for split in ("train", "dev", "test"):
+            ds = load_sft(data, task, split)
+            assert set(ds.column_names) == set(SFT_COLUMNS)
+            assert len(ds) == manifest["row_counts"][f"sft/{task}/{split}"] > 0
+        for split in ("dev", "test"):
+            ds = load_eval(data, task, split)
+            assert set(ds.column_names) == set(EVAL_COLUMNS)
+            assert len(ds) == manifest["row_counts"][f"eval/{task}/{split}"] > 0
+            assert all(len(c) >= 1 for c in ds["chosen"])
+    assert len(load_pretrain(data)) == manifest["row_counts"]["pretrain/train"]
+    assert load_sft(data, "honest", "train")[0]["task_label"] == [0.0, 0.0, 1.0]
+
+
+def test_mixed_sft_weights(tiny_run):
+    n = {t: len(load_sft(tiny_run.data, t, "train")) for t in TASKS}
+    mixed = load_mixed_sft(tiny_run.data, "train", {"helpful": 1.0, "harmless": 0.5, "honest": 2.0}, seed=0)
+    counts = {t: mixed["task"].count(t) for t in TASKS}
+    assert counts == {"helpful": n["helpful"], "harmless": round(n["harmless"] / 2), "honest": 2 * n["honest"]}
+    again = load_mixed_sft(tiny_run.data, "train", {"helpful": 1.0, "harmless": 0.5, "honest": 2.0}, seed=0)
+    assert mixed["instruction"] == again["instruction"]
+    assert mixed["task"][:20] != sorted(mixed["task"][:20]) or len(set(mixed["task"][:20])) == 1
+    only = load_mixed_sft(tiny_run.data, "train", {"honest": 1.0}, seed=0)
+    assert set(only["task"]) == {"honest"}
+    with pytest.raises(ValueError, match="unknown tasks"):
+        load_mixed_sft(tiny_run.data, "train", {"funny": 1.0}, seed=0)
+
+
+def test_load_errors(tiny_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="h3fusion data"):
+        load_sft(tmp_path, "helpful", "train")
+    with pytest.raises(ValueError, match="unknown task"):
+        load_sft(tiny_run.data, "funny", "train")
+    with pytest.raises(ValueError, match="split"):
+        load_eval(tiny_run.data, "helpful", "train")
+
+
+def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["data", "--run-dir", str(run)] + SMALL) == 0
+    assert (run / "data" / "data_manifest.json").is_file()
+    assert len(load_sft(run / "data", "helpful", "train")) == 20
+    assert cli_main(["data", "--run-dir", str(run)] + SMALL) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["data", "--run-dir", str(run), "--overwrite"] + SMALL[:2] + ["--set", "data.builtin.train_per_task=7"]) == 0
+    assert len(load_sft(run / "data", "helpful", "train")) == 7
+
+
+def test_empty_split_is_one_error_and_nothing_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["data", "--run-dir", str(run), "--set", "data.builtin.dev_per_task=0"]) == 2
+    err = capsys.readouterr().err
+    assert "sft/helpful/dev: empty split" in err and err.count("error") == 1
+    assert not (run / "data").exists()
+    assert not list(run.glob(".data*")) if run.exists() else True
