@@ -105,8 +105,9 @@ h3f_pick_devices() {  # GPU mode: one process per GPU and NCCL; CPU mode: gloo
 
 h3f_collect_overrides() {  # H3F_SET + the named knobs -> array H3F_OVERRIDES (full dotted keys)
     H3F_OVERRIDES=()
-    local item
-    for item in ${H3F_SET:-}; do
+    local item items=()
+    read -r -a items <<<"${H3F_SET:-}"  # split on blanks, no glob expansion
+    for item in "${items[@]}"; do
         [[ "$item" == *=* ]] || h3f_die "H3F_SET item '$item': expected KEY=VALUE"
         H3F_OVERRIDES+=("$item")
     done

@@ -18,7 +18,8 @@
 #   H3F_GPUS_PER_NODE   GPUs per node for experts/fusion; prepare/eval get min(1, it)
 #                       [their #SBATCH --gpus-per-node]; 0 = CPU-only cluster
 # The config is resolved once into <run>/resolved_config.yaml (a rerun must give the same
-# config) and every job reads that file; job logs go to <run>/slurm/.
+# config) and every job reads that file; job logs go to <run>/slurm/. Prints the four job ids
+# (prepare experts fusion eval) on stdout, messages on stderr.
 set -euo pipefail
 H3F_REPO="${H3F_REPO:-$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)}"
 # shellcheck source=slurm/lib.sh
@@ -79,6 +80,6 @@ fusion=$(submit fusion "${common[@]}" "${multi[@]}" --dependency="afterok:$exper
 evaluation=$(submit eval "${common[@]}" "${single[@]}" --dependency="afterok:$fusion" \
     "${one_log[@]}" "$H3F_REPO/slurm/stage3_eval.sh")
 
-h3f_info "submitted: prepare=$prep experts=$experts fusion=$fusion eval=$evaluation"
-h3f_info "config: $RESOLVED; logs: $logs/; watch with: squeue -j $prep,$experts,$fusion,$evaluation"
+h3f_info "submitted: prepare=$prep experts=$experts fusion=$fusion eval=$evaluation" >&2
+h3f_info "config: $RESOLVED; logs: $logs/; watch with: squeue -j $prep,$experts,$fusion,$evaluation" >&2
 echo "$prep $experts $fusion $evaluation"

@@ -79,6 +79,9 @@ class FusionLoop:
         model = self._load_model(H3FusionForCausalLM, dse, zero3)
         if zero3:
             dse.set_leaf_modules(model, [H3FusionMoE])
+            # ZeRO-3 re-gathers a module's weights in backward from hooks that need grad-carrying
+            # inputs; with frozen embeddings nothing upstream of the routers requires grad.
+            model.enable_input_require_grads()
         set_moe_backend(model, self.fcfg.moe_backend)
         apply_expert_parallel(model, expert_parallel_group(self.fcfg.ep_degree))
         lora = self.fcfg.lora

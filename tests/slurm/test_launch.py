@@ -108,3 +108,31 @@ def test_gpu_request_on_cpu_cluster_rejected_at_submit(slurm_cluster, tmp_path):
                                timeout=60)
     assert job.returncode != 0 and not job.job_id
     assert "Invalid generic resource" in job.stderr
+
+
+def test_pipeline_submits_afterok_chain(slurm_cluster, tmp_path):
+    """slurm/pipeline.sh on the real controller: four jobs (held), each after the previous."""
+    run = tmp_path / "run"
+    env = job_env(H3F_RUN_DIR=str(run), H3F_GPUS_PER_NODE="0", H3F_NODES="2",
+                  H3F_SET="fusion.train.max_steps=7")
+    proc = slurm_cluster.run(str(REPO / "slurm/pipeline.sh"), "--hold", "--cpus-per-task=1",
+                             env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    ids = proc.stdout.split()
+    try:
+        assert len(ids) == 4 and all(i.isdigit() for i in ids), proc.stdout
+        infos = [slurm_cluster.job_info(i) for i in ids]
+        names = [i["JobName"] for i in infos]
+        assert names == ["h3f-prepare", "h3f-experts", "h3f-fusion", "h3f-eval"]
+        nodes = [i["NumNodes"].split("-")[0] for i in infos]  # pending: "2-2"
+        assert infos[1]["ArrayTaskId"] == "0-2" and nodes == ["1", "2", "2", "1"]
+        for prev, info in zip(ids, infos[1:]):
+            assert info["Dependency"].startswith(f"afterok:{prev}"), info["Dependency"]
+        assert all(i["JobState"] == "PENDING" for i in infos)
+        assert load_config(str(run / "resolved_config.yaml")).fusion.train.max_steps == 7
+    finally:
+        slurm_cluster.run("scancel", *ids, check=False)
+    # A second submission into the same run dir with a different config is refused.
+    again = slurm_cluster.run(str(REPO / "slurm/pipeline.sh"), "--hold", env={**env, "H3F_SET": ""},
+                              timeout=120, check=False)
+    assert again.returncode == 2 and "holds a different config" in again.stderr

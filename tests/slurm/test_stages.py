@@ -82,16 +82,15 @@ def test_stage0_and_stage1_outputs(prepared_run, slurm_cluster):
     assert info["JobState"] == "COMPLETED" and info["NumNodes"] == "2"
 
 
-def _copy_run(prepared_run, dest: Path, with_fused_init: bool) -> Path:
+def _copy_run(prepared_run, dest: Path) -> Path:
+    """A fresh copy of the prepared run (data, tokenizer, base, experts; no fused_init)."""
     run = dest / "run"
     shutil.copytree(prepared_run["run"], run, ignore=shutil.ignore_patterns("slurm", "tensorboard"))
-    if not with_fused_init:
-        shutil.rmtree(RunLayout.at(run).fused_init, ignore_errors=True)
     return run
 
 
 def test_stage2_fusion_two_nodes(prepared_run, slurm_cluster, tmp_path):
-    run = _copy_run(prepared_run, tmp_path, with_fused_init=False)
+    run = _copy_run(prepared_run, tmp_path)
     env = {**prepared_run["env"], "H3F_RUN_DIR": str(run),
            "H3F_SET": "fusion.train.max_steps=6 fusion.lambda_gate=0.05"}
     job = slurm_cluster.sbatch(REPO / "slurm/stage2_fusion.sh", *CPU_JOB_ARGS, "--nodes=2",
@@ -121,8 +120,8 @@ def _fusion_step(ranks_text: str) -> int:
 
 
 def test_stage2_preempted_requeued_and_resumed(prepared_run, slurm_cluster, tmp_path):
-    run = _copy_run(prepared_run, tmp_path, with_fused_init=True)
-    steps = 300
+    run = _copy_run(prepared_run, tmp_path)
+    steps = 150
     env = {**prepared_run["env"], "H3F_RUN_DIR": str(run),
            "H3F_SET": f"fusion.train.max_steps={steps}"}
     job = slurm_cluster.sbatch(REPO / "slurm/stage2_fusion.sh", *CPU_JOB_ARGS, "--nodes=2",
@@ -139,8 +138,12 @@ def test_stage2_preempted_requeued_and_resumed(prepared_run, slurm_cluster, tmp_
     text = _job_text(tmp_path, job.job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text}"
     assert "requeueing job" in text and re.search(r"h3fusion fuse .*--resume", text), text
-    ranks = "".join(_rank_logs(run, "fusion", job.job_id).values())
-    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", ranks)]
-    assert resumed and 0 < min(resumed) < steps, ranks[-3000:]
+    per_node = _rank_logs(run, "fusion", job.job_id)
+    assert set(per_node) == {0, 1}
+    for node, log in per_node.items():  # every rank checkpointed on USR1, then resumed there
+        saved = re.findall(r"stop signal SIGUSR1: checkpoint step0*(\d+) saved", log)
+        resumed = re.findall(r"resumed from \S+ at step (\d+)", log)
+        assert len(saved) == 1 and resumed == saved, f"node {node}:\n{log[-3000:]}"
+        assert 0 < int(saved[0]) < steps
     manifest = (RunLayout.at(run).fused / "fusion_train_manifest.json").read_text()
     assert re.search(rf'"steps": {steps}\b', manifest), manifest

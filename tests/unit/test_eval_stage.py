@@ -143,7 +143,9 @@ def test_evaluate_models_subset_without_generation_and_alpaca_eval_skip(eval_run
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = EvalConfig(max_items_per_task=2, batch_size=2, generate=False)
     models = {"honest": eval_run / "experts" / "honest", "fused": eval_run / "fused"}
-    report = evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev", alpaca_eval=True)
+    with pytest.raises(ValueError, match="need eval.generate=true"):
+        evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev", alpaca_eval=True)
+    report = evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev")
     assert list(report["metrics"]) == ["honest", "fused"]
     assert report["metrics"]["fused"]["harmless"]["refusal_rate"] is None
     assert not (tmp_path / "ev" / "generations").exists()
