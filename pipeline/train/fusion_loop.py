@@ -28,16 +28,22 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf: training stops; the message names the step and last checkpoint."""
 
 
+def _comm_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
 def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
 def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().clone().to(torch.float64)
+    t = t.detach().to(_comm_device(), torch.float64, copy=True)
     dist.all_reduce(t)
-    return t
+    return t.cpu()
 
 
 def expert_parallel_group(ep_degree: int):
@@ -153,6 +159,7 @@ class FusionLoop:
         return total, terms
 
     def _micro_step(self, batch, stats: dict) -> None:
+        batch = {k: v.to(self.engine.device) for k, v in batch.items()}
         out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"])
         total, terms = self._losses(out, batch)
@@ -172,7 +179,7 @@ class FusionLoop:
         correct, total = fm.top1_routing_hits(probs, mask, label)
         vec = torch.cat([torch.tensor([float(v.detach()) for v in terms.values()] +
                                       [float(fm.routing_entropy(probs, mask)), float(mask.sum()), 1.0]),
-                         correct, total, fm.top1_load(topk, mask, self.num_experts).reshape(-1)])
+                         correct, total, fm.top1_load(topk, mask, self.num_experts).cpu().reshape(-1)])
         stats["keys"] = list(terms)
         stats["vec"] = vec if "vec" not in stats else stats["vec"] + vec.double()
 
