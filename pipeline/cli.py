@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"h3fusion {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
+    # the `deepspeed` launcher appends --local_rank=N; the rank comes from pipeline.env instead
+    rest = [a for a in rest if not a.startswith("--local_rank")]
     args = sub.parse_args(rest)
     try:
         return int(module.main(args) or 0)

@@ -27,9 +27,6 @@ import torch
 
 from ..env import accelerator_kind, dist_backend, dist_env, export_dist_env
 
-# Keys our config fills; a DS JSON may give them as "auto" or leave them out.
-_AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-              "train_batch_size")
 LATEST = "latest"
 
 

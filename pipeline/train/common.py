@@ -23,8 +23,8 @@ from ..config import TrainConfig
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed on every rank: identical model init and dropout masks across data parallel ranks
-    are not needed, but identical *data order* is (the order is seeded separately anyway)."""
+    """Python/NumPy/torch RNGs. Trainers use the same seed on every rank so that parameters
+    created outside DeepSpeed (e.g. LoRA adapters) start identical everywhere."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
