@@ -160,6 +160,10 @@ class ProfileConfig:
     split: str = "dev"                # sft/<task>/<split> (eval/<task>/<split> if absent)
     max_seq_len: int = 256
     collapse_threshold: float = 0.95  # an expert with more top-1 share than this = collapsed
+    # which tokens count: "response" (the answer tokens, where routing decides what is said;
+    # the Alpaca header is identical across tasks, so no causal router can tell tasks apart
+    # there) or "all" non-padding tokens
+    tokens: str = "response"
 
 
 @dataclass
@@ -328,6 +332,8 @@ def validate(cfg: PipelineConfig) -> None:
     _check(f.ep_degree >= 1, f"fusion.ep_degree must be >= 1, got {f.ep_degree}")
     for name in list(f.gamma) + list(f.mix_weights):
         _check(name in TASKS, f"fusion.gamma/mix_weights: unknown expert name {name!r} (experts: {list(TASKS)})")
+    _check(cfg.profile.tokens in ("response", "all"),
+           f"profile.tokens must be response|all, got {cfg.profile.tokens!r}")
     for m in cfg.merge.methods:
         _check(m in ("average", "task_arithmetic", "ties"), f"merge.methods: unknown method {m!r}")
     for sect in (cfg.base.train, cfg.expert.train, f.train):

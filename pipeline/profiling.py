@@ -90,26 +90,33 @@ def profile_texts(data_dir: Path, task: str, split: str, max_items: int) -> list
             for r in rows if r["chosen"] or r["reference"]]
 
 
-def _encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
-    """bos + prompt + response + eos, exactly as in training (`encode_prompt_response`)."""
+def _encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], int]:
+    """bos + prompt + response + eos, exactly as in training (`encode_prompt_response`),
+    and the position where the response starts."""
     from pipeline.data.template import encode_prompt_response
 
     prompt_ids, response_ids = encode_prompt_response(tokenizer, prompt, response, max_len)
-    return prompt_ids + response_ids
+    return prompt_ids + response_ids, len(prompt_ids)
 
 
 @torch.no_grad()
 def route_task(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, max_len: int,
-               num_layers: int, num_experts: int, own_expert: Optional[int], desc: str) -> RoutingCounts:
-    """Run the model over a task's (prompt, response) pairs and accumulate its routing."""
+               num_layers: int, num_experts: int, own_expert: Optional[int], desc: str,
+               response_only: bool = False) -> RoutingCounts:
+    """Run the model over a task's (prompt, response) pairs and accumulate its routing over
+    non-padding tokens (only the response tokens when `response_only`)."""
     from pipeline.eval.scoring import pad_right, model_device, pad_token_id
 
     counts = RoutingCounts.empty(num_layers, num_experts)
-    seqs = [_encode(tokenizer, p, r, max_len) for p, r in pairs]
+    encoded = [_encode(tokenizer, p, r, max_len) for p, r in pairs]
     device = model_device(model)
-    for lo in tqdm(range(0, len(seqs), batch_size), desc=desc, leave=False):
-        ids, mask = pad_right(seqs[lo: lo + batch_size], pad_token_id(tokenizer))
+    for lo in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False):
+        chunk = encoded[lo: lo + batch_size]
+        ids, mask = pad_right([seq for seq, _ in chunk], pad_token_id(tokenizer))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        if response_only:
+            starts = torch.tensor([start for _, start in chunk]).unsqueeze(1)
+            mask = mask * (torch.arange(mask.shape[1]).unsqueeze(0) >= starts)
         router_outputs = getattr(out, "router_outputs", None)
         if router_outputs is None:
             raise ValueError("model output has no router_outputs: not a fused H3Fusion MoE model")
@@ -253,10 +260,12 @@ def profile_model(model, tokenizer, pairs_by_task: dict[str, list[tuple[str, str
             raise ValueError(f"profile: no items for task {task!r}")
         own = expert_names.index(task) if task in expert_names else None
         per_task[task] = route_task(model, tokenizer, pairs, cfg.batch_size, max_len,
-                                    num_layers, num_experts, own, desc=f"route {task}")
+                                    num_layers, num_experts, own, desc=f"route {task}",
+                                    response_only=cfg.tokens == "response")
         total.add(per_task[task])
     per_task[ALL] = total
     summary = summarize(per_task, expert_names, cfg.collapse_threshold)
+    summary["tokens"] = cfg.tokens
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_json(tmp / "expert_load.json", summary)
         write_csvs(summary, tmp)

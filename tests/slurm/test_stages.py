@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def prepared_run(slurm_cluster, tmp_path_factory):
     run, logs = root / "run", root / "logs"
     logs.mkdir()
     config = root / "small.yaml"
-    subprocess.run(["python", str(REPO / "slurm/stage_info.py"), "resolve", "tiny", str(config),
+    subprocess.run([sys.executable, str(REPO / "slurm/stage_info.py"), "resolve", "tiny", str(config),
                     *SMALL], check=True, cwd=REPO, timeout=120)
     env = job_env(H3F_CONFIG=str(config), H3F_RUN_DIR=str(run))
     prep = slurm_cluster.sbatch(REPO / "slurm/stage0_prepare.sh", *CPU_JOB_ARGS, *_logs(logs),

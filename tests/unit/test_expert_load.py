@@ -62,7 +62,7 @@ def _even_fraction(tok, pairs) -> tuple[float, int]:
 
 def test_shares_entropy_collapse_and_own_expert_match_hand_computation(tmp_path):
     tok = char_tokenizer()
-    cfg = ProfileConfig(batch_size=2, max_seq_len=512, collapse_threshold=0.95)
+    cfg = ProfileConfig(batch_size=2, max_seq_len=512, collapse_threshold=0.95, tokens="all")
     summary = profile_model(StandInMoE(len(tok)), tok, PAIRS, tmp_path / "prof", cfg)
     h_row = -sum(p * math.log(p) for p in EVEN)
     for i, task in enumerate(PAIRS):
@@ -83,6 +83,19 @@ def test_shares_entropy_collapse_and_own_expert_match_hand_computation(tmp_path)
         assert t["collapsed_layers"] == [0]
     assert summary["any_collapse"] and summary["tasks"][ALL]["own_top1_acc"] is None
     assert summary["tasks"][ALL]["num_tokens"] == sum(summary["tasks"][t]["num_tokens"] for t in PAIRS)
+
+
+def test_response_only_profile_counts_exactly_the_response_tokens(tmp_path):
+    tok = char_tokenizer()
+    cfg = ProfileConfig(batch_size=2, max_seq_len=512, tokens="response")
+    summary = profile_model(StandInMoE(len(tok)), tok, PAIRS, tmp_path / "prof", cfg)
+    assert summary["tokens"] == "response"
+    for task, pairs in PAIRS.items():
+        response_ids = [i for p, r in pairs for i in encode_prompt_response(tok, p, r, 512)[1]]
+        t = summary["tasks"][task]
+        assert t["num_tokens"] == len(response_ids)
+        even = sum(1 for i in response_ids if i % 2 == 0) / len(response_ids)
+        assert t["layers"][1]["top1_share"] == pytest.approx([even, 0.0, 1 - even])
 
 
 def _check_outputs(out: Path, tasks: list[str], layers: int, experts: int) -> dict:
@@ -112,7 +125,7 @@ def fused_run(tmp_path_factory):
 
 def test_profile_cli_on_real_fused_model(fused_run, capsys):
     from pipeline.cli import main
-    assert main(["profile", "--run-dir", str(fused_run), "--set", "batch_size=3"]) == 0
+    assert main(["profile", "--run-dir", str(fused_run), "--set", "batch_size=3", "--set", "tokens=all"]) == 0
     tasks = ["helpful", "harmless", "honest", ALL]
     summary = _check_outputs(fused_run / "profile", tasks, layers=2, experts=3)
     assert summary["expert_names"] == ["helpful", "harmless", "honest"] and summary["top_k"] == 2
