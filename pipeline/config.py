@@ -88,7 +88,8 @@ class TinyModelConfig:
 @dataclass
 class BaseConfig:
     path: Optional[str] = None        # a user's HF model dir; None = build the tiny base
-    gguf: Optional[str] = None        # convert this GGUF file once into an HF model
+    gguf: Optional[str] = None        # convert this GGUF file (or pkg:MODULE) once into an HF model;
+                                      # the tokenizer stage then takes the GGUF's tokenizer
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -117,6 +118,9 @@ class FusionConfig:
     trainable: str = "router"         # router | router+lora | router+experts
     lora: LoraConfig = field(default_factory=LoraConfig)
     lambda_gate: float = 0.01
+    # tokens the gating loss averages over: "all" non-padding tokens (the paper) or "response"
+    # tokens only (the prompt's shared template header carries no task signal; docs/stage2.md)
+    gate_tokens: str = "all"
     gamma: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TASKS})
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
@@ -316,6 +320,11 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: PipelineConfig) -> None:
     """Value checks that types alone cannot express."""
     _check(cfg.data.source in ("builtin", "real"), f"data.source must be builtin|real, got {cfg.data.source!r}")
+    _check(not (cfg.base.path and cfg.base.gguf),
+           f"set at most one of base.path ({cfg.base.path!r}) and base.gguf ({cfg.base.gguf!r})")
+    _check(not (cfg.base.gguf and cfg.tokenizer.path),
+           f"tokenizer.path ({cfg.tokenizer.path!r}) cannot be combined with base.gguf: with a GGUF "
+           f"base the tokenizer stage uses the GGUF file's own tokenizer")
     _check(cfg.expert.method in ("ffn", "lora"), f"expert.method must be ffn|lora, got {cfg.expert.method!r}")
     _check(cfg.expert.lora.r >= 1 and cfg.expert.lora.alpha > 0,
            f"expert.lora: r must be >= 1 and alpha > 0, got r={cfg.expert.lora.r} alpha={cfg.expert.lora.alpha}")
@@ -332,6 +341,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(f.ep_degree >= 1, f"fusion.ep_degree must be >= 1, got {f.ep_degree}")
     for name in list(f.gamma) + list(f.mix_weights):
         _check(name in TASKS, f"fusion.gamma/mix_weights: unknown expert name {name!r} (experts: {list(TASKS)})")
+    _check(f.gate_tokens in ("all", "response"), f"fusion.gate_tokens must be all|response, got {f.gate_tokens!r}")
     _check(cfg.profile.tokens in ("response", "all"),
            f"profile.tokens must be response|all, got {cfg.profile.tokens!r}")
     for m in cfg.merge.methods:

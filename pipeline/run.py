@@ -19,6 +19,7 @@ from pathlib import Path
 from .cli import config_from_args
 from .config import dump_yaml, load_config
 from .layout import RunLayout
+from .io_utils import write_json
 from .stages import Stage, format_stage_table, is_done, pipeline_stages
 
 RESOLVED = "resolved_config.yaml"
@@ -89,10 +90,24 @@ def run_stage(stage: Stage, config_path: Path, run: RunLayout) -> float:
     return time.time() - t0
 
 
+def _print_claims(run: RunLayout) -> None:
+    """The method's claims (a)-(d) against this run's report and profile; saved to claims.json."""
+    from .eval.claims import check_run, claims_json, format_claims
+
+    try:
+        claims = check_run(run)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"method claims: not checked ({err})")
+        return
+    print(format_claims(claims) + "\n")
+    write_json(run.root / "claims.json", claims_json(claims))
+
+
 def _print_summary(run: RunLayout, times: dict[str, str]) -> None:
     report = run.eval / "report.md"
     if report.exists():
         print("\n" + report.read_text())
+    _print_claims(run)
     print("per-stage wall time:")
     for name, t in times.items():
         print(f"  {name:<18} {t}")

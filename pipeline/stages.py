@@ -45,6 +45,8 @@ def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
     experts = tuple(f"expert_{t}" for t in TASKS)
     stages = [
         Stage("data", ("data",), 1, (run.data,), "stage0_prepare.sh"),
+        # with base.gguf the tokenizer stage takes the GGUF's tokenizer (the one the base stage
+        # saves beside the converted model), so the order stays the same (docs/smollm2.md)
         Stage("tokenizer", ("tokenizer",), 1, (run.tokenizer,), "stage0_prepare.sh", ("data",)),
         Stage("base", ("base",), 1, (run.base,), "stage0_prepare.sh", ("tokenizer",)),
         *_expert_stages(cfg, run),

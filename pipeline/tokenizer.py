@@ -1,4 +1,6 @@
-"""`h3fusion tokenizer`: train a sentencepiece BPE tokenizer on the corpus (or copy a user's).
+"""`h3fusion tokenizer`: train a sentencepiece BPE tokenizer on the corpus (or copy a user's, or
+take a GGUF base's: with `base.gguf` the tokenizer is the GGUF file's own, the same one the base
+stage saves beside the converted model; docs/smollm2.md).
 
 The trained model is exported as a Hugging Face `LlamaTokenizer` directory (tokenizer.json:
 BPE with byte fallback, Metaspace pre-tokenizer) so `AutoTokenizer.from_pretrained(dir)` works
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .cli import add_config_arguments, config_from_args
+from .cli import add_config_arguments
 from .config import TASKS, TokenizerConfig
 from .io_utils import atomic_dir, write_json, MANIFEST
 from .layout import RunLayout
@@ -78,11 +80,25 @@ def copy_user_tokenizer(path: str, out: Path):
     return tok
 
 
-def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
+def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bool = False,
+                        gguf: str | None = None) -> dict:
+    """`gguf` (the config's `base.gguf`): use that GGUF file's tokenizer instead of training one."""
     layout = RunLayout.at(run_dir)
     t0 = time.time()
+    gguf_path = None
+    if gguf:
+        from .base import resolve_gguf
+        gguf_path = resolve_gguf(gguf)    # a missing file/package fails before any output
     with atomic_dir(layout.tokenizer, overwrite=overwrite) as tmp:
-        if cfg.path:
+        if gguf_path is not None:
+            from .base import fast_gguf_loading, gguf_tokenizer
+            from .io_utils import sha256_file
+            with fast_gguf_loading():
+                tok = gguf_tokenizer(gguf_path)
+            tok.save_pretrained(str(tmp))
+            source = {"kind": "gguf", "gguf_spec": gguf, "gguf": str(gguf_path.resolve()),
+                      "gguf_sha256": sha256_file(gguf_path)}
+        elif cfg.path:
             tok = copy_user_tokenizer(cfg.path, tmp)
             source = {"kind": "copied", "path": str(cfg.path)}
         else:
@@ -101,13 +117,16 @@ def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .base import add_gguf_argument
     add_config_arguments(parser)
+    add_gguf_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/tokenizer")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    manifest = run_tokenizer_stage(cfg.tokenizer, args.run_dir, overwrite=args.overwrite)
+    from .base import config_with_gguf
+    cfg = config_with_gguf(args)
+    manifest = run_tokenizer_stage(cfg.tokenizer, args.run_dir, overwrite=args.overwrite, gguf=cfg.base.gguf)
     print(f"tokenizer ({manifest['source']['kind']}, vocab {manifest['vocab_size']}) written to "
           f"{RunLayout.at(args.run_dir).tokenizer} in {manifest['wall_s']:.1f}s")
     return 0

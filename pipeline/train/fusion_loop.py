@@ -143,7 +143,8 @@ class FusionLoop:
 
         probs = [r.probs_TE for r in out.router_outputs]
         mask, label = batch["attention_mask"], batch["task_label"]
-        terms = {"ce": out.loss, "gate": losses.gating_loss(probs, mask, label)}
+        gate_mask = mask * (batch["labels"] != -100) if self.fcfg.gate_tokens == "response" else mask
+        terms = {"ce": out.loss, "gate": losses.gating_loss(probs, gate_mask, label)}
         total = terms["ce"] + self.fcfg.lambda_gate * terms["gate"]
         if self.initial_experts and bool((self.gamma_E > 0).any()):
             terms["drift"] = losses.drift_penalty(self.engine.module, self.initial_experts, self.gamma_E)
