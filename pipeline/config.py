@@ -121,6 +121,7 @@ class FusionConfig:
     # tokens the gating loss averages over: "all" non-padding tokens (the paper) or "response"
     # tokens only (the prompt's shared template header carries no task signal; docs/stage2.md)
     gate_tokens: str = "all"
+    router_lr: Optional[float] = None  # the routers' lr (None = train.lr; experts/LoRA use train.lr)
     gamma: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TASKS})
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
@@ -341,6 +342,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(f.ep_degree >= 1, f"fusion.ep_degree must be >= 1, got {f.ep_degree}")
     for name in list(f.gamma) + list(f.mix_weights):
         _check(name in TASKS, f"fusion.gamma/mix_weights: unknown expert name {name!r} (experts: {list(TASKS)})")
+    _check(f.router_lr is None or f.router_lr > 0, f"fusion.router_lr must be > 0, got {f.router_lr}")
     _check(f.gate_tokens in ("all", "response"), f"fusion.gate_tokens must be all|response, got {f.gate_tokens!r}")
     _check(cfg.profile.tokens in ("response", "all"),
            f"profile.tokens must be response|all, got {cfg.profile.tokens!r}")

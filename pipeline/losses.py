@@ -47,6 +47,16 @@ def sample_routing_probs(probs_per_layer: Sequence[torch.Tensor],
     return torch.stack(per_layer).mean(dim=0)
 
 
+def gate_token_mask(attention_mask_BS: torch.Tensor, labels_BS: torch.Tensor, tokens: str) -> torch.Tensor:
+    """Tokens the gating loss averages over: "all" non-padding tokens, or only "response" tokens
+    (labels != -100; the shared prompt template carries no task signal for a causal router)."""
+    if tokens == "all":
+        return attention_mask_BS
+    if tokens == "response":
+        return attention_mask_BS * (labels_BS != -100).to(attention_mask_BS.dtype)
+    raise ValueError(f"gate tokens must be 'all' or 'response', got {tokens!r}")
+
+
 def gating_loss(probs_per_layer: Sequence[torch.Tensor], attention_mask_BS: torch.Tensor,
                 task_label_BE: torch.Tensor) -> torch.Tensor:
     """Cross-entropy between soft task labels y and the sample's mean routing probs p̄:

@@ -137,10 +137,24 @@ def init_distributed() -> None:
         torch.cuda.set_device(env.local_rank)
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable[torch.nn.Parameter],
+def _trainable_groups(params: Iterable) -> list:
+    """Parameters or param-group dicts (optional per-group "lr") -> non-empty groups of trainable
+    parameters (a plain list stays a plain list)."""
+    items = list(params)
+    if items and isinstance(items[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+        out = [g for g in groups if g["params"]]
+    else:
+        out = [p for p in items if p.requires_grad]
+    if not out:
+        raise ValueError("build_engine: no trainable parameters")
+    return out
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable,
                  lr_lambda: Optional[Callable[[int], float]] = None, lr: float = 1e-3,
                  weight_decay: float = 0.0, scheduler_factory: Optional[Callable] = None):
-    """A DeepSpeed engine over `params` (the trainable ones).
+    """A DeepSpeed engine over `params` (the trainable ones; parameters or param groups).
 
     Without an "optimizer" section in the JSON a torch AdamW client optimizer is used. The LR
     schedule is `scheduler_factory(optimizer)` (e.g. a transformers scheduler) or a LambdaLR from
@@ -148,9 +162,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable[torch
     """
     import deepspeed
 
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        raise ValueError("build_engine: no trainable parameters")
+    params = _trainable_groups(params)
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

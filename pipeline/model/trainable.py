@@ -46,3 +46,16 @@ def set_trainable(model: nn.Module, mode: str, lora_r: int = 8, lora_alpha: floa
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_param_groups(model: nn.Module, router_lr: float | None = None) -> list[dict]:
+    """Optimizer param groups of the trainable parameters: routers (with their own `lr` when
+    `router_lr` is given: a zero-initialised linear router learns far slower than the experts
+    should move) and everything else (the optimizer's default lr)."""
+    routers, others = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (routers if _is_router(name) else others).append(param)
+    groups = [{"params": routers, **({"lr": router_lr} if router_lr is not None else {})},
+              {"params": others}]
+    return [g for g in groups if g["params"]]

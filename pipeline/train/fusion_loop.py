@@ -75,6 +75,7 @@ class FusionLoop:
         from ..backends import deepspeed_engine as dse
         from ..model import H3FusionForCausalLM, H3FusionMoE, apply_expert_parallel
         from ..model import set_moe_backend, set_trainable
+        from ..model.trainable import trainable_param_groups
 
         env, t = dist_env(), self.fcfg.train
         self.ds = dse.resolve_ds_config(self.raw_ds, dse.DsTrainSettings(
@@ -97,7 +98,7 @@ class FusionLoop:
         self.gamma_E = torch.tensor([self.fcfg.gamma.get(n, 0.0) for n in self.expert_names])
         self.initial_experts = self._snapshot_experts(model)
         self.engine = dse.build_engine(
-            model, self.ds, [p for p in model.parameters() if p.requires_grad], lr=t.lr,
+            model, self.ds, trainable_param_groups(model, self.fcfg.router_lr), lr=t.lr,
             weight_decay=t.weight_decay,
             scheduler_factory=warmup_cosine_schedule(t.warmup_steps, self.batches.total_steps))
         if resume_if_present and dse.latest_tag(self.paths.ds_dir) is not None:
@@ -143,7 +144,7 @@ class FusionLoop:
 
         probs = [r.probs_TE for r in out.router_outputs]
         mask, label = batch["attention_mask"], batch["task_label"]
-        gate_mask = mask * (batch["labels"] != -100) if self.fcfg.gate_tokens == "response" else mask
+        gate_mask = losses.gate_token_mask(mask, batch["labels"], self.fcfg.gate_tokens)
         terms = {"ce": out.loss, "gate": losses.gating_loss(probs, gate_mask, label)}
         total = terms["ce"] + self.fcfg.lambda_gate * terms["gate"]
         if self.initial_experts and bool((self.gamma_E > 0).any()):

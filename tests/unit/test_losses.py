@@ -101,3 +101,25 @@ def test_router_z_loss_hand_computed():
     assert router_z_loss([logits]).item() == pytest.approx(2.5 * math.log(2.0) ** 2)
     masked = router_z_loss([logits], attention_mask_BS=torch.tensor([[1, 0]]))
     assert masked.item() == pytest.approx(math.log(2.0) ** 2)
+
+
+def test_gate_token_mask_selects_response_tokens_only():
+    from pipeline.losses import gate_token_mask
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, 7, 8]])
+    assert torch.equal(gate_token_mask(mask, labels, "all"), mask)
+    assert gate_token_mask(mask, labels, "response").tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="response"):
+        gate_token_mask(mask, labels, "prompt")
+
+
+def test_gating_loss_on_response_tokens_ignores_prompt_routing():
+    from pipeline.losses import gate_token_mask
+    # prompt tokens routed to expert 0, response tokens to expert 2 (the label)
+    probs = torch.tensor([[0.98, 0.01, 0.01]] * 2 + [[0.01, 0.01, 0.98]] * 2)
+    mask, labels = torch.ones(1, 4, dtype=torch.long), torch.tensor([[-100, -100, 3, 4]])
+    label = torch.tensor([[0.0, 0.0, 1.0]])
+    all_tokens = gating_loss([probs], gate_token_mask(mask, labels, "all"), label)
+    response = gating_loss([probs], gate_token_mask(mask, labels, "response"), label)
+    assert response.item() == pytest.approx(-math.log(0.98), abs=1e-6)
+    assert all_tokens.item() == pytest.approx(-math.log((0.98 + 0.01) / 2), abs=1e-6)

@@ -185,3 +185,20 @@ def test_set_trainable_modes_route_gradients(mode, expect):
         assert has_grad == p.requires_grad, name
     with pytest.raises(ValueError, match="trainable mode"):
         set_trainable(tiny_moe(), "everything")
+
+
+def test_trainable_param_groups_give_routers_their_own_lr():
+    from pipeline.model.trainable import trainable_param_groups
+    model = set_trainable(tiny_moe(), "router+experts")
+    routers = {id(layer.router.weight) for layer in moe_layers(model)}
+    groups = trainable_param_groups(model, router_lr=0.05)
+    assert len(groups) == 2 and groups[0]["lr"] == 0.05 and "lr" not in groups[1]
+    assert {id(p) for p in groups[0]["params"]} == routers
+    assert not routers & {id(p) for p in groups[1]["params"]}
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == n_trainable
+    # router-only training: one group; no router_lr: no per-group lr
+    only = trainable_param_groups(set_trainable(tiny_moe(), "router"))
+    assert len(only) == 1 and "lr" not in only[0]
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 1e-3]
