@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from ..io_utils import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,15 +27,9 @@ _HEADER_LIMIT = 100 * 1024 ** 2       # safetensors itself refuses headers above
 
 
 def read_config_json(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    if not path.is_file():
-        raise FileNotFoundError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(Path(model_dir) / "config.json")
 
 
 def read_safetensors_header(path: Path) -> dict:
