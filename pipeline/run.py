@@ -8,6 +8,7 @@ crash continues with exactly the same settings.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from .cli import config_from_args
 from .config import dump_yaml, load_config
@@ -90,6 +92,16 @@ def run_stage(stage: Stage, config_path: Path, run: RunLayout) -> float:
     return time.time() - t0
 
 
+def _save_stage_times(run: RunLayout, times: dict[str, Optional[float]], total: float) -> None:
+    """`<run>/stage_times.json`: seconds of each stage's last real run (a skipped stage keeps the
+    time it took when it ran), and the total of every invocation so far."""
+    path = run.root / "stage_times.json"
+    saved = json.loads(path.read_text()) if path.exists() else {"stages_s": {}, "invocations_s": []}
+    saved["stages_s"].update({name: round(t, 1) for name, t in times.items() if t is not None})
+    saved["invocations_s"].append(round(total, 1))
+    write_json(path, saved)
+
+
 def _print_claims(run: RunLayout) -> None:
     """The method's claims (a)-(d) against this run's report and profile; saved to claims.json."""
     from .eval.claims import check_run, claims_json, format_claims
@@ -103,14 +115,15 @@ def _print_claims(run: RunLayout) -> None:
     write_json(run.root / "claims.json", claims_json(claims))
 
 
-def _print_summary(run: RunLayout, times: dict[str, str]) -> None:
+def _print_summary(run: RunLayout, times: dict[str, Optional[float]], total: float) -> None:
     report = run.eval / "report.md"
     if report.exists():
         print("\n" + report.read_text())
     _print_claims(run)
     print("per-stage wall time:")
     for name, t in times.items():
-        print(f"  {name:<18} {t}")
+        print(f"  {name:<18} {'skipped (done)' if t is None else f'{t:.1f} s'}")
+    print(f"  {'total':<18} {total:.1f} s")
     print(f"\nreport:      {report}")
     print(f"heatmaps:    {run.profile}")
     print(f"tensorboard: {run.tensorboard}  (tensorboard --logdir {run.tensorboard})")
@@ -129,17 +142,18 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown stage {n!r} (stages: {[s.name for s in stages]})")
     config_path = _resolve_config(args, run)
     load_config(str(config_path))  # the file every stage reads must itself validate
-    times: dict[str, str] = {}
+    times: dict[str, Optional[float]] = {}   # None: skipped (outputs already complete)
     t_all = time.time()
     for stage in stages:
         if args.only and stage.name not in args.only:
             continue
         if is_done(stage) and stage.name not in args.redo:
-            times[stage.name] = "skipped (done)"
+            times[stage.name] = None
             continue
         for out in stage.outputs if stage.name in args.redo else ():
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-        times[stage.name] = f"{run_stage(stage, config_path, run):.1f} s"
-    times["total"] = f"{time.time() - t_all:.1f} s"
-    _print_summary(run, times)
+        times[stage.name] = run_stage(stage, config_path, run)
+    total = time.time() - t_all
+    _save_stage_times(run, times, total)
+    _print_summary(run, times, total)
     return 0

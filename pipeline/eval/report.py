@@ -17,7 +17,7 @@ SCORE_METRICS: dict[str, tuple[str, ...]] = {
     "honest": ("mc2", "mc1", "pref_acc"),
 }
 # metric columns shown in the report, in order
-METRIC_COLUMNS = ("mc1", "mc2", "pref_acc", "refusal_rate", "exact_match", "ref_mean_ll",
+METRIC_COLUMNS = ("mc1", "mc2", "pref_acc", "refusal_rate", "exact_match", "ref_mean_ll", "rejected_mean_ll",
                   "flagged_rate")
 
 

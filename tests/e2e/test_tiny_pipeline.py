@@ -50,6 +50,10 @@ def test_run_prints_report_paths_and_stage_times(finished_run):
         assert needle in stdout
     assert (run.eval / "report.md").is_file() and list(run.profile.glob("heatmap_*.png"))
     assert json.loads((run.root / "claims.json").read_text())["claims"]
+    times = json.loads((run.root / "stage_times.json").read_text())
+    assert set(times["stages_s"]) == {"data", "tokenizer", "base", "expert_helpful", "expert_harmless",
+                                      "expert_honest", "build_moe", "fuse", "merge", "evaluate", "profile"}
+    assert all(t > 0 for t in times["stages_s"].values()) and len(times["invocations_s"]) == 1
 
 
 def test_method_claims_hold_at_tiny_scale(finished_run):
@@ -68,3 +72,5 @@ def test_rerun_skips_finished_stages(finished_run):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("skipped (done)") == 11
+    times = json.loads((run.root / "stage_times.json").read_text())
+    assert len(times["invocations_s"]) == 2 and all(t > 0 for t in times["stages_s"].values())

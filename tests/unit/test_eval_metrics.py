@@ -101,3 +101,21 @@ def test_score_falls_back_to_a_metric_every_model_has():
     results = {"a": _results(0.5, 0.4, None, 0.7), "b": _results(0.6, 0.5, 0.2, 0.4)}
     assert choose_score_metrics(results)["honest"] == "honest/mc1"
     assert fused_gains(dimension_scores(results, choose_score_metrics(results)), "fused", 0.0) == {}
+
+
+def test_likelihood_metrics_token_weight_references_and_rejected_answers():
+    from pipeline.eval.hhh import _likelihood_metrics
+    items = [{"kind": "pair", "reference": "r"}, {"kind": "mc", "reference": ""},
+             {"kind": "pair", "reference": ""}]
+    reqs = [(0, "chosen", "a"), (0, "rejected", "b"), (0, "reference", "r"),
+            (1, "chosen", "t"), (1, "rejected", "f"), (2, "chosen", "c"), (2, "rejected", "d")]
+    scores = [ContinuationScore(-2.0, 2), ContinuationScore(-6.0, 2), ContinuationScore(-3.0, 3),
+              ContinuationScore(-1.0, 1), ContinuationScore(-5.0, 1),
+              ContinuationScore(-9.0, 3), ContinuationScore(-1.0, 2)]
+    m = _likelihood_metrics(items, reqs, scores)
+    assert m["pref_acc"] == 0.5 and m["n_pair"] == 2 and m["mc1"] == 1.0
+    assert m["ref_mean_ll"] == pytest.approx(-1.0) and m["n_reference"] == 1
+    # the mc item's false answer is not a pair's rejected answer
+    assert m["rejected_mean_ll"] == pytest.approx((-6.0 - 1.0) / 4)
+    empty = _likelihood_metrics([{"kind": "mc", "reference": ""}] * 2, reqs[3:5], scores[3:5])
+    assert empty["rejected_mean_ll"] is None and empty["ref_mean_ll"] is None

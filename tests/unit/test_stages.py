@@ -42,3 +42,15 @@ def test_run_refuses_changed_config_on_rerun(tmp_path):
     (tmp_path / "resolved_config.yaml").write_text("name: something-else\n")
     proc = subprocess.run(base, capture_output=True, text=True)
     assert proc.returncode == 2 and "different config" in proc.stderr
+
+
+def test_stage_times_keep_the_last_real_run_of_each_stage(tmp_path):
+    import json
+
+    from pipeline.run import _save_stage_times
+
+    run = RunLayout.at(tmp_path)
+    _save_stage_times(run, {"data": 1.25, "base": 30.0}, 31.3)
+    _save_stage_times(run, {"data": None, "base": 12.0, "fuse": 5.0}, 17.0)   # data skipped
+    saved = json.loads((tmp_path / "stage_times.json").read_text())
+    assert saved == {"stages_s": {"data": 1.2, "base": 12.0, "fuse": 5.0}, "invocations_s": [31.3, 17.0]}
