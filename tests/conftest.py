@@ -49,6 +49,16 @@ def build_tiny_run(root: Path, extra: list[str] | None = None):
     return RunLayout.at(root)
 
 
+def load_tool(relpath: str):
+    """Import a script under tools/ (not a package) as a module, e.g. "profiling/throughput.py"."""
+    import importlib.util
+    path = REPO_ROOT / "tools" / relpath
+    spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """RunLayout of a tiny run with `data`, `tokenizer` and `base` finished (built once per session)."""

@@ -1,6 +1,5 @@
 """tools/profiling/expert_method.py: FFN and LoRA experts trained for real (2-process ZeRO-3 via
 `h3fusion run --only expert_<task>`), timed, scored against the base on their own task."""
-import importlib.util
 import json
 import math
 import sys
@@ -10,18 +9,9 @@ import pytest
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/conftest helpers
-from conftest import TINY_RUN_OVERRIDES  # noqa: E402
+from conftest import TINY_RUN_OVERRIDES, load_tool  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "profiling" / "expert_method.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("expert_method_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run_dir_with_config(tiny_run, root: Path) -> Path:
@@ -40,7 +30,7 @@ def _run_dir_with_config(tiny_run, root: Path) -> Path:
 def test_ffn_and_lora_experts_are_trained_timed_and_scored(tiny_run, tmp_path):
     run_dir = _run_dir_with_config(tiny_run, tmp_path / "run")
     out = tmp_path / "cmp"
-    tool = _load_tool()
+    tool = load_tool("profiling/expert_method.py")
     assert tool.main(["--run-dir", str(run_dir), "--tasks", "honest", "--out", str(out),
                       "--lora-set", "expert.lora.r=4"]) == 0
     result = json.loads((out / "expert_method.json").read_text())

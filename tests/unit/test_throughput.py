@@ -1,5 +1,4 @@
 """tools/profiling/throughput.py on CPU: runs, writes JSON, numbers positive and finite."""
-import importlib.util
 import json
 import math
 import subprocess
@@ -7,15 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "profiling" / "throughput.py"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("throughput_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("profiling/throughput.py")
 
 
 def test_help_runs_as_a_script():
