@@ -62,7 +62,10 @@ def fusion_config(overrides: list[str]):
     from pipeline.config import load_config
     base = [f"fusion.ds_config={ZERO2}", "fusion.train.micro_batch_size=4", "fusion.train.max_steps=8",
             "fusion.train.log_every=1", "fusion.train.lr=0.05", "fusion.train.warmup_steps=0",
-            "fusion.ep_degree=1", "fusion.lambda_gate=1.0"]
+            "fusion.ep_degree=1", "fusion.lambda_gate=1.0",
+            # pinned, not inherited from the tiny preset (which is tuned for the demo and changes)
+            "fusion.trainable=router", "fusion.gate_tokens=all", "fusion.gamma.helpful=0.0",
+            "fusion.gamma.harmless=0.0", "fusion.gamma.honest=0.0"]
     return load_config("tiny", base + list(overrides))
 
 
