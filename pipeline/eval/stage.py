@@ -51,7 +51,7 @@ def _generation_config(cfg: EvalConfig) -> Optional[GenerationConfig]:
     return GenerationConfig(cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p)
 
 
-def _max_len(model, cfg: EvalConfig) -> int:
+def scored_max_len(model, cfg: EvalConfig) -> int:
     positions = getattr(model.config, "max_position_embeddings", None) or cfg.max_seq_len
     return min(cfg.max_seq_len, positions)
 
@@ -99,7 +99,7 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
             torch.manual_seed(cfg.seed)  # sampled generations repeat across reruns
             metrics[task], task_outputs = evaluate_task(
                 model, tokenizer, items[task], batch_size=cfg.batch_size,
-                max_len=_max_len(model, cfg), gen=gen, task=f"{name}/{task}")
+                max_len=scored_max_len(model, cfg), gen=gen, task=f"{name}/{task}")
             if gen is not None:
                 outputs[task] = task_outputs
     finally:

@@ -67,17 +67,16 @@ def train_expert(run_dir: Path, scratch: Path, task: str, method: str, overrides
     return {"wall_s": time.time() - t0, "cpu_s": _children_cpu_s() - cpu0, "overrides": sets}
 
 
-def own_score(model_dir: Path, task: str, run_dir: Path, cfg) -> dict:
-    """The task's report score metric for one model on RUN's eval items of that task."""
+def own_score(model_dir: Path, task: str, items: list[dict], tokenizer_dir: Path, cfg) -> dict:
+    """The task's report score metric for one model on that task's eval `items`."""
     from pipeline.eval.hhh import evaluate_task
     from pipeline.eval.models import load_causal_lm
     from pipeline.eval.report import SCORE_METRICS
-    from pipeline.eval.stage import _max_len, load_eval_items
+    from pipeline.eval.stage import scored_max_len
 
-    items = load_eval_items(run_dir / "data", cfg.split, cfg.max_items_per_task)[task]
-    model, tokenizer = load_causal_lm(model_dir, run_dir / "tokenizer")
+    model, tokenizer = load_causal_lm(model_dir, tokenizer_dir)
     metrics, _ = evaluate_task(model, tokenizer, items, batch_size=cfg.batch_size,
-                               max_len=_max_len(model, cfg), gen=None, task=f"{model_dir.name}/{task}")
+                               max_len=scored_max_len(model, cfg), gen=None, task=f"{model_dir.name}/{task}")
     metric = next(m for m in SCORE_METRICS[task] if metrics.get(m) is not None)
     return {"metric": metric, "score": metrics[metric], "n_items": len(items)}
 
@@ -88,10 +87,9 @@ def render(results: dict) -> str:
     for task, per in results["tasks"].items():
         base = per["base"]
         for method, r in per["methods"].items():
-            gain = r["score"] - base["score"]
             lines.append(f"| {task} | {method} | {base['metric']} | {base['score']:.4f} | {r['score']:.4f} "
-                         f"| {gain:+.4f} | {r['wall_s']:.1f} | {r['cpu_s'] / 60:.2f} "
-                         f"| {gain / (r['cpu_s'] / 60):+.5f} |")
+                         f"| {r['gain']:+.4f} | {r['wall_s']:.1f} | {r['cpu_s'] / 60:.2f} "
+                         f"| {r['gain_per_cpu_min']:+.5f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,14 +99,19 @@ def main(argv=None) -> int:
     overrides = {"ffn": args.ffn_set, "lora": args.lora_set}
     results: dict = {"run_dir": str(args.run_dir), "eval_split": cfg.eval.split,
                      "max_items_per_task": cfg.eval.max_items_per_task, "tasks": {}}
+    from pipeline.eval.stage import load_eval_items
+
+    items = load_eval_items(args.run_dir / "data", cfg.eval.split, cfg.eval.max_items_per_task)
+    tokenizer_dir = args.run_dir / "tokenizer"
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         for task in args.tasks:
-            per = {"base": own_score(args.run_dir / "base", task, args.run_dir, cfg.eval), "methods": {}}
+            per = {"base": own_score(args.run_dir / "base", task, items[task], tokenizer_dir, cfg.eval),
+                   "methods": {}}
             for method in args.methods:
                 r = train_expert(args.run_dir, tmp / f"run_{method}", task, method, overrides[method])
                 expert_dir = RunLayout.at(tmp / f"run_{method}").expert(task)
                 r["dir"] = str(expert_dir.relative_to(tmp))   # relative to OUT (tmp is renamed)
-                r.update(own_score(expert_dir, task, args.run_dir, cfg.eval))
+                r.update(own_score(expert_dir, task, items[task], tokenizer_dir, cfg.eval))
                 r["gain"] = r["score"] - per["base"]["score"]
                 r["gain_per_cpu_min"] = r["gain"] / (r["cpu_s"] / 60)
                 per["methods"][method] = r
