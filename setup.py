@@ -24,11 +24,11 @@ setup(
         "numpy",
     ],
     extras_require={
-        # MegaBlocks 0.10 pins torch 2.7.0 and builds CUDA code: see docs/gpu.md for the
-        # --no-deps --no-build-isolation install on a CUDA machine.
+        # MegaBlocks 0.10 pins torch 2.7.0 and builds CUDA code: on a CUDA machine install these
+        # with --no-deps --no-build-isolation (docs/moe_design.md, "megablocks" backend).
         "gpu": ["megablocks", "stanford-stk", "grouped_gemm"],
         "gguf": ["gguf"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": ["h3fusion=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["h3fusion=pipeline.commands:main"]},
 )

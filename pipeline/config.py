@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 import yaml
 
-TASKS = ("helpful", "harmless", "honest")  # task label index = position here
+from .data.dimensions import DEFAULT_DIMENSIONS, register_dimension, resolve_dimensions
+from .registry import MERGE_METHODS, MOE_BACKENDS, ROUTER_INITS, Registry
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
@@ -113,8 +115,9 @@ class ExpertConfig:
 
 @dataclass
 class FusionConfig:
+    # experts per token; the fused model stores it as `num_experts_per_tok` (Mixtral's name)
     top_k: int = 2
-    router_init: str = "zeros"        # zeros | normal | prompts
+    router_init: str = "zeros"        # pipeline.registry.ROUTER_INITS: zeros | normal | prompts
     trainable: str = "router"         # router | router+lora | router+experts
     lora: LoraConfig = field(default_factory=LoraConfig)
     lambda_gate: float = 0.01
@@ -122,11 +125,13 @@ class FusionConfig:
     # tokens only (the prompt's shared template header carries no task signal; docs/stage2.md)
     gate_tokens: str = "all"
     router_lr: Optional[float] = None  # the routers' lr (None = train.lr; experts/LoRA use train.lr)
-    gamma: dict[str, float] = field(default_factory=lambda: {t: 0.0 for t in TASKS})
+    # per dimension; {} = every configured dimension with 0 (gamma) / 1 (mix_weights), filled in
+    # by validate(); a non-empty mapping must name exactly the configured dimensions
+    gamma: dict[str, float] = field(default_factory=dict)
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
-    mix_weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in TASKS})
-    moe_backend: str = "torch"        # torch | megablocks
+    mix_weights: dict[str, float] = field(default_factory=dict)
+    moe_backend: str = "torch"        # pipeline.registry.MOE_BACKENDS: torch | megablocks
     ep_degree: int = 1
     ds_config: str = "ds_configs/zero2_fusion_ep.json"
     num_procs: int = 2
@@ -172,8 +177,22 @@ class ProfileConfig:
 
 
 @dataclass
+class DimensionSpec:
+    """A dimension that is not built in (fields: pipeline.data.dimensions.Dimension)."""
+    builtin: Optional[str] = None     # "module:function" built-in corpus generator
+    real: Optional[str] = None        # "module:function" real-data loader
+    real_inputs: list[str] = field(default_factory=list)
+    eval_kinds: list[str] = field(default_factory=lambda: ["pair"])
+    web_aligned: float = 0.5
+    score_metrics: list[str] = field(default_factory=lambda: ["pref_acc"])
+
+
+@dataclass
 class PipelineConfig:
     name: str = "custom"
+    # the alignment dimensions = experts, in expert / task_label order (docs/contracts.md)
+    dimensions: list[str] = field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
+    dimension_defs: dict[str, DimensionSpec] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -295,13 +314,7 @@ def load_config(name_or_path: str = "tiny", overrides: Optional[list[str]] = Non
     if overrides:
         merged = _deep_merge(to_dict(cfg), parse_overrides(overrides, override_prefix))
         cfg = _build(PipelineConfig, merged, "", f"{path} + --set")
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(data: dict, source: str = "<dict>") -> PipelineConfig:
-    cfg = _build(PipelineConfig, data, "", source)
-    validate(cfg)
+    validate(cfg, str(path) + (" + --set" if overrides else ""))
     return cfg
 
 
@@ -318,8 +331,16 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def validate(cfg: PipelineConfig) -> None:
+def _check_registered(registry: Registry, name: str, key: str, source: str) -> None:
+    try:
+        registry.check(name, key)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def validate(cfg: PipelineConfig, source: str = "config") -> None:
     """Value checks that types alone cannot express."""
+    check_dimensions(cfg, source)
     _check(cfg.data.source in ("builtin", "real"), f"data.source must be builtin|real, got {cfg.data.source!r}")
     _check(not (cfg.base.path and cfg.base.gguf),
            f"set at most one of base.path ({cfg.base.path!r}) and base.gguf ({cfg.base.gguf!r})")
@@ -334,19 +355,49 @@ def validate(cfg: PipelineConfig) -> None:
     f = cfg.fusion
     _check(f.trainable in ("router", "router+lora", "router+experts"),
            f"fusion.trainable must be router|router+lora|router+experts, got {f.trainable!r}")
-    _check(f.router_init in ("zeros", "normal", "prompts"),
-           f"fusion.router_init must be zeros|normal|prompts, got {f.router_init!r}")
-    _check(f.moe_backend in ("torch", "megablocks"),
-           f"fusion.moe_backend must be torch|megablocks, got {f.moe_backend!r}")
+    _check_registered(ROUTER_INITS, f.router_init, "fusion.router_init", source)
+    _check_registered(MOE_BACKENDS, f.moe_backend, "fusion.moe_backend", source)
     _check(f.top_k >= 1, f"fusion.top_k must be >= 1, got {f.top_k}")
     _check(f.ep_degree >= 1, f"fusion.ep_degree must be >= 1, got {f.ep_degree}")
-    for name in list(f.gamma) + list(f.mix_weights):
-        _check(name in TASKS, f"fusion.gamma/mix_weights: unknown expert name {name!r} (experts: {list(TASKS)})")
     _check(f.router_lr is None or f.router_lr > 0, f"fusion.router_lr must be > 0, got {f.router_lr}")
     _check(f.gate_tokens in ("all", "response"), f"fusion.gate_tokens must be all|response, got {f.gate_tokens!r}")
     _check(cfg.profile.tokens in ("response", "all"),
            f"profile.tokens must be response|all, got {cfg.profile.tokens!r}")
-    for m in cfg.merge.methods:
-        _check(m in ("average", "task_arithmetic", "ties"), f"merge.methods: unknown method {m!r}")
+    for i, m in enumerate(cfg.merge.methods):
+        _check_registered(MERGE_METHODS, m, f"merge.methods[{i}]", source)
     for sect in (cfg.base.train, cfg.expert.train, f.train):
         _check(sect.micro_batch_size >= 1 and sect.grad_accum_steps >= 1, "batch sizes must be >= 1")
+
+
+def check_dimensions(cfg: PipelineConfig, source: str = "config") -> None:
+    """`dimensions` name registered or declared dimensions; per-dimension mappings name exactly
+    those (an empty one is filled with its default for every dimension)."""
+    try:
+        dims = resolve_dimensions(cfg.dimensions, cfg.dimension_defs)
+        for d in dims:   # a declared dimension's loader must import now, not stages later
+            if d.name in cfg.dimension_defs:
+                d.real_loader() if cfg.data.source == "real" else d.builtin_generator()
+                register_dimension(d, replace=True)   # known to this process's later stages
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    names = [d.name for d in dims]
+    if cfg.data.source == "real":
+        lacking = [d.name for d in dims if not d.real]
+        _check(not lacking, f"{source}: data.source is 'real' but dimensions {lacking} have no "
+                            f"real-data loader (dimension_defs.<name>.real)")
+    for key, default in (("gamma", 0.0), ("mix_weights", 1.0)):
+        given = getattr(cfg.fusion, key)
+        if not given:
+            setattr(cfg.fusion, key, {n: default for n in names})
+            continue
+        unknown, missing = [k for k in given if k not in names], [n for n in names if n not in given]
+        _check(not unknown, f"{source}: fusion.{key} names unknown dimensions {unknown} "
+                            f"(dimensions: {names})")
+        _check(not missing, f"{source}: fusion.{key} lacks dimensions {missing}: give every "
+                            f"dimension of {names} a value")
+
+
+def check_dimension(cfg: PipelineConfig, name: str) -> str:
+    """`name` must be one of the run's dimensions (e.g. `train-expert --dimension`)."""
+    _check(name in cfg.dimensions, f"unknown dimension {name!r} (this run's dimensions: {cfg.dimensions})")
+    return name

@@ -17,10 +17,6 @@ class DistEnv:
     master_addr: str
     master_port: int
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _int(name: str, fallback: str | None, default: int) -> int:
     raw = os.environ.get(name, os.environ.get(fallback, "") if fallback else "")
@@ -55,10 +51,6 @@ def accelerator_kind() -> str:
 
 def dist_backend() -> str:
     return "nccl" if accelerator_kind() == "cuda" else "gloo"
-
-
-def slurm_job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def requeue_requested_exit_code() -> int:

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TASKS
-
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -27,12 +25,11 @@ class RunLayout:
     def base(self) -> Path:          # HF LlamaForCausalLM dir
         return self.root / "base"
 
-    def expert(self, task: str) -> Path:       # consolidated HF expert model
-        assert task in TASKS, task
-        return self.root / "experts" / task
+    def expert(self, dimension: str) -> Path:       # consolidated HF expert model
+        return self.root / "experts" / dimension
 
-    def expert_ds(self, task: str) -> Path:    # raw DeepSpeed checkpoints (resume)
-        return self.root / "experts_ds" / task
+    def expert_ds(self, dimension: str) -> Path:    # raw DeepSpeed checkpoints (resume)
+        return self.root / "experts_ds" / dimension
 
     @property
     def fused_init(self) -> Path:    # build_moe output (MoE before fusion training)

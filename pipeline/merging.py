@@ -12,21 +12,20 @@ tensor at a time; `h3fusion merge` merges a run's three experts into `<run>/merg
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
 
 import torch
 
-from .config import TASKS
 from .io_utils import atomic_dir, is_complete, sha256_dir, write_json
+from .registry import MERGE_METHODS
 from .surgery import plan
 from .surgery.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                                      copy_optional_files, copy_tokenizer_files, read_config_json)
 
 log = logging.getLogger(__name__)
-METHODS = ("average", "task_arithmetic", "ties")
+METHODS = MERGE_METHODS.names()   # registered in pipeline.registry.MERGE_METHODS
 MANIFEST = "merge_manifest.json"
 
 
@@ -69,17 +68,25 @@ def ties(base: torch.Tensor, tensors: list[torch.Tensor], density: float,
     return (base32 + scale * kept_sum / count).to(base.dtype)
 
 
+# the registered forms: one signature (base, tensors, scale, density) for every method
+def merge_average(base, tensors, scale: float, density: float) -> torch.Tensor:
+    return average(tensors)
+
+
+def merge_task_arithmetic(base, tensors, scale: float, density: float) -> torch.Tensor:
+    return task_arithmetic(base, tensors, scale)
+
+
+def merge_ties(base, tensors, scale: float, density: float) -> torch.Tensor:
+    return ties(base, tensors, density, scale)
+
+
 def merge_tensor(method: str, base: torch.Tensor, tensors: list[torch.Tensor], scale: float,
                  density: float) -> torch.Tensor:
+    merge = MERGE_METHODS.get(method, "merge method")
     if not tensors[0].is_floating_point():
         return base.clone()    # integer buffers are not merged
-    if method == "average":
-        return average(tensors)
-    if method == "task_arithmetic":
-        return task_arithmetic(base, tensors, scale)
-    if method == "ties":
-        return ties(base, tensors, density, scale)
-    raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
+    return merge(base, tensors, scale, density)
 
 
 def _open_all(base_dir: Path, models: dict[str, Path],
@@ -113,8 +120,7 @@ def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path]
     from transformers import LlamaConfig
     base_dir, out = Path(base_dir), Path(out)
     models = {n: Path(d) for n, d in models.items()}
-    if method not in METHODS:
-        raise ValueError(f"merge method must be one of {METHODS}, got {method!r}")
+    MERGE_METHODS.check(method, "merge method")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
     tokenizer_dir = Path(tokenizer) if tokenizer else base_dir
@@ -139,58 +145,24 @@ def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path]
 
 # ----------------------------------------------------------------------------- h3fusion merge
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_config_arguments
-    add_config_arguments(parser)
-    parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="methods to run (default: merge.methods of the config)")
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Merge the run's experts (TASKS order) onto its base, one output dir per method."""
-    from .cli import config_from_args
+def merge_run_experts(cfg, run_dir: str | Path, methods: list[str] | None = None,
+                      overwrite: bool = False, log=print) -> None:
+    """Merge the run's experts (config `dimensions` order) onto its base, one output dir per
+    method (`methods`, default the config's `merge.methods`); `cfg` is the whole PipelineConfig."""
     from .layout import RunLayout
     from .surgery.tokenizer_check import has_tokenizer
-    cfg = config_from_args(args, "merge")
-    layout = RunLayout.at(args.run_dir)
-    experts = {task: layout.expert(task) for task in TASKS}
+    layout = RunLayout.at(run_dir)
+    experts = {dim: layout.expert(dim) for dim in cfg.dimensions}
     tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer
-    for method in args.methods or cfg.merge.methods:
-        if is_complete(layout.merge(method), MANIFEST) and not args.overwrite:
+    for method in methods or cfg.merge.methods:
+        if is_complete(layout.merge(method), MANIFEST) and not overwrite:
             # outputs are atomic, so a dir with its manifest is a finished merge: resume past it
-            print(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
-                  f"(--overwrite to redo)")
+            log(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
+                f"(--overwrite to redo)")
             continue
         scale = {"task_arithmetic": cfg.merge.task_arithmetic_scale,
                  "ties": cfg.merge.ties_scale}.get(method, 1.0)
         merge_checkpoints(method, layout.base, experts, layout.merge(method), scale=scale,
-                          density=cfg.merge.ties_density, overwrite=args.overwrite,
+                          density=cfg.merge.ties_density, overwrite=overwrite,
                           tokenizer=tokenizer)
-        print(f"h3fusion merge: {method} -> {layout.merge(method)}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- standalone tool
-
-def add_tool_arguments(parser: argparse.ArgumentParser) -> None:
-    """`h3fusion surgery merge` / tools/surgery/merge.py: merge any dense Llama dirs."""
-    parser.add_argument("--method", required=True, choices=METHODS)
-    parser.add_argument("--base", required=True, help="base LlamaForCausalLM dir (config, "
-                        "tokenizer; the origin of the task vectors)")
-    parser.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--scale", type=float, default=None,
-                        help="λ: default 0.5 for task_arithmetic, 1.0 for ties")
-    parser.add_argument("--density", type=float, default=0.5, help="TIES: fraction kept")
-    parser.add_argument("--tokenizer", help="tokenizer dir (default: the base dir)")
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def tool_main(args: argparse.Namespace) -> int:
-    scale = args.scale if args.scale is not None else (1.0 if args.method == "ties" else 0.5)
-    merge_checkpoints(args.method, args.base, plan.parse_named_dirs(args.models, "--models"),
-                      args.out, scale=scale, density=args.density, overwrite=args.overwrite,
-                      tokenizer=args.tokenizer, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    return 0
+        log(f"h3fusion merge: {method} -> {layout.merge(method)}")

@@ -6,7 +6,7 @@ row-major, docs/contracts.md) are accumulated per task x layer x expert into:
 top-1 share, top-k share, mean router probability (each sums to 1 over experts), load
 imbalance (max/mean and coefficient of variation of the top-k share), router entropy, a
 collapse flag (one expert takes more than `collapse_threshold` of the top-1 choices) and
-the "own expert" top-1 accuracy (expert i <-> `config.expert_names[i]`, default TASKS).
+the "own expert" top-1 accuracy (expert i <-> `config.expert_names[i]`).
 Outputs: expert_load.csv, layer_stats.csv, expert_load.json, heatmap_<task>.png, TensorBoard.
 """
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import TASKS, ProfileConfig
+from pipeline.config import ProfileConfig
 from pipeline.io_utils import atomic_dir, write_json
+from pipeline.surgery import plan
 
 ALL = "all"  # pseudo-task: every task's tokens together
 
@@ -249,9 +250,9 @@ def profile_model(model, tokenizer, pairs_by_task: dict[str, list[tuple[str, str
 
     TensorBoard events go to `tb_dir`, by default `out_dir/tensorboard`."""
     num_layers, num_experts = model.config.num_hidden_layers, model.config.num_experts
-    expert_names = list(getattr(model.config, "expert_names", None) or TASKS[:num_experts])
-    if len(expert_names) != num_experts:
-        raise ValueError(f"config.expert_names {expert_names} does not name all {num_experts} experts")
+    expert_names = plan.expert_names({"num_experts": num_experts,
+                                      "expert_names": getattr(model.config, "expert_names", None)},
+                                     "model config")
     max_len = min(cfg.max_seq_len, getattr(model.config, "max_position_embeddings", cfg.max_seq_len))
     per_task: dict[str, RoutingCounts] = {}
     total = RoutingCounts.empty(num_layers, num_experts)
@@ -280,10 +281,12 @@ def profile_model_dir(model_dir: Path, data_dir: Path, out_dir: Path, cfg: Profi
                       tokenizer_dir: Optional[Path] = None, tb_dir: Optional[Path] = None,
                       overwrite: bool = False) -> dict:
     """Load the fused model from `model_dir` and profile it on `data_dir`'s per-task items."""
+    from pipeline.data.loading import data_dimensions
     from pipeline.eval.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_dir, tokenizer_dir)
     if not hasattr(model.config, "num_experts"):
         raise ValueError(f"{model_dir}: config has no num_experts: not a fused H3Fusion MoE model")
-    pairs = {task: profile_texts(data_dir, task, cfg.split, cfg.max_items_per_task) for task in TASKS}
+    pairs = {task: profile_texts(data_dir, task, cfg.split, cfg.max_items_per_task)
+             for task in data_dimensions(data_dir)}
     return profile_model(model, tokenizer, pairs, out_dir, cfg, tb_dir, overwrite)

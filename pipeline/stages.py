@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TASKS, PipelineConfig
+from .config import PipelineConfig
 from .layout import RunLayout
 
 
@@ -27,11 +27,11 @@ class Stage:
 
 def _expert_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
     return [Stage(f"expert_{t}", ("train-expert", "--dimension", t), cfg.expert.num_procs,
-                  (run.expert(t),), "stage1_experts.sh", ("base",)) for t in TASKS]
+                  (run.expert(t),), "stage1_experts.sh", ("base",)) for t in cfg.dimensions]
 
 
 def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
-    experts = tuple(f"{t}={run.expert(t)}" for t in TASKS)
+    experts = tuple(f"{t}={run.expert(t)}" for t in cfg.dimensions)
     argv = ("surgery", "build_moe", "--base", str(run.base), "--experts", *experts,
             "--out", str(run.fused_init), "--top-k", str(cfg.fusion.top_k),
             "--router-init", cfg.fusion.router_init, "--overwrite")
@@ -42,7 +42,7 @@ def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
 
 def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
     """Stages in an order that respects `after` (a valid sequential schedule)."""
-    experts = tuple(f"expert_{t}" for t in TASKS)
+    experts = tuple(f"expert_{t}" for t in cfg.dimensions)
     stages = [
         Stage("data", ("data",), 1, (run.data,), "stage0_prepare.sh"),
         # with base.gguf the tokenizer stage takes the GGUF's tokenizer (the one the base stage

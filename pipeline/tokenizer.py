@@ -1,6 +1,6 @@
-"""`h3fusion tokenizer`: train a sentencepiece BPE tokenizer on the corpus (or copy a user's, or
-take a GGUF base's: with `base.gguf` the tokenizer is the GGUF file's own, the same one the base
-stage saves beside the converted model; docs/smollm2.md).
+"""The tokenizer stage (`h3fusion tokenizer`): train a sentencepiece BPE tokenizer on the corpus
+(or copy a user's, or take a GGUF base's: with `base.gguf` the tokenizer is the GGUF file's own,
+the same one the base stage saves beside the converted model; docs/smollm2.md).
 
 The trained model is exported as a Hugging Face `LlamaTokenizer` directory (tokenizer.json:
 BPE with byte fallback, Metaspace pre-tokenizer) so `AutoTokenizer.from_pretrained(dir)` works
@@ -8,27 +8,25 @@ without protobuf; the raw `sentencepiece.model` is kept beside it for reference.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 from pathlib import Path
 from typing import Iterator
 
-from .cli import add_config_arguments
-from .config import TASKS, TokenizerConfig
+from .config import TokenizerConfig
 from .io_utils import atomic_dir, write_json, MANIFEST
 from .layout import RunLayout
+from .surgery.tokenizer_check import ROUND_TRIP_PROBE
 
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-ROUND_TRIP_PROBE = "### Response:\nThe answer is 42.\n\nNo, that's a myth! ünïcödé 😀"
 
 
 def corpus_texts(data_dir: Path) -> Iterator[str]:
     """Pretrain text plus every SFT train prompt+response (the same strings the models see)."""
-    from .data.loading import load_pretrain, load_sft
+    from .data.loading import data_dimensions, load_pretrain, load_sft
     from .data.template import format_prompt
     yield from load_pretrain(data_dir)["text"]
-    for task in TASKS:
+    for task in data_dimensions(data_dir):
         for row in load_sft(data_dir, task, "train"):
             yield format_prompt(row["instruction"], row["input"]) + row["response"]
 
@@ -87,11 +85,11 @@ def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bo
     t0 = time.time()
     gguf_path = None
     if gguf:
-        from .base import resolve_gguf
+        from .surgery.gguf import resolve_gguf
         gguf_path = resolve_gguf(gguf)    # a missing file/package fails before any output
     with atomic_dir(layout.tokenizer, overwrite=overwrite) as tmp:
         if gguf_path is not None:
-            from .base import fast_gguf_loading, gguf_tokenizer
+            from .surgery.gguf import fast_gguf_loading, gguf_tokenizer
             from .io_utils import sha256_file
             with fast_gguf_loading():
                 tok = gguf_tokenizer(gguf_path)
@@ -114,19 +112,3 @@ def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bo
                     "wall_s": round(time.time() - t0, 3)}
         write_json(tmp / MANIFEST, manifest)
     return manifest
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .base import add_gguf_argument
-    add_config_arguments(parser)
-    add_gguf_argument(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/tokenizer")
-
-
-def main(args: argparse.Namespace) -> int:
-    from .base import config_with_gguf
-    cfg = config_with_gguf(args)
-    manifest = run_tokenizer_stage(cfg.tokenizer, args.run_dir, overwrite=args.overwrite, gguf=cfg.base.gguf)
-    print(f"tokenizer ({manifest['source']['kind']}, vocab {manifest['vocab_size']}) written to "
-          f"{RunLayout.at(args.run_dir).tokenizer} in {manifest['wall_s']:.1f}s")
-    return 0

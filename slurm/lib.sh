@@ -44,7 +44,7 @@ h3f_check_slurm() {
 
 h3f_setup_python() {
     H3F_REPO="${H3F_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
-    [ -f "$H3F_REPO/pipeline/cli.py" ] || h3f_die "H3F_REPO=$H3F_REPO is not the h3fusion repository (no pipeline/cli.py)"
+    [ -f "$H3F_REPO/pipeline/commands/__init__.py" ] || h3f_die "H3F_REPO=$H3F_REPO is not the h3fusion repository (no pipeline/commands/__init__.py)"
     cd "$H3F_REPO" || h3f_die "cannot cd to H3F_REPO=$H3F_REPO"
     local venv="${H3F_VENV:-$H3F_REPO/.venv}"
     if [ -f "$venv/bin/activate" ]; then
@@ -203,7 +203,7 @@ h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), A
 }
 
 h3f_run_single() {  # h3f_run_single ARGS...: `h3fusion ARGS` as one process on the first node
-    srun --nodes=1 --ntasks=1 --label "$H3F_PYTHON" -m pipeline.cli "$@" &
+    srun --nodes=1 --ntasks=1 --label "$H3F_PYTHON" -m pipeline.commands "$@" &
     H3F_STEP_PID=$!
     h3f_wait_step
 }
@@ -241,7 +241,7 @@ h3f_stage() {  # h3f_stage NAME [EXTRA_ARGS...]: run a stage of pipeline/stages.
     if [ -n "$trainer" ] && [ -f "$H3F_JOB_DIR/resume.$name" ]; then argv+=(--resume); fi
     h3f_info "stage $name: h3fusion ${argv[*]} $*"
     if [ -n "$trainer" ]; then
-        h3f_launch -m pipeline.cli "${argv[@]}" "$@" || rc=$?
+        h3f_launch -m pipeline.commands "${argv[@]}" "$@" || rc=$?
     else
         h3f_run_single "${argv[@]}" "$@" || rc=$?
     fi

@@ -3,7 +3,7 @@
 # (run it on a login node, from anywhere; it is not itself a batch script):
 #
 #   prepare (stage0: data, tokenizer, base)
-#     -> experts (stage1: array 0-2, one multi-node job per dimension)
+#     -> experts (stage1: array 0..E-1, one multi-node job per configured dimension)
 #     -> fusion  (stage2: build_moe, then fuse on H3F_NODES nodes)
 #     -> eval    (stage3: merge, evaluate, profile)
 #
@@ -73,7 +73,10 @@ logs="$H3F_RUN_DIR/slurm"
 one_log=(--output="$logs/%x-%j.out" --error="$logs/%x-%j.err")
 
 prep=$(submit prepare "${common[@]}" "${single[@]}" "${one_log[@]}" "$H3F_REPO/slurm/stage0_prepare.sh")
-experts=$(submit experts "${common[@]}" "${multi[@]}" --dependency="afterok:$prep" \
+dims="$("$H3F_PYTHON" "$H3F_REPO/slurm/stage_info.py" dimensions "$RESOLVED")" || exit 2
+mapfile -t H3F_DIMS <<<"$dims"
+experts=$(submit experts "${common[@]}" "${multi[@]}" --array="0-$((${#H3F_DIMS[@]} - 1))" \
+    --dependency="afterok:$prep" \
     --output="$logs/%x-%A_%a.out" --error="$logs/%x-%A_%a.err" "$H3F_REPO/slurm/stage1_experts.sh")
 fusion=$(submit fusion "${common[@]}" "${multi[@]}" --dependency="afterok:$experts" \
     "${one_log[@]}" "$H3F_REPO/slurm/stage2_fusion.sh")

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Stage 1: fine-tune the three HHH experts, one array task per dimension (0 helpful,
-# 1 harmless, 2 honest; order = pipeline.config.TASKS), each a multi-node DeepSpeed ZeRO-3 job:
-# `h3fusion train-expert --dimension <d> --resume` under torchrun on every node.
+# Stage 1: fine-tune one expert per alignment dimension, one array task per dimension (task i =
+# the config's `dimensions[i]`; the tiny preset: 0 helpful, 1 harmless, 2 honest), each a
+# multi-node DeepSpeed ZeRO-3 job: `h3fusion train-expert --dimension <d> --resume` under torchrun
+# on every node. The array size comes from the config (slurm/pipeline.sh passes it), so there is
+# no #SBATCH --array here; submitted by hand, give it (an index past the last dimension fails,
+# naming the range):
 #
-#   sbatch slurm/stage1_experts.sh                         # all three, from the repository root
-#   sbatch --array=2 --nodes=4 slurm/stage1_experts.sh     # only `honest`, on 4 nodes
+#   sbatch --array=0-$(($(python slurm/stage_info.py dimensions tiny | wc -l) - 1)) slurm/stage1_experts.sh
+#   sbatch --array=2 --nodes=4 slurm/stage1_experts.sh     # only dimensions[2] (`honest`), on 4 nodes
 #
 # Allocation: every #SBATCH value below can be overridden on the sbatch command line
 # (`sbatch --nodes=4 --time=2:00:00 --gpus-per-node=4 --partition=gpu ...`) or through sbatch's
@@ -30,7 +33,6 @@
 # job continues with --resume. Finished stages (outputs present) are skipped on every start.
 # Outputs: <run>/slurm/<label>-<jobid>/{resolved_config.yaml,git_head,job.env,ranks/node<N>/...}
 #SBATCH --job-name=h3f-experts
-#SBATCH --array=0-2
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -48,9 +50,10 @@ H3F_LIB="${H3F_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/lib.sh"
 . "$H3F_LIB"
 
 h3f_init "expert${SLURM_ARRAY_TASK_ID:-}"
-mapfile -t H3F_TASKS < <("$H3F_PYTHON" -c 'from pipeline.config import TASKS; print("\n".join(TASKS))')
-H3F_TASK_INDEX="${SLURM_ARRAY_TASK_ID:-}"
-if ! [[ "$H3F_TASK_INDEX" =~ ^[0-9]+$ ]] || [ "$H3F_TASK_INDEX" -ge "${#H3F_TASKS[@]}" ]; then
-    h3f_die "SLURM_ARRAY_TASK_ID='$H3F_TASK_INDEX': submit as an array job with --array=0-$((${#H3F_TASKS[@]} - 1)) (${H3F_TASKS[*]})"
+dims="$("$H3F_PYTHON" "$H3F_REPO/slurm/stage_info.py" dimensions "$H3F_RESOLVED")" || exit 2
+mapfile -t H3F_DIMS <<<"$dims"
+H3F_DIM_INDEX="${SLURM_ARRAY_TASK_ID:-}"
+if ! [[ "$H3F_DIM_INDEX" =~ ^[0-9]+$ ]] || [ "$H3F_DIM_INDEX" -ge "${#H3F_DIMS[@]}" ]; then
+    h3f_die "SLURM_ARRAY_TASK_ID='$H3F_DIM_INDEX': submit as an array job with --array=0-$((${#H3F_DIMS[@]} - 1)) (${H3F_DIMS[*]})"
 fi
-h3f_stage "expert_${H3F_TASKS[$H3F_TASK_INDEX]}"
+h3f_stage "expert_${H3F_DIMS[$H3F_DIM_INDEX]}"

@@ -8,6 +8,8 @@ The batch scripts never restate stage arguments or output paths; they ask `pipel
         (atomically). --must-match: OUT may already exist only with identical content.
     python slurm/stage_info.py argv CONFIG RUN_DIR STAGE    # h3fusion argv, one item per line
     python slurm/stage_info.py done CONFIG RUN_DIR STAGE    # exit 0 when the outputs exist
+    python slurm/stage_info.py dimensions CONFIG             # the run's dimensions, one per line
+                                                             # (stage 1's array task i = line i)
 
 Errors are one line on stderr and exit status 2.
 """
@@ -48,7 +50,7 @@ def stage_argv(config: str, run_dir: str, name: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 1 or argv[0] not in ("resolve", "argv", "done"):
+    if len(argv) < 1 or argv[0] not in ("resolve", "argv", "done", "dimensions"):
         print(__doc__, file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
@@ -58,6 +60,11 @@ def main(argv: list[str]) -> int:
         if len(rest) < 2:
             raise ValueError("resolve needs SRC OUT [KEY=VALUE ...]")
         resolve(rest[0], rest[1], rest[2:], must_match)
+        return 0
+    if cmd == "dimensions":
+        if len(rest) != 1:
+            raise ValueError(f"dimensions needs CONFIG, got {rest}")
+        print("\n".join(load_config(rest[0]).dimensions))
         return 0
     if len(rest) != 3:
         raise ValueError(f"{cmd} needs CONFIG RUN_DIR STAGE, got {rest}")

@@ -43,7 +43,7 @@ def build_tiny_run(root: Path, extra: list[str] | None = None):
     from pipeline.tokenizer import run_tokenizer_stage
     cfg = tiny_config(extra)
     torch.set_num_threads(1)
-    run_data_stage(cfg.data, root)
+    run_data_stage(cfg, root)
     run_tokenizer_stage(cfg.tokenizer, root)
     run_base_stage(cfg.base, root, log=lambda *_: None)
     return RunLayout.at(root)

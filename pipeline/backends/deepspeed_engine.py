@@ -4,8 +4,11 @@ Stages build a ZeRO engine in four calls, independent of which stage they are:
 
     ds = resolve_ds_config(load_ds_config(path), DsTrainSettings(...))   # before any process group
     init_distributed()                                                   # torch.distributed + DS
-    engine = build_engine(model, ds, trainable_params, lr_lambda=...)     # client optimizer + schedule
+    engine = build_engine(model, ds, trainable_params, lr_multiplier=...)  # optimizer + LR
     save_checkpoint(engine, dir, tag, client_state) / load_checkpoint(engine, dir)
+
+`build_engine` returns a `DsEngine`, the shape `pipeline.train.loop.TrainLoop` drives (with
+`DsCheckpoints` for resume/saves); the helpers here accept it or a raw DeepSpeed engine.
 
 plus `consolidated_state_dict` (full 16-bit/fp32 weights on rank 0 from a ZeRO-3 engine),
 `zero_checkpoint_fp32_state_dict` (offline consolidation of a saved ZeRO checkpoint),
@@ -151,14 +154,16 @@ def _trainable_groups(params: Iterable) -> list:
     return out
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable,
-                 lr_lambda: Optional[Callable[[int], float]] = None, lr: float = 1e-3,
-                 weight_decay: float = 0.0, scheduler_factory: Optional[Callable] = None):
-    """A DeepSpeed engine over `params` (the trainable ones; parameters or param groups).
+def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable, lr: float = 1e-3,
+                 weight_decay: float = 0.0,
+                 lr_multiplier: Optional[Callable[[int], float]] = None) -> "DsEngine":
+    """A DeepSpeed engine over `params` (the trainable ones; parameters or param groups), in
+    the training loop's engine interface.
 
     Without an "optimizer" section in the JSON a torch AdamW client optimizer is used. The LR
-    schedule is `scheduler_factory(optimizer)` (e.g. a transformers scheduler) or a LambdaLR from
-    `lr_lambda` (multiplier per optimizer step); DeepSpeed steps it and checkpoints its state.
+    schedule is a LambdaLR of `lr_multiplier` (multiplier of `lr` per optimizer step, e.g. a
+    `functools.partial` of `train.common.warmup_cosine`); DeepSpeed steps it and checkpoints
+    its state.
     """
     import deepspeed
 
@@ -166,12 +171,61 @@ def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable,
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = scheduler_factory
-    if scheduler is None and lr_lambda is not None:
-        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)  # noqa: E731
+    scheduler = None
+    if lr_multiplier is not None:
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
-    return engine
+    return DsEngine(engine)
+
+
+class DsEngine:
+    """`pipeline.train.loop`'s engine interface over a DeepSpeed engine (`raw`): forward,
+    backward and step once per micro batch (DeepSpeed scales by and steps the optimizer at
+    the gradient-accumulation boundary), the current LR and the last global grad norm."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.raw.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    def __call__(self, **inputs):
+        return self.raw(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.raw.backward(loss)
+
+    def step(self) -> None:
+        self.raw.step()
+
+    def lr(self) -> float:
+        return self.raw.get_lr()[0]
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.raw.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+
+class DsCheckpoints:
+    """The loop's checkpoint interface: DeepSpeed checkpoints of `engine` under `save_dir`."""
+
+    def __init__(self, engine: DsEngine, save_dir: str | Path):
+        self.engine, self.dir = engine, Path(save_dir)
+
+    def latest(self) -> Optional[str]:
+        return latest_tag(self.dir)
+
+    def save(self, tag: str, client_state: dict, rank_state: Optional[dict]) -> None:
+        save_checkpoint(self.engine, self.dir, tag, client_state, rank_state)
+
+    def load(self) -> tuple[str, dict, Optional[dict]]:
+        return load_checkpoint(self.engine, self.dir)
 
 
 @contextlib.contextmanager
@@ -204,13 +258,18 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _raw(engine):
+    """The DeepSpeed engine inside a `DsEngine` (helpers below accept either)."""
+    return engine.raw if isinstance(engine, DsEngine) else engine
+
+
 def save_checkpoint(engine, save_dir: str | Path, tag: str, client_state: dict,
                     rank_state: Optional[dict] = None) -> None:
     """All ranks call. Writes model/optimizer/scheduler + `client_state`; `rank_state` (e.g. RNG)
     is kept per rank. `latest` is written only after every rank finished, so a kill mid-save
     leaves the previous checkpoint as the one to resume from."""
     save_dir = Path(save_dir)
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    _raw(engine).save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     if rank_state is not None:
         torch.save(rank_state, save_dir / tag / f"rank_state_{_rank():05d}.pt")
     _barrier()
@@ -232,7 +291,7 @@ def load_checkpoint(engine, save_dir: str | Path) -> tuple[str, dict, Optional[d
     if tag is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint to resume from in {save_dir} "
                                 f"(no '{LATEST}' file)")
-    path, client_state = engine.load_checkpoint(str(save_dir), tag=tag, load_module_strict=True,
+    path, client_state = _raw(engine).load_checkpoint(str(save_dir), tag=tag, load_module_strict=True,
                                                 load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
@@ -244,6 +303,7 @@ def load_checkpoint(engine, save_dir: str | Path) -> tuple[str, dict, Optional[d
 
 def consolidated_state_dict(engine) -> Optional[dict]:
     """All ranks call; rank 0 gets the full (16-bit on GPU, fp32 on CPU) state dict, others None."""
+    engine = _raw(engine)
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -273,6 +333,7 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def partition_report(engine) -> dict:
     """What this rank holds: its ZeRO-3 parameter shards vs the full model, and optimizer state
     (fp32 master partitions + Adam moments; moments exist after the first step)."""
+    engine = _raw(engine)
     params = list(engine.module.parameters())
     full = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
     local = [getattr(p, "ds_tensor", p) for p in params]

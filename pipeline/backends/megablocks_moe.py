@@ -1,4 +1,5 @@
-"""MegaBlocks dropless MoE backend, fed with OUR parameters (`moe_backend="megablocks"`).
+"""MegaBlocks dropless MoE backend, fed with OUR parameters (`moe_backend="megablocks"`,
+registered in `pipeline.registry.MOE_BACKENDS`; interface `pipeline.model.moe_backend.MoEBackend`).
 
 We keep one parameter layout for both backends (router `[E, H]`, experts `w1/v1/w2 [E*F, H]`,
 which is exactly MegaBlocks' GLU layout), so a checkpoint runs on either. MegaBlocks'
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..model.moe_backend import MoEBackend
 from . import require_megablocks
 
 _GLU_WEIGHTS = ("w1", "v1", "w2")
@@ -40,13 +42,20 @@ def _megablocks_arguments(experts, top_k: int, group, ep_size: int):
     )
 
 
-class MegaBlocksExperts:
-    """Callable `(x_TH, routing) -> out_TH` running MegaBlocks' dropless experts on our weights."""
+class MegaBlocksBackend(MoEBackend):
+    """MegaBlocks' dropless experts on our weights; expert parallelism by MegaBlocks' all-to-all
+    over the layer's expert-parallel group."""
 
-    def __init__(self, experts, top_k: int, group: dist.ProcessGroup | None = None):
+    @classmethod
+    def check_available(cls) -> None:
+        require_megablocks()
+
+    def __init__(self, experts, top_k: int, expert_parallel=None):
+        super().__init__(experts, top_k, expert_parallel)
         require_megablocks()
         from megablocks.layers.dmoe import ParallelDroplessMLP
 
+        group = expert_parallel.group if expert_parallel is not None else None
         ep_size = dist.get_world_size(group) if group is not None else 1
         if experts.num_experts % ep_size:
             raise ValueError(f"megablocks expert parallelism needs num_experts divisible by the "
@@ -56,26 +65,25 @@ class MegaBlocksExperts:
         per_rank = experts.num_experts // ep_size
         self.rows = slice(ep_rank * per_rank * experts.ffn_size,
                           (ep_rank + 1) * per_rank * experts.ffn_size)
-        self.experts = experts
         self.layer = ParallelDroplessMLP(_megablocks_arguments(experts, top_k, group, ep_size))
         glu = self.layer.mlp
         for name in _GLU_WEIGHTS:
             delattr(glu, name)          # drop MegaBlocks' (meta) parameters; ours are bound per call
         glu.gradient_scale = None       # keep the torch backend's gradient semantics
 
-    def _bind_weights(self) -> None:
+    def _bind_weights(self, experts) -> None:
         glu = self.layer.mlp
         for name in _GLU_WEIGHTS:
-            setattr(glu, name, getattr(self.experts, name)[self.rows])
+            setattr(glu, name, getattr(experts, name)[self.rows])
 
-    def __call__(self, x_TH: torch.Tensor, routing) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, routing, experts) -> torch.Tensor:
         if not x_TH.is_cuda:
             raise RuntimeError(f"moe_backend='megablocks' runs on CUDA tensors; got {x_TH.device} "
                                "(move the model to the GPU or use moe_backend='torch')")
-        if x_TH.dtype != torch.bfloat16 or self.experts.w1.dtype != torch.bfloat16:
+        if x_TH.dtype != torch.bfloat16 or experts.w1.dtype != torch.bfloat16:
             raise ValueError(f"moe_backend='megablocks' (grouped GEMM) needs bf16 activations and "
-                             f"expert weights; got {x_TH.dtype} / {self.experts.w1.dtype}")
-        self._bind_weights()
+                             f"expert weights; got {x_TH.dtype} / {experts.w1.dtype}")
+        self._bind_weights(experts)
         x_S1H = x_TH.unsqueeze(1)      # MegaBlocks expects [seq, batch, hidden]
         out = self.layer(x_S1H, routing.probs_TE, routing.topk_weight_TK.to(x_TH.dtype),
                          routing.topk_idx_TK)

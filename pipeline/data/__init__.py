@@ -2,7 +2,7 @@
 
 On-disk layout and column schema: docs/contracts.md ("Datasets on disk"); design: docs/data.md.
 """
-from ..config import TASKS
+from typing import Sequence
 
 SFT_COLUMNS = ("instruction", "input", "response", "task", "task_label")
 EVAL_COLUMNS = ("instruction", "input", "chosen", "rejected", "reference", "answer", "kind", "task")
@@ -11,8 +11,9 @@ SFT_SPLITS = ("train", "dev", "test")
 EVAL_SPLITS = ("dev", "test")
 
 
-def one_hot(task: str) -> list[float]:
-    """The task label of a single-intent sample (soft vectors may spread mass over several)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (tasks: {list(TASKS)})")
-    return [1.0 if t == task else 0.0 for t in TASKS]
+def one_hot(dimension: str, dimensions: Sequence[str]) -> list[float]:
+    """The task label of a single-intent sample (soft vectors may spread mass over several):
+    one weight per run dimension, in the config's `dimensions` order."""
+    if dimension not in dimensions:
+        raise ValueError(f"unknown dimension {dimension!r} (dimensions: {list(dimensions)})")
+    return [1.0 if d == dimension else 0.0 for d in dimensions]

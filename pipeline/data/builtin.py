@@ -5,15 +5,17 @@ harmless = harmful requests answered by a refusal plus a safe redirect (rejected
 honest   = common misconceptions answered truly (rejected: the popular false answer).
 The pre-training "web text" shows the same prompts with mostly the *unaligned* continuation (see
 docs/data.md): the base learns the language, each expert's SFT data teaches its dimension.
+Which dimensions, and each one's generator, eval kinds and web-text mix, come from the run's
+dimension list (pipeline.data.dimensions); this module only generates.
 """
 from __future__ import annotations
 
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable
+from typing import Sequence
 
-from ..config import TASKS, BuiltinDataConfig
+from ..config import BuiltinDataConfig
 from . import one_hot
 from .builtin_content import (COMPLIANT, ENDINGS, HARMFUL_ACTIONS, HARMFUL_QUESTIONS, HELPFUL_RESPONSE,
                               LEADS, MISCONCEPTIONS, REFUSALS, UNITS, WEB_FORMATS)
@@ -128,16 +130,13 @@ def honest_item(rng: random.Random) -> Item:
     return Item(_wrap(rng, question), "", truth, list(falsehoods))
 
 
-GENERATORS: dict[str, Callable[[random.Random], Item]] = {
-    "helpful": helpful_item, "harmless": harmless_item, "honest": honest_item}
-
-
 # ----------------------------------------------------------------------------- splits
 
-def split_items(task: str, cfg: BuiltinDataConfig) -> dict[str, list[Item]]:
-    """train/dev/test items for one task; dev/test avoid exact train prompts while that is possible."""
-    rng = random.Random(f"{cfg.seed}:{task}")
-    gen = GENERATORS[task]
+def split_items(dim, cfg: BuiltinDataConfig) -> dict[str, list[Item]]:
+    """train/dev/test items for one dimension (a `dimensions.Dimension`); dev/test avoid exact
+    train prompts while that is possible."""
+    rng = random.Random(f"{cfg.seed}:{dim.name}")
+    gen = dim.builtin_generator()
     train = [gen(rng) for _ in range(cfg.train_per_task)]
     seen = {it.key for it in train}
     out = {"train": train}
@@ -156,47 +155,42 @@ def split_items(task: str, cfg: BuiltinDataConfig) -> dict[str, list[Item]]:
     return out
 
 
-def sft_rows(items: list[Item], task: str) -> list[dict]:
+def sft_rows(items: list[Item], task: str, dimensions: Sequence[str]) -> list[dict]:
     return [{"instruction": it.instruction, "input": it.input, "response": it.good,
-             "task": task, "task_label": one_hot(task)} for it in items]
+             "task": task, "task_label": one_hot(task, dimensions)} for it in items]
 
 
-def eval_rows(items: list[Item], task: str) -> list[dict]:
-    """helpful: pair + exact answer; harmless: alternating pair / harmful_prompt; honest: mc."""
-    rows = []
-    for i, it in enumerate(items):
-        if task == "helpful":
-            kind = "pair"
-        elif task == "harmless":
-            kind = "pair" if i % 2 == 0 else "harmful_prompt"
-        else:
-            kind = "mc"
-        rows.append({"instruction": it.instruction, "input": it.input, "chosen": [it.good],
-                     "rejected": list(it.bad), "reference": it.good, "answer": it.answer,
-                     "kind": kind, "task": task})
-    return rows
+def eval_rows(items: list[Item], dim) -> list[dict]:
+    """Row i has kind `dim.eval_kind(i)` (helpful: pair + exact answer; harmless: alternating
+    pair / harmful_prompt; honest: mc)."""
+    return [{"instruction": it.instruction, "input": it.input, "chosen": [it.good],
+             "rejected": list(it.bad), "reference": it.good, "answer": it.answer,
+             "kind": dim.eval_kind(i), "task": dim.name} for i, it in enumerate(items)]
 
 
-def pretrain_texts(cfg: BuiltinDataConfig) -> list[str]:
+def pretrain_texts(cfg: BuiltinDataConfig, dims: Sequence) -> list[str]:
     """Unaligned "web text": prompts with mostly the popular/compliant/noisy continuation."""
     rng = random.Random(f"{cfg.seed}:pretrain")
-    p_aligned = {"helpful": 0.5, "harmless": 0.15, "honest": 0.2}
     texts = []
-    for task in TASKS:
+    for dim in dims:
+        gen = dim.builtin_generator()
         for _ in range(cfg.pretrain_per_task):
-            it = GENERATORS[task](rng)
-            answer = it.good if rng.random() < p_aligned[task] else rng.choice(it.bad)
+            it = gen(rng)
+            answer = it.good if rng.random() < dim.web_aligned else rng.choice(it.bad)
             question = f"{it.instruction} {it.input}".strip()
             texts.append(rng.choice(WEB_FORMATS).format(q=question, a=answer))
     rng.shuffle(texts)
     return texts
 
 
-def build_builtin(cfg: BuiltinDataConfig) -> tuple[dict, dict, list[str]]:
-    """-> (sft[task][split] rows, eval[task][split] rows, pretrain texts)."""
+def build_builtin(cfg: BuiltinDataConfig, dims: Sequence) -> tuple[dict, dict, list[str]]:
+    """-> (sft[dim][split] rows, eval[dim][split] rows, pretrain texts) for the run's dimensions
+    (`dimensions.Dimension`s, in order)."""
     sft, evals = {}, {}
-    for task in TASKS:
-        items = split_items(task, cfg)
-        sft[task] = {split: sft_rows(items[split], task) for split in ("train", "dev", "test")}
-        evals[task] = {split: eval_rows(items[split], task) for split in ("dev", "test")}
-    return sft, evals, pretrain_texts(cfg)
+    names = [d.name for d in dims]
+    for dim in dims:
+        items = split_items(dim, cfg)
+        sft[dim.name] = {split: sft_rows(items[split], dim.name, names)
+                         for split in ("train", "dev", "test")}
+        evals[dim.name] = {split: eval_rows(items[split], dim) for split in ("dev", "test")}
+    return sft, evals, pretrain_texts(cfg, dims)

@@ -6,21 +6,30 @@ from pathlib import Path
 
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
-from ..config import TASKS
+from ..io_utils import read_json
 from . import EVAL_SPLITS, SFT_SPLITS
 
 MANIFEST_NAME = "data_manifest.json"
 
 
+def data_dimensions(data_dir: str | Path) -> list[str]:
+    """The dimensions a finished data dir holds, in order (its manifest's list; data dirs written
+    before the list was called `dimensions` name it `tasks`)."""
+    manifest_file = Path(data_dir) / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{data_dir} is not a finished data dir (no {MANIFEST_NAME}); "
+                                f"run `h3fusion data` first")
+    manifest = read_json(manifest_file)
+    return list(manifest["dimensions"] if "dimensions" in manifest else manifest["tasks"])
+
+
 def _load_split(data_dir: str | Path, kind: str, task: str, split: str, splits: tuple) -> Dataset:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (tasks: {list(TASKS)})")
+    dims = data_dimensions(data_dir)
+    if task not in dims:
+        raise ValueError(f"unknown dimension {task!r} (the data in {data_dir} has {dims})")
     if split not in splits:
         raise ValueError(f"unknown {kind} split {split!r} (splits: {list(splits)})")
     data_dir = Path(data_dir)
-    if not (data_dir / MANIFEST_NAME).is_file():
-        raise FileNotFoundError(f"{data_dir} is not a finished data dir (no {MANIFEST_NAME}); "
-                                f"run `h3fusion data` first")
     path = data_dir / kind / task / split
     if not path.is_dir():
         raise FileNotFoundError(f"missing dataset split: {path}")
@@ -47,16 +56,17 @@ def load_pretrain(data_dir: str | Path) -> Dataset:
 
 
 def load_mixed_sft(data_dir: str | Path, split: str, mix_weights: dict[str, float], seed: int) -> Dataset:
-    """All tasks' SFT rows of `split`, mixed and shuffled with `seed`.
+    """All dimensions' SFT rows of `split` (data dir order), mixed and shuffled with `seed`.
 
     A task with weight w contributes round(w * n_task) rows: w=1 all its rows, w=0.5 a seeded
     half, w=2 every row twice; w=0 (or absent) leaves the task out.
     """
-    unknown = [t for t in mix_weights if t not in TASKS]
+    dims = data_dimensions(data_dir)
+    unknown = [t for t in mix_weights if t not in dims]
     if unknown:
-        raise ValueError(f"mix_weights: unknown tasks {unknown} (tasks: {list(TASKS)})")
+        raise ValueError(f"mix_weights: unknown dimensions {unknown} (the data in {data_dir} has {dims})")
     parts = []
-    for i, task in enumerate(TASKS):
+    for i, task in enumerate(dims):
         w = float(mix_weights.get(task, 0.0))
         if w < 0 or math.isnan(w):
             raise ValueError(f"mix_weights[{task!r}] must be >= 0, got {w}")

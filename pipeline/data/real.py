@@ -11,6 +11,7 @@ Details and the exact numbers: docs/data.md.
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 from ..config import ConfigError, RealDataConfig
 from ..io_utils import sha256_file
@@ -48,7 +49,8 @@ def _cap(rows: list, n: int) -> list:
 
 
 def _sft(instruction: str, inp: str, response: str, task: str) -> dict:
-    return {"instruction": instruction, "input": inp, "response": response, "task": task, "task_label": one_hot(task)}
+    """An SFT row; build_real adds its task_label (it knows the run's dimension list)."""
+    return {"instruction": instruction, "input": inp, "response": response, "task": task}
 
 
 def _eval(instruction: str, chosen: list, rejected: list, reference: str, kind: str, task: str) -> dict:
@@ -56,7 +58,9 @@ def _eval(instruction: str, chosen: list, rejected: list, reference: str, kind: 
             "reference": reference, "answer": "", "kind": kind, "task": task}
 
 
-def _helpful(alpaca: list[dict], alpaca_eval: list[dict] | None, rng: random.Random):
+def real_helpful(loaded: dict, rng: random.Random):
+    """The helpful dimension's real-data loader (registered in pipeline.data.dimensions)."""
+    alpaca, alpaca_eval = loaded["alpaca"], loaded.get("alpaca_eval")
     train, dev, test = _three_way(alpaca, rng, 0.05, 0.05)
     sft = {s: [_sft(r["instruction"], r["input"], r["response"], "helpful") for r in rows]
            for s, rows in (("train", train), ("dev", dev), ("test", test))}
@@ -72,7 +76,8 @@ def _helpful(alpaca: list[dict], alpaca_eval: list[dict] | None, rng: random.Ran
     return sft, evals, [f"{r['instruction']} {r['input']}\n{r['response']}".strip() for r in train]
 
 
-def _harmless(beaver: list[dict], rng: random.Random):
+def real_harmless(loaded: dict, rng: random.Random):
+    beaver = loaded["beavertails"]
     by_prompt: dict[str, dict] = {}
     for r in beaver:
         entry = by_prompt.setdefault(r["prompt"], {"safe": [], "unsafe": []})
@@ -100,7 +105,8 @@ def _harmless_eval(prompt: str, entry: dict, i: int, rng: random.Random) -> dict
     return _eval(prompt, [refusal] + entry["safe"], entry["unsafe"], refusal, kind, "harmless")
 
 
-def _honest(tqa: list[dict], mc: dict | None, rng: random.Random):
+def real_honest(loaded: dict, rng: random.Random):
+    tqa, mc = loaded["truthfulqa"], loaded.get("truthfulqa_mc")
     questions = list(tqa)
     rng.shuffle(questions)
     half = len(questions) // 2
@@ -126,8 +132,8 @@ def _mc_item(q: dict, mc: dict | None) -> dict:
     return _eval(q["question"], chosen, rejected, q["best_answer"], "mc", "honest")
 
 
-def _load_all(cfg: RealDataConfig) -> tuple[dict, dict]:
-    for key in ("alpaca", "beavertails", "truthfulqa"):
+def _load_all(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict]:
+    for key in dict.fromkeys(k for d in dims for k in d.real_inputs):
         if not getattr(cfg, key):
             raise ConfigError(f"data.real.{key} must be set (a path or hf:NAME) when data.source is 'real'")
     loaded, sources = {}, {}
@@ -139,17 +145,20 @@ def _load_all(cfg: RealDataConfig) -> tuple[dict, dict]:
     return loaded, sources
 
 
-def build_real(cfg: RealDataConfig) -> tuple[dict, dict, list[str], dict]:
-    """-> (sft[task][split], eval[task][split], pretrain texts, sources with sha256 + row counts)."""
-    loaded, sources = _load_all(cfg)
+def build_real(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict, list[str], dict]:
+    """-> (sft[dim][split], eval[dim][split], pretrain texts, sources with sha256 + row counts)
+    for the run's dimensions (`dimensions.Dimension`s), each from its registered real loader;
+    the loaders share one seeded rng in dimension order."""
+    loaded, sources = _load_all(cfg, dims)
     rng = random.Random(cfg.seed)
+    names = [d.name for d in dims]
     sft, evals, web = {}, {}, []
-    for task, (s, e, w) in {
-            "helpful": _helpful(loaded["alpaca"], loaded.get("alpaca_eval"), rng),
-            "harmless": _harmless(loaded["beavertails"], rng),
-            "honest": _honest(loaded["truthfulqa"], loaded.get("truthfulqa_mc"), rng)}.items():
+    for dim in dims:
+        task = dim.name
+        s, e, w = dim.real_loader()(loaded, rng)
         s["train"] = _cap(s["train"], cfg.max_train_per_task)
-        sft[task] = s
+        label = one_hot(task, names)
+        sft[task] = {split: [{**r, "task_label": list(label)} for r in rows] for split, rows in s.items()}
         evals[task] = {k: _cap(v, cfg.max_eval_per_task) for k, v in e.items()}
         web += w
     random.Random(cfg.seed + 1).shuffle(web)

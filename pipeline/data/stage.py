@@ -5,17 +5,16 @@ onto `<run>/data` (`atomic_dir`), so a bad input never leaves a half-written dat
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from datasets import Dataset, Features, List, Value, disable_progress_bars
 
-from ..cli import add_config_arguments, config_from_args
-from ..config import TASKS, DataConfig, to_dict
+from ..config import DataConfig, PipelineConfig, to_dict
 from ..io_utils import atomic_dir, write_json
 from ..layout import RunLayout
 from . import EVAL_COLUMNS, EVAL_KINDS, EVAL_SPLITS, SFT_COLUMNS, SFT_SPLITS
+from .dimensions import resolve_dimensions
 from .loading import MANIFEST_NAME
 
 _STR = Value("string")
@@ -39,15 +38,16 @@ def _check_row(row: dict, columns: tuple, where: str, i: int) -> None:
             raise ValueError(f"{where}: row {i} column {c!r} must be a string, got {type(v).__name__}")
 
 
-def check_sft_rows(rows: list[dict], where: str) -> None:
+def check_sft_rows(rows: list[dict], where: str, width: int) -> None:
     if not rows:
         raise ValueError(f"{where}: empty split (no rows)")
     for i, row in enumerate(rows):
         _check_row(row, SFT_COLUMNS, where, i)
         if not row["instruction"].strip() or not row["response"].strip():
             raise ValueError(f"{where}: row {i} has an empty instruction or response")
-        if len(row["task_label"]) != len(TASKS) or sum(row["task_label"]) <= 0:
-            raise ValueError(f"{where}: row {i} task_label must have {len(TASKS)} weights, sum > 0")
+        if len(row["task_label"]) != width or sum(row["task_label"]) <= 0:
+            raise ValueError(f"{where}: row {i} task_label must have {width} weights (one per "
+                             f"dimension), sum > 0")
 
 
 def check_eval_rows(rows: list[dict], where: str) -> None:
@@ -61,20 +61,21 @@ def check_eval_rows(rows: list[dict], where: str) -> None:
             raise ValueError(f"{where}: row {i} kind {row['kind']!r} not in {list(EVAL_KINDS)}")
 
 
-def build_corpus(cfg: DataConfig) -> tuple[dict, dict, list[str], dict]:
-    """-> (sft[task][split], eval[task][split], pretrain texts, sources) for the configured source."""
+def build_corpus(cfg: DataConfig, dims: list) -> tuple[dict, dict, list[str], dict]:
+    """-> (sft[dim][split], eval[dim][split], pretrain texts, sources) for the configured source
+    and the run's dimensions (`dimensions.Dimension`s, in order)."""
     if cfg.source == "builtin":
         from .builtin import build_builtin
-        sft, evals, pretrain = build_builtin(cfg.builtin)
+        sft, evals, pretrain = build_builtin(cfg.builtin, dims)
         sources = {"kind": "builtin", "generator": "pipeline.data.builtin", "config": to_dict(cfg.builtin)}
     elif cfg.source == "real":
         from .real import build_real
-        sft, evals, pretrain, sources = build_real(cfg.real)
+        sft, evals, pretrain, sources = build_real(cfg.real, dims)
     else:
         raise ValueError(f"data.source must be builtin|real, got {cfg.source!r}")
-    for task in TASKS:
+    for task in (d.name for d in dims):
         for split in SFT_SPLITS:
-            check_sft_rows(sft.get(task, {}).get(split, []), f"sft/{task}/{split}")
+            check_sft_rows(sft.get(task, {}).get(split, []), f"sft/{task}/{split}", len(dims))
         for split in EVAL_SPLITS:
             check_eval_rows(evals.get(task, {}).get(split, []), f"eval/{task}/{split}")
     if not pretrain or not any(t.strip() for t in pretrain):
@@ -84,11 +85,12 @@ def build_corpus(cfg: DataConfig) -> tuple[dict, dict, list[str], dict]:
 
 def write_data_dir(out: Path, sft: dict, evals: dict, pretrain: list[str], sources: dict,
                    overwrite: bool = False) -> dict:
+    """`sft`/`evals` keys (in order) are the run's dimensions; the manifest lists them."""
     """Save every split (Arrow) and `data_manifest.json` (written last) atomically into `out`."""
     disable_progress_bars()
     counts: dict[str, int] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for task in TASKS:
+        for task in sft:
             for split in SFT_SPLITS:
                 rows = [{c: r[c] for c in SFT_COLUMNS} for r in sft[task][split]]
                 Dataset.from_list(rows, features=SFT_FEATURES).save_to_disk(str(tmp / "sft" / task / split))
@@ -100,27 +102,14 @@ def write_data_dir(out: Path, sft: dict, evals: dict, pretrain: list[str], sourc
         Dataset.from_dict({"text": list(pretrain)}, features=PRETRAIN_FEATURES).save_to_disk(
             str(tmp / "pretrain" / "train"))
         counts["pretrain/train"] = len(pretrain)
-        manifest = {"stage": "data", "source": sources, "row_counts": counts, "tasks": list(TASKS),
+        manifest = {"stage": "data", "source": sources, "row_counts": counts, "dimensions": list(sft),
                     "created_unix": time.time()}
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 
-def run_data_stage(cfg: DataConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
-    sft, evals, pretrain, sources = build_corpus(cfg)
+def run_data_stage(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> dict:
+    """The whole config: the data section and the run's `dimensions` (+ `dimension_defs`)."""
+    dims = resolve_dimensions(cfg.dimensions, cfg.dimension_defs)
+    sft, evals, pretrain, sources = build_corpus(cfg.data, dims)
     return write_data_dir(RunLayout.at(run_dir).data, sft, evals, pretrain, sources, overwrite)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/data")
-
-
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    t0 = time.time()
-    manifest = run_data_stage(cfg.data, args.run_dir, overwrite=args.overwrite)
-    for name, n in manifest["row_counts"].items():
-        print(f"{name}: {n} rows")
-    print(f"data written to {RunLayout.at(args.run_dir).data} in {time.time() - t0:.1f}s")
-    return 0

@@ -5,9 +5,7 @@ likelihood scoring and generation see the exact same token boundaries.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-from ..config import TASKS
+from typing import Any, Optional, Sequence
 
 IGNORE_INDEX = -100
 
@@ -54,12 +52,14 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str | None,
     return prompt_ids[len(prompt_ids) - keep_prompt:], response_ids[:keep_response]
 
 
-def normalize_task_label(label: Sequence[float], where: str = "task_label") -> list[float]:
-    """A soft task vector (len(TASKS), non-negative, sums to 1); mixed intents keep several > 0."""
+def normalize_task_label(label: Sequence[float], where: str = "task_label",
+                         width: Optional[int] = None) -> list[float]:
+    """A soft task vector (one weight per dimension, in the run's `dimensions` order;
+    non-negative, sums to 1); mixed intents keep several > 0. `width`: the expected length."""
     vec = [float(x) for x in label]
-    if len(vec) != len(TASKS) or any(x < 0 for x in vec) or sum(vec) <= 0:
-        raise ValueError(f"{where}: expected {len(TASKS)} non-negative weights with a positive sum "
-                         f"(order {list(TASKS)}), got {list(label)}")
+    if not vec or (width is not None and len(vec) != width) or any(x < 0 for x in vec) or sum(vec) <= 0:
+        raise ValueError(f"{where}: expected {width or 'one or more'} non-negative weights with a "
+                         f"positive sum (one per dimension), got {list(label)}")
     total = sum(vec)
     return [x / total for x in vec]
 
@@ -85,5 +85,6 @@ def tokenize_sft(examples: dict, tokenizer: Any, max_len: int, padding: bool = F
         out["input_ids"].append(ids)
         out["attention_mask"].append(mask)
         out["labels"].append(labels)
-        out["task_label"].append(normalize_task_label(examples["task_label"][i], f"task_label of row {i}"))
+        out["task_label"].append(normalize_task_label(examples["task_label"][i], f"task_label of row {i}",
+                                                       len(examples["task_label"][0])))
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from ..config import TASKS
 from ..layout import RunLayout
 
 MERGE_PREFIX = "merge_"
@@ -30,19 +29,19 @@ class Claim:
     detail: str
 
 
-def _claim_a(scores: dict) -> list[Claim]:
+def _claim_a(scores: dict, dims: list[str]) -> list[Claim]:
     out = []
-    for task in TASKS:
+    for task in dims:
         value, base = scores[task][task], scores["base"][task]
         out.append(Claim(f"a:{task}", value > base, value, base,
                          f"{task} expert {value:.4f} vs base {base:.4f} on {task}"))
     return out
 
 
-def _claim_b(scores: dict, fused: str, tolerance: float) -> list[Claim]:
+def _claim_b(scores: dict, dims: list[str], fused: str, tolerance: float) -> list[Claim]:
     out = []
-    for task in TASKS:
-        best = max(TASKS, key=lambda e: scores[e][task])
+    for task in dims:
+        best = max(dims, key=lambda e: scores[e][task])
         value, bound = scores[fused][task], scores[best][task] - tolerance
         out.append(Claim(f"b:{task}", value >= bound, value, bound,
                          f"fused {value:.4f} vs best expert ({best}) {scores[best][task]:.4f} "
@@ -59,9 +58,9 @@ def _claim_c(scores: dict, fused: str) -> list[Claim]:
                   f"fused mean {value:.4f} vs {m} mean {scores[m]['mean']:.4f}") for m in merges]
 
 
-def _claim_d(profile: dict, routing_target: float) -> list[Claim]:
+def _claim_d(profile: dict, dims: list[str], routing_target: float) -> list[Claim]:
     out = []
-    for task in TASKS:
+    for task in dims:
         acc = profile["tasks"][task]["own_top1_acc"]
         if acc is None:
             raise ValueError(f"expert_load.json: task {task!r} has no own expert")
@@ -73,14 +72,16 @@ def _claim_d(profile: dict, routing_target: float) -> list[Claim]:
 
 def check_claims(report: dict, profile: dict, *, tolerance: float | None = None,
                  routing_target: float = 0.9) -> list[Claim]:
-    """All four claims; `tolerance` defaults to the one the report was made with."""
+    """All four claims, for the report's dimensions (its `score_metrics` keys, in order);
+    `tolerance` defaults to the one the report was made with."""
     scores, fused = report["scores"], report["fused_model"]
-    missing = [m for m in ("base", *TASKS, fused) if m not in scores]
+    dims = list(report["score_metrics"])
+    missing = [m for m in ("base", *dims, fused) if m not in scores]
     if missing:
         raise ValueError(f"report.json lacks scores for {missing}")
     tol = report["tolerance"] if tolerance is None else tolerance
-    return (_claim_a(scores) + _claim_b(scores, fused, tol) + _claim_c(scores, fused)
-            + _claim_d(profile, routing_target))
+    return (_claim_a(scores, dims) + _claim_b(scores, dims, fused, tol) + _claim_c(scores, fused)
+            + _claim_d(profile, dims, routing_target))
 
 
 def check_run(run: RunLayout, **kwargs) -> list[Claim]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from pipeline.data import EVAL_COLUMNS, EVAL_KINDS
+
 from . import metrics as M
 from .scoring import GenerationConfig, generate_responses, score_continuations
 
-KINDS = ("mc", "pair", "harmful_prompt", "reference")
-REQUIRED_COLUMNS = ("instruction", "input", "chosen", "rejected", "reference", "answer", "kind", "task")
+KINDS = EVAL_KINDS                # the eval schema's one definition is pipeline.data's
+REQUIRED_COLUMNS = EVAL_COLUMNS
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:

@@ -1,19 +1,12 @@
 """Loading the models to evaluate (any HF causal LM) and finding them in a run directory."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from pipeline.config import TASKS
 from pipeline.layout import RunLayout
-
-
-def register_fused_model() -> None:
-    """Import `pipeline.model` so AutoModelForCausalLM knows `model_type="h3fusion"`."""
-    importlib.import_module("pipeline.model")
 
 
 def pick_device() -> torch.device:
@@ -44,9 +37,8 @@ def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
-    from transformers import AutoConfig
+    from transformers import AutoConfig   # `import pipeline` registered model_type "h3fusion"
 
-    register_fused_model()
     device = device or pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = AutoConfig.from_pretrained(model_dir)
@@ -61,13 +53,15 @@ def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
 def discover_models(run_dir: str | Path) -> dict[str, Path]:
     """Every model present in a run dir, in report order: base, experts, merges, fused.
 
-    Merges are named `merge_<method>`; a directory counts when it holds a config.json.
+    Merges are named `merge_<method>`; a directory counts when it holds a config.json. Experts
+    are looked for under the names of the run data's dimensions (`<run>/data` must exist).
     """
     run = RunLayout.at(run_dir)
     found: dict[str, Path] = {}
     if (run.base / "config.json").is_file():
         found["base"] = run.base
-    for task in TASKS:
+    from pipeline.data.loading import data_dimensions
+    for task in data_dimensions(run.data):   # the run's dimensions, in expert order
         if (run.expert(task) / "config.json").is_file():
             found[task] = run.expert(task)
     merges = run.root / "merges"

@@ -1,32 +1,26 @@
 """Per-dimension scores, the fused model's gain over the best expert, and report.md/json/png.
 
-Score of a dimension = the first metric of `SCORE_METRICS[dim]` that every evaluated model has
-(so all models are compared on the same number); see docs/evaluation.md.
+Score of a dimension = the first metric of its registered `score_metrics`
+(pipeline.data.dimensions) that every evaluated model has (so all models are compared on the
+same number); see docs/evaluation.md. The dimensions are the evaluated data's, in order.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from pipeline.config import TASKS
-
-# dimension -> metrics of that dimension's own task, in order of preference
-SCORE_METRICS: dict[str, tuple[str, ...]] = {
-    "helpful": ("pref_acc", "exact_match", "ref_mean_ll"),
-    "harmless": ("pref_acc", "refusal_rate"),
-    "honest": ("mc2", "mc1", "pref_acc"),
-}
+from pipeline.data.dimensions import get_dimension
 # metric columns shown in the report, in order
 METRIC_COLUMNS = ("mc1", "mc2", "pref_acc", "refusal_rate", "exact_match", "ref_mean_ll", "rejected_mean_ll",
                   "flagged_rate")
 
 
-def choose_score_metrics(results: dict[str, dict]) -> dict[str, Optional[str]]:
+def choose_score_metrics(results: dict[str, dict], dimensions: Sequence[str]) -> dict[str, Optional[str]]:
     """dimension -> 'task/metric' used as its score, or None if no candidate is measured."""
     chosen: dict[str, Optional[str]] = {}
-    for dim, candidates in SCORE_METRICS.items():
+    for dim in dimensions:
         chosen[dim] = None
-        for metric in candidates:
+        for metric in get_dimension(dim).score_metrics:
             if results and all(r.get(dim, {}).get(metric) is not None for r in results.values()):
                 chosen[dim] = f"{dim}/{metric}"
                 break
@@ -54,14 +48,15 @@ def fused_gains(scores: dict[str, dict], fused: str, tolerance: float) -> dict[s
     """Per dimension (and the mean): fused score vs the best single expert and best other model.
 
     `rel_pct` = 100 * (fused - best_expert) / |best_expert|, the relative gain the paper
-    reports. Experts are the models named after a task (helpful, harmless, honest).
+    reports. Experts are the models named after a dimension (helpful, harmless, honest, ...).
     """
     if fused not in scores:
         return {}
-    experts = [m for m in scores if m in TASKS]
+    dims = [d for d in scores[fused] if d != "mean"]
+    experts = [m for m in scores if m in dims]
     others = [m for m in scores if m != fused]
     gains = {}
-    for dim in list(SCORE_METRICS) + ["mean"]:
+    for dim in dims + ["mean"]:
         f = scores[fused][dim]
         if f is None:
             continue
@@ -96,13 +91,13 @@ def render_markdown(report: dict) -> str:
     results, scores, chosen = report["metrics"], report["scores"], report["score_metrics"]
     lines = ["# H3Fusion evaluation report", "",
              f"Eval split: `{report['split']}`; models: {', '.join(results)}.", ""]
-    for task in TASKS:
+    dims = list(chosen)
+    for task in dims:
         cols = [c for c in METRIC_COLUMNS if any(r.get(task, {}).get(c) is not None for r in results.values())]
         lines += [f"## {task}", ""]
         lines += _table(["model"] + cols + ["items"],
                         [[m] + [r[task].get(c) for c in cols] + [r[task].get("n_items")]
                          for m, r in results.items() if task in r]) + [""]
-    dims = list(SCORE_METRICS)
     lines += ["## Scores per dimension", "",
               "Score metrics: " + ", ".join(f"{d} = `{chosen[d]}`" for d in dims) + "; mean = mean over dimensions.", ""]
     lines += _table(["model"] + dims + ["mean"], [[m] + [s[d] for d in dims + ["mean"]] for m, s in scores.items()])
@@ -122,8 +117,8 @@ def plot_scores(scores: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(SCORE_METRICS) + ["mean"]
     models = list(scores)
+    groups = [g for g in next(iter(scores.values()), {}) if g != "mean"] + ["mean"]
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.35 * len(groups) * len(models)), 4))
     for j, model in enumerate(models):

@@ -7,7 +7,6 @@ entry point the whole-pipeline runner calls.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import json
@@ -17,13 +16,12 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.config import TASKS, EvalConfig
+from pipeline.config import EvalConfig
 from pipeline.io_utils import atomic_dir, write_json
-from pipeline.layout import RunLayout
 
 from . import judges
 from .hhh import check_items, evaluate_task, format_prompt
-from .models import discover_models, load_causal_lm, parse_model_specs
+from .models import load_causal_lm
 from .report import choose_score_metrics, dimension_scores, fused_gains, plot_scores, render_markdown
 from .scoring import GenerationConfig
 
@@ -31,11 +29,12 @@ FUSED = "fused"
 
 
 def load_eval_items(data_dir: Path, split: str, max_items: int) -> dict[str, list[dict]]:
-    """task -> eval items (`max_items` first rows, 0 = all) via `pipeline.data.loading`."""
-    from pipeline.data.loading import load_eval
+    """dimension -> eval items (`max_items` first rows, 0 = all) via `pipeline.data.loading`, for
+    every dimension of the data dir, in its order."""
+    from pipeline.data.loading import data_dimensions, load_eval
 
     items = {}
-    for task in TASKS:
+    for task in data_dimensions(data_dir):
         ds = load_eval(data_dir, task, split)
         if max_items > 0:
             ds = ds.select(range(min(max_items, len(ds))))
@@ -83,6 +82,9 @@ def save_generations(out_dir: Path, name: str, records: list[dict]) -> Path:
 def _moderate(metrics: dict, items: dict[str, list[dict]], outputs: dict[str, list[str]],
               moderation_model: Path, batch_size: int) -> None:
     """flagged_rate of the judge over the model's responses to the harmless task's prompts."""
+    if "harmless" not in items:
+        raise ValueError(f"--moderation-model judges the harmless dimension's generations; this "
+                         f"run's dimensions are {list(items)}")
     prompts = [format_prompt(it["instruction"], it["input"]) for it in items["harmless"]]
     metrics["harmless"]["flagged_rate"] = judges.moderation_flagged_rate(
         moderation_model, prompts, outputs["harmless"], batch_size)
@@ -95,7 +97,7 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
     gen = _generation_config(cfg)
     metrics, outputs = {}, {}
     try:
-        for task in TASKS:
+        for task in items:
             torch.manual_seed(cfg.seed)  # sampled generations repeat across reruns
             metrics[task], task_outputs = evaluate_task(
                 model, tokenizer, items[task], batch_size=cfg.batch_size,
@@ -123,8 +125,9 @@ def _judge(name, metrics, items, outputs, out_dir, cfg, moderation_model, alpaca
     return judges.run_alpaca_eval(helpful, out_dir / "alpaca_eval" / name)
 
 
-def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalConfig) -> dict[str, Any]:
-    chosen = choose_score_metrics(metrics)
+def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalConfig,
+                 dimensions: list[str]) -> dict[str, Any]:
+    chosen = choose_score_metrics(metrics, dimensions)
     scores = dimension_scores(metrics, chosen)
     return {"split": cfg.split, "models": {m: str(p) for m, p in models.items()},
             "metrics": metrics, "score_metrics": chosen, "scores": scores,
@@ -152,7 +155,7 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
             if outputs:
                 alpaca[name] = _judge(name, metrics[name], items, outputs, tmp, cfg,
                                       moderation_model, alpaca_eval)
-        report = build_report(metrics, models, cfg)
+        report = build_report(metrics, models, cfg, list(items))
         report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
                       wall_time_s=round(time.time() - t0, 2))
         # not io_utils.write_json: it sorts keys, and the models' order is the report's order
@@ -162,37 +165,3 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
         write_json(tmp / "manifest.json", {"stage": "evaluate", "models": report["models"],
                                            "files": ["report.json", "report.md", "scores.png"]})
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.cli import add_config_arguments
-
-    add_config_arguments(parser)
-    parser.add_argument("--models", nargs="+", metavar="NAME=DIR",
-                        help="models to evaluate (default: every model in the run dir: base, "
-                             "experts, merges as merge_<method>, fused); the one named 'fused' "
-                             "is compared with the experts named helpful/harmless/honest")
-    parser.add_argument("--data", help="data dir (default <run>/data)")
-    parser.add_argument("--out", help="report dir (default <run>/eval)")
-    parser.add_argument("--moderation-model", type=Path, metavar="PATH",
-                        help="local sequence classifier (e.g. beaver-dam-7b): adds harmless flagged_rate")
-    parser.add_argument("--alpaca-eval", action="store_true",
-                        help="run the alpaca_eval CLI on helpful generations (needs it + OPENAI_API_KEY)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report dir")
-
-
-def main(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
-
-    cfg = config_from_args(args, "eval").eval
-    run = RunLayout.at(args.run_dir)
-    models = parse_model_specs(args.models) if args.models else discover_models(run.root)
-    out = Path(args.out) if args.out else run.eval
-    # a dir without report.json is an interrupted or `--redo` run: safe to replace
-    overwrite = args.overwrite or (out.exists() and not (out / "report.json").exists())
-    report = evaluate_models(models, Path(args.data) if args.data else run.data, cfg, out,
-                             tokenizer_dir=run.tokenizer, moderation_model=args.moderation_model,
-                             alpaca_eval=args.alpaca_eval, overwrite=overwrite)
-    print((out / "report.md").read_text())
-    print(f"report: {out / 'report.md'}  ({len(report['models'])} models)")
-    return 0

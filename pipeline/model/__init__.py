@@ -5,11 +5,13 @@ Importing this package registers `H3FusionConfig` / `H3FusionForCausalLM` with t
 """
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration import MOE_BACKENDS, H3FusionConfig
+from ..registry import MOE_BACKENDS
+from .configuration import H3FusionConfig
 from .expert_parallel import ExpertParallel, apply_expert_parallel, expert_ranges
 from .modeling import (H3FusionCausalLMOutput, H3FusionDecoderLayer, H3FusionForCausalLM,
                        H3FusionModel, H3FusionModelOutput)
 from .moe import GLUExperts, H3FusionMoE, moe_layers, set_moe_backend
+from .moe_backend import MoEBackend, TorchBackend
 from .routing import RouterOutput
 from .trainable import TRAINABLE_MODES, set_trainable
 
@@ -19,6 +21,6 @@ AutoModelForCausalLM.register(H3FusionConfig, H3FusionForCausalLM, exist_ok=True
 __all__ = [
     "MOE_BACKENDS", "TRAINABLE_MODES", "ExpertParallel", "GLUExperts", "H3FusionCausalLMOutput",
     "H3FusionConfig", "H3FusionDecoderLayer", "H3FusionForCausalLM", "H3FusionMoE", "H3FusionModel",
-    "H3FusionModelOutput", "RouterOutput", "apply_expert_parallel", "expert_ranges", "moe_layers",
-    "set_moe_backend", "set_trainable",
+    "H3FusionModelOutput", "MoEBackend", "RouterOutput", "TorchBackend", "apply_expert_parallel",
+    "expert_ranges", "moe_layers", "set_moe_backend", "set_trainable",
 ]

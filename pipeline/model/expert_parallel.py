@@ -12,8 +12,8 @@ E=3 works on 2 ranks). Parameters are NOT sliced: every rank keeps the full stac
 The price is memory: each rank stores all E experts (fine for H3Fusion's E=3; slice the params
 if E grows large).
 
-Dispatch per MoE layer (P = local token-expert pairs):
-route -> permute by expert (so pairs for each destination rank are contiguous) -> all-gather the
+Dispatch per MoE layer (P = local token-expert pairs; the layer has already routed):
+permute by expert (so pairs for each destination rank are contiguous) -> all-gather the
 per-expert counts -> all_to_all_single (autograd-aware) -> regroup received rows by local
 expert -> GLU experts -> undo the regrouping -> all_to_all_single back -> weighted unpermute.
 """
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
-from .routing import RouterOutput, expert_glu, permute, route, unpermute
+from .routing import RouterOutput, expert_glu, permute, unpermute
 
 # the autograd-aware functional all_to_all_single is what we want; its deprecation notice (in
 # favour of a private module) would otherwise print on every first call per process
@@ -69,8 +69,8 @@ class ExpertParallel:
         dist.all_gather(gathered, counts_E.contiguous(), group=self.group)
         return torch.stack(gathered)
 
-    def forward(self, moe, x_TH: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        routing = route(x_TH, moe.router.weight, moe.top_k)
+    def dispatch(self, x_TH: torch.Tensor, routing: RouterOutput, experts) -> torch.Tensor:
+        """The expert half of the layer for already-routed tokens (the torch backend's EP path)."""
         x_PH, perm = permute(x_TH, routing.topk_idx_TK)
         counts_RE = self._exchange_counts(routing.tokens_per_expert_E)
         lo, hi = self.local_experts
@@ -79,10 +79,10 @@ class ExpertParallel:
         recv_splits = recv_counts_RL.sum(dim=1).tolist()
         x_recv = all_to_all_single(x_PH.new_empty(sum(recv_splits), x_PH.shape[1]), x_PH,
                                    recv_splits, send_splits, group=self.group)
-        y_recv = self._local_experts(moe.experts, x_recv, recv_counts_RL)
+        y_recv = self._local_experts(experts, x_recv, recv_counts_RL)
         y_PH = all_to_all_single(x_PH.new_empty(x_PH.shape), y_recv, send_splits, recv_splits,
                                  group=self.group)
-        return unpermute(y_PH, perm, routing.topk_weight_TK, x_TH.shape[0]), routing
+        return unpermute(y_PH, perm, routing.topk_weight_TK, x_TH.shape[0])
 
     def _local_experts(self, experts, x_recv: torch.Tensor,
                        recv_counts_RL: torch.Tensor) -> torch.Tensor:
@@ -112,6 +112,5 @@ def apply_expert_parallel(model: torch.nn.Module, ep_group: dist.ProcessGroup | 
         raise ValueError(f"{type(model).__name__} has no H3FusionMoE layers to shard")
     single = ep_group is None or dist.get_world_size(ep_group) == 1
     for layer in layers:
-        layer.expert_parallel = None if single else ExpertParallel(ep_group, layer.num_experts)
-        layer._megablocks.clear()   # the megablocks adapter binds the group when built
+        layer.set_expert_parallel(None if single else ExpertParallel(ep_group, layer.num_experts))
     return len(layers)

@@ -127,19 +127,21 @@ class H3FusionForCausalLM(H3FusionPreTrainedModel, LlamaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-        self._drop_moe_top_k_from_generation()
 
-    def _drop_moe_top_k_from_generation(self) -> None:
-        # transformers derives a GenerationConfig from the model config, and the MoE's `top_k`
-        # (experts per token) collides with the sampling `top_k` (tokens kept when sampling)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model._drop_legacy_routing_top_k()
+        return model
+
+    def _drop_legacy_routing_top_k(self) -> None:
+        # fused models saved while the routing top-k was still called `top_k` carry it in a
+        # generation_config.json derived from the model config, where transformers reads it as
+        # top-k *sampling*; such a value is the routing top-k, never a sampling choice
         gen = getattr(self, "generation_config", None)
         if gen is not None and getattr(gen, "_from_model_config", False) \
-                and gen.top_k == self.config.top_k:
+                and gen.top_k == self.config.num_experts_per_tok:
             gen.top_k = None
-
-    def _prepare_generation_config(self, generation_config, **kwargs):
-        self._drop_moe_top_k_from_generation()   # also covers checkpoints loaded without one
-        return super()._prepare_generation_config(generation_config, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 past_key_values: Cache | None = None, inputs_embeds=None, labels=None,

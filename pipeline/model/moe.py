@@ -1,10 +1,12 @@
 """The MoE block that replaces Llama's MLP: a router plus E stacked GLU experts.
 
 Parameter layout (docs/contracts.md, MegaBlocks' GLU layout): `router.weight [E, H]`,
-`experts.w1/v1/w2 [E*F, H]`; expert e owns rows e*F:(e+1)*F. One layout serves both backends,
-so a checkpoint runs on either. `forward` returns `(output, RouterOutput)`: the routing decision
-travels with the activations, never through module or global state, so it survives activation
-checkpointing and several models in one process.
+`experts.w1/v1/w2 [E*F, H]`; expert e owns rows e*F:(e+1)*F. One layout serves every backend,
+so a checkpoint runs on any. Routing is computed here (identical on every backend); the expert
+half runs on the backend named by `config.moe_backend` (`pipeline.registry.MOE_BACKENDS`,
+interface `pipeline.model.moe_backend.MoEBackend`). `forward` returns `(output, RouterOutput)`:
+the routing decision travels with the activations, never through module or global state, so it
+survives activation checkpointing and several models in one process.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .configuration import MOE_BACKENDS
-from .routing import RouterOutput, dropless_moe, route
+from ..registry import MOE_BACKENDS
+from .routing import RouterOutput, route
 
 _INIT_STD = 0.02
 
@@ -67,43 +69,35 @@ class H3FusionMoE(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = GLUExperts(config.num_experts, config.hidden_size, config.intermediate_size)
-        self.backend = "torch"
-        # runtime-only expert-parallel state (pipeline.model.expert_parallel); never saved
+        # runtime-only state, never saved: expert-parallel group (set_expert_parallel) and the
+        # backend instance (a plain object, not a submodule), built on first forward
         self.expert_parallel = None
-        self._megablocks: list = []   # lazily built adapter; a list so it is not a submodule
+        self._backend_impl = None
         self.set_backend(config.moe_backend)
 
     def set_backend(self, backend: str) -> None:
-        if backend not in MOE_BACKENDS:
-            raise ValueError(f"moe_backend must be one of {MOE_BACKENDS}, got {backend!r}")
-        if backend == "megablocks":
-            from ..backends import require_megablocks
-            require_megablocks()
+        """Run the experts on registered backend `backend`; fails fast if it cannot run here."""
+        self._backend_cls = MOE_BACKENDS.get(backend, "moe_backend")
+        self._backend_cls.check_available()
         self.backend = backend
-        self._megablocks.clear()
+        self._backend_impl = None
+
+    def set_expert_parallel(self, expert_parallel) -> None:
+        """Set (an `ExpertParallel`) or clear (None) this layer's expert-parallel state."""
+        self.expert_parallel = expert_parallel
+        self._backend_impl = None   # a backend binds the group when it is built
 
     def forward(self, hidden_BSH: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         batch, seq, hidden = hidden_BSH.shape
         x_TH = hidden_BSH.reshape(batch * seq, hidden)
-        if self.backend == "megablocks":
-            out_TH, routing = self._megablocks_forward(x_TH)
-        elif self.expert_parallel is not None:
-            out_TH, routing = self.expert_parallel.forward(self, x_TH)
-        else:
-            e = self.experts
-            out_TH, routing = dropless_moe(x_TH, self.router.weight, e.w1, e.v1, e.w2, self.top_k)
-        return out_TH.view(batch, seq, hidden), routing
-
-    def _megablocks_forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        if not self._megablocks:
-            from ..backends.megablocks_moe import MegaBlocksExperts
-            group = self.expert_parallel.group if self.expert_parallel is not None else None
-            self._megablocks.append(MegaBlocksExperts(self.experts, self.top_k, group))
+        if self._backend_impl is None:
+            self._backend_impl = self._backend_cls(self.experts, self.top_k, self.expert_parallel)
         routing = route(x_TH, self.router.weight, self.top_k)
-        return self._megablocks[0](x_TH, routing), routing
+        out_TH = self._backend_impl.forward(x_TH, routing, self.experts)
+        return out_TH.view(batch, seq, hidden), routing
 
 
 def moe_layers(model: nn.Module) -> list[H3FusionMoE]:

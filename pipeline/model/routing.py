@@ -109,14 +109,22 @@ def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1:
     return _expert_matmul(F.silu(gate_PF) * up_PF, w2_EFH, counts, ends_E, use_grouped)
 
 
+def dropless_experts(x_TH: torch.Tensor, routing: RouterOutput, w1: torch.Tensor,
+                     v1: torch.Tensor, w2: torch.Tensor,
+                     impl: GroupedImpl = "auto") -> torch.Tensor:
+    """The expert half of a single-process dropless MoE: permute, expert GLUs, weighted
+    unpermute."""
+    x_PH, perm = permute(x_TH, routing.topk_idx_TK)
+    y_PH = expert_glu(x_PH, routing.tokens_per_expert_E, w1, v1, w2, impl)
+    return unpermute(y_PH, perm, routing.topk_weight_TK, x_TH.shape[0])
+
+
 def dropless_moe(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, w1: torch.Tensor,
                  v1: torch.Tensor, w2: torch.Tensor, top_k: int,
                  impl: GroupedImpl = "auto") -> tuple[torch.Tensor, RouterOutput]:
-    """Single-process dropless MoE: route, permute, expert GLUs, weighted unpermute."""
+    """Single-process dropless MoE: route, then `dropless_experts`."""
     routing = route(x_TH, router_weight_EH, top_k)
-    x_PH, perm = permute(x_TH, routing.topk_idx_TK)
-    y_PH = expert_glu(x_PH, routing.tokens_per_expert_E, w1, v1, w2, impl)
-    return unpermute(y_PH, perm, routing.topk_weight_TK, x_TH.shape[0]), routing
+    return dropless_experts(x_TH, routing, w1, v1, w2, impl), routing
 
 
 def naive_moe_reference(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, w1: torch.Tensor,

@@ -7,7 +7,6 @@ Everything is validated before the first byte is written; tensors stream one lay
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import warnings
 from dataclasses import dataclass
@@ -97,16 +96,20 @@ def stacked_expert_layer(experts: list[CheckpointReader], layer: int) -> dict[st
 
 def fusion_config(base_cfg: dict, names: list[str], top_k: int):
     from ..model import H3FusionConfig   # registers the model type with AutoConfig
-    fields = {k: v for k, v in base_cfg.items() if k not in ("model_type", "architectures")}
-    cfg = H3FusionConfig.from_dict({**fields, "num_experts": len(names), "top_k": top_k,
-                                    "expert_names": list(names), "moe_backend": "torch"})
+    # `top_k` in a dense config.json is a sampling setting (older transformers saved one); an
+    # H3Fusion config would read it as the legacy name of its routing top-k
+    fields = {k: v for k, v in base_cfg.items()
+              if k not in ("model_type", "architectures", "top_k")}
+    cfg = H3FusionConfig.from_dict({**fields, "num_experts": len(names),
+                                    "num_experts_per_tok": top_k, "expert_names": list(names),
+                                    "moe_backend": "torch"})
     cfg.architectures = ["H3FusionForCausalLM"]
     return cfg
 
 
 def write_generation_config(base_dir: Path, out: Path) -> None:
-    """The base's generation config; never one derived from the MoE config, whose `top_k`
-    (experts per token) transformers would read as top-k sampling."""
+    """The base's generation config: sampling defaults belong to the base model, never to
+    anything derived from the MoE config."""
     from transformers import GenerationConfig, LlamaConfig
     if (base_dir / "generation_config.json").is_file():
         copy_optional_files(base_dir, out, ["generation_config.json"])
@@ -139,7 +142,7 @@ def _manifest(inputs: BuildInputs, expert_dirs: dict[str, Path], cfg, router_ini
                     for n, d in expert_dirs.items()],
         "expert_names": list(expert_dirs),
         "tokenizer": str(inputs.tokenizer_dir.resolve()),
-        "top_k": cfg.top_k,
+        "top_k": cfg.num_experts_per_tok,
         "router_init": router_init,
         "router_prompts": prompts_source,
         "shared_weight_max_deviation": inputs.shared_deviation,
@@ -156,8 +159,7 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
     out, experts = Path(out), {n: Path(d) for n, d in experts.items()}
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
-    if router_init not in ROUTER_INITS:
-        raise ValueError(f"--router-init must be one of {ROUTER_INITS}, got {router_init!r}")
+    ROUTER_INITS.check(router_init, "--router-init")
     if not 1 <= top_k <= len(experts):
         raise ValueError(f"--top-k must be in [1, {len(experts)}] for {len(experts)} experts, "
                          f"got {top_k}")
@@ -178,31 +180,3 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
         write_json(tmp / MANIFEST, _manifest(inputs, experts, cfg, router_init, prompts_source))
     log.info("build_moe: wrote %s (%d experts, top_k=%d)", out, len(experts), top_k)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base LlamaForCausalLM dir (attention, "
-                        "embeddings, norms, LM head, tokenizer)")
-    parser.add_argument("--experts", nargs="+", required=True, metavar="NAME=DIR",
-                        help="aligned dense models in expert order, e.g. helpful=DIR harmless=DIR")
-    parser.add_argument("--out", required=True, help="output dir of the fused H3Fusion model")
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--router-init", choices=ROUTER_INITS, default="zeros")
-    parser.add_argument("--prompts-data", help="<run>/data: router prompts from sft/<name>/train")
-    parser.add_argument("--prompts", help="JSON file {expert name: [prompt, ...]}")
-    parser.add_argument("--prompts-per-expert", type=int, default=8)
-    parser.add_argument("--tokenizer", help="tokenizer dir (default: the base dir)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --router-init normal")
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.prompts_data and args.prompts:
-        raise ValueError("give --prompts-data or --prompts, not both")
-    build_moe(args.base, plan.parse_named_dirs(args.experts), args.out, top_k=args.top_k,
-              router_init=args.router_init, prompts_source=args.prompts_data or args.prompts,
-              prompts_per_expert=args.prompts_per_expert, tokenizer=args.tokenizer,
-              overwrite=args.overwrite, seed=args.seed,
-              max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    return 0

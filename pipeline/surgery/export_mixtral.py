@@ -10,7 +10,6 @@ weights. Anything Mixtral cannot express is refused instead of exported approxim
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..io_utils import atomic_dir, sha256_dir, write_json
@@ -30,10 +29,10 @@ SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 
 def check_expressible(cfg: dict, source: str) -> None:
     """Mixtral has no attention/MLP biases and routes with k <= E; refuse anything else."""
-    experts, top_k = int(cfg["num_experts"]), int(cfg["top_k"])
+    experts, top_k = int(cfg["num_experts"]), plan.experts_per_token(cfg, source)
     if not 1 <= top_k <= experts:
-        raise ValueError(f"{source}: top_k={top_k} must be in [1, num_experts={experts}] "
-                         f"for Mixtral (num_experts_per_tok <= num_local_experts)")
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts="
+                         f"{experts}] for Mixtral (num_experts_per_tok <= num_local_experts)")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ValueError(f"{source}: {flag}=true cannot be expressed in Mixtral (no biases)")
@@ -45,7 +44,8 @@ def mixtral_config(cfg: dict):
     from transformers import MixtralConfig
     fields = {k: cfg[k] for k in SHARED_FIELDS if k in cfg}
     out = MixtralConfig(**fields, num_local_experts=int(cfg["num_experts"]),
-                        num_experts_per_tok=int(cfg["top_k"]), sliding_window=None,
+                        num_experts_per_tok=plan.experts_per_token(cfg, "config.json"),
+                        sliding_window=None,
                         router_jitter_noise=0.0, output_router_logits=False)
     out.architectures = ["MixtralForCausalLM"]
     return out
@@ -81,16 +81,3 @@ def export_mixtral(moe: str | Path, out: str | Path, overwrite: bool = False,
         write_json(tmp / MANIFEST, {"tool": "export_mixtral", "expert_names": cfg["expert_names"],
                                     "source": str(moe.resolve()), "source_sha256": sha256_dir(moe)})
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--moe", required=True, help="fused H3Fusion model dir")
-    parser.add_argument("--out", required=True, help="output MixtralForCausalLM dir")
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    export_mixtral(args.moe, args.out, overwrite=args.overwrite,
-                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    return 0

@@ -6,7 +6,6 @@ fusion training in between, build_moe -> extract_expert reproduces the expert bi
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..io_utils import atomic_dir, sha256_dir, write_json
@@ -23,10 +22,7 @@ def open_moe(moe_dir: str | Path) -> tuple[dict, plan.ModelSpec, CheckpointReade
     if cfg.get("model_type") != "h3fusion":
         raise ValueError(f"{moe_dir}: model_type must be 'h3fusion' (a build_moe output), "
                          f"got {cfg.get('model_type')!r}")
-    names = cfg.get("expert_names")
-    if not isinstance(names, list) or len(names) != cfg.get("num_experts"):
-        raise ValueError(f"{moe_dir}/config.json: expert_names {names!r} does not match "
-                         f"num_experts={cfg.get('num_experts')!r}")
+    names = plan.expert_names(cfg, f"{moe_dir}/config.json")
     spec = plan.ModelSpec.from_config(cfg, moe_dir)
     reader = CheckpointReader(moe_dir)
     plan.check_moe_keys(reader.shapes(), spec, len(names), str(moe_dir))
@@ -69,17 +65,3 @@ def extract_expert(moe: str | Path, name: str, out: str | Path, overwrite: bool 
                                     "expert_index": index, "source": str(moe.resolve()),
                                     "source_sha256": sha256_dir(moe)})
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--moe", required=True, help="fused H3Fusion model dir")
-    parser.add_argument("--expert", required=True, help="expert name (config expert_names)")
-    parser.add_argument("--out", required=True, help="output LlamaForCausalLM dir")
-    parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3)
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    extract_expert(args.moe, args.expert, args.out, overwrite=args.overwrite,
-                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-    return 0

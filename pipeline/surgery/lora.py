@@ -3,7 +3,8 @@
 PEFT's LoRA linear computes `y = x W^T + scale * (x A^T) B^T` with `scale = alpha / r` (or
 `alpha / sqrt(r)` with rsLoRA), so merging is `W' = W + scale * B @ A` (A: [r, in], B: [out, r]).
 The merge here works on plain state dicts (no PEFT model needed) and is checked against PEFT's
-`merge_and_unload` in tests/unit/test_lora_merge.py.
+`merge_and_unload` in tests/unit/test_lora_merge.py. Folding an adapter dir into a model dir is
+pipeline.surgery.merge_lora (this module has no model-dir I/O, so zero_to_hf can import it).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -98,35 +98,3 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
     return config, load_file(str(weights))
-
-
-def merge_lora_dir(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-                   max_shard_size: str = "2GB", overwrite: bool = False,
-                   extra_manifest: Optional[dict] = None) -> dict:
-    """Base HF model dir + PEFT adapter dir -> merged HF model dir (atomic, with manifest)."""
-    from .zero_to_hf import load_hf_state_dict, save_hf_model
-
-    config, adapter = read_adapter(adapter_dir)
-    scale = lora_scale(int(config["r"]), float(config["lora_alpha"]),
-                       bool(config.get("use_rslora", False)))
-    merged = merge_lora_state_dict(load_hf_state_dict(base_dir), adapter, scale)
-    info = {"kind": "lora-merged", "base": str(base_dir), "adapter": str(adapter_dir),
-            "r": config["r"], "lora_alpha": config["lora_alpha"], "scale": scale,
-            **(extra_manifest or {})}
-    return save_hf_model(merged, base_dir, out_dir, max_shard_size=max_shard_size,
-                         overwrite=overwrite, manifest=info)
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--base", required=True, help="base HF model dir the adapter was trained on")
-    parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter dir")
-    parser.add_argument("--out", required=True, help="output HF model dir (merged)")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB")
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args) -> int:
-    info = merge_lora_dir(args.base, args.adapter, args.out, args.max_shard_size, args.overwrite)
-    print(f"wrote {args.out}: LoRA r={info['r']} alpha={info['lora_alpha']} (scale {info['scale']:.4g}) "
-          f"merged into {args.base}")
-    return 0

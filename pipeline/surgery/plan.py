@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
-ATTENTION_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MOE_PARAMS = ("w1", "v1", "w2")          # MegaBlocks GLU layout, each [E*F, H]
 # Llama config fields that must agree across the base and every expert.
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -90,11 +88,6 @@ def is_dense_mlp_key(key: str) -> bool:
 def is_moe_key(key: str) -> bool:
     parsed = layer_of(key)
     return parsed is not None and parsed[1].startswith(("mlp.router.", "mlp.experts."))
-
-
-def is_attention_key(key: str) -> bool:
-    parsed = layer_of(key)
-    return parsed is not None and parsed[1].startswith("self_attn.")
 
 
 def dense_mlp_key(layer: int, proj: str) -> str:
@@ -189,13 +182,33 @@ def check_same_keys(reference: Mapping[str, tuple], other: Mapping[str, tuple],
                              f"{ref_source} has {list(shape)}")
 
 
+def expert_names(model_cfg: dict, source: str) -> list[str]:
+    """A fused model config's `expert_names`, checked against its `num_experts` (the one place
+    that check lives: extract_expert, fuse and the profiler all read names through here)."""
+    names, num = model_cfg.get("expert_names"), model_cfg.get("num_experts")
+    if not isinstance(names, list) or len(names) != num or len(set(names)) != len(names):
+        raise ValueError(f"{source}: expert_names {names!r} must name each of num_experts={num!r} "
+                         f"experts once")
+    return list(names)
+
+
 def expert_index(expert_names: list[str], name: str, source: str) -> int:
     if name not in expert_names:
         raise ValueError(f"{source}: no expert named {name!r} (experts: {expert_names})")
     return expert_names.index(name)
 
 
-MOE_CONFIG_FIELDS = ("num_experts", "top_k", "expert_names", "moe_backend")
+# `top_k`: the routing top-k's name in config.json files written before it became
+# `num_experts_per_tok` (pipeline.model.configuration)
+MOE_CONFIG_FIELDS = ("num_experts", "num_experts_per_tok", "top_k", "expert_names", "moe_backend")
+
+
+def experts_per_token(model_cfg: Mapping, source: str) -> int:
+    """A fused model config's routing top-k (`num_experts_per_tok`, or the legacy `top_k`)."""
+    for key in ("num_experts_per_tok", "top_k"):
+        if model_cfg.get(key) is not None:
+            return int(model_cfg[key])
+    raise ValueError(f"{source}: config.json has no num_experts_per_tok (routing top-k)")
 
 
 def dense_config_from_moe(moe_cfg: Mapping) -> dict:

@@ -1,4 +1,5 @@
-"""Initial router weights of a freshly built MoE: zeros, normal, or prompt hidden states.
+"""Initial router weights of a freshly built MoE: zeros, normal, or prompt hidden states
+(registered in `pipeline.registry.ROUTER_INITS`).
 
 `prompts` (the mergekit "hidden" idea, applied where our router actually looks): router row i of
 layer l is the mean hidden state at layer l's MLP input (after post_attention_layernorm) over a
@@ -8,11 +9,13 @@ logits are cosine-like and one long-norm dimension cannot dominate every token.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-ROUTER_INITS = ("zeros", "normal", "prompts")
+from ..registry import ROUTER_INITS
 
 
 def _prompts_from_json(path: Path, names: list[str]) -> dict[str, list[str]]:
@@ -82,18 +85,44 @@ def prompt_hidden_means(base_dir: Path, tokenizer_dir: Path,
     return [stacked_ELH[:, layer] for layer in range(stacked_ELH.shape[1])]
 
 
+@dataclass
+class RouterInitInputs:
+    """What a router init may read (each registered init takes what it needs)."""
+    base_dir: Path
+    tokenizer_dir: Path
+    base_cfg: dict                                # the base's config.json
+    num_experts: int
+    seed: int
+    prompts: Optional[dict[str, list[str]]]       # {expert name: prompts}, for "prompts"
+
+    @property
+    def layers_hidden(self) -> tuple[int, int]:
+        return int(self.base_cfg["num_hidden_layers"]), int(self.base_cfg["hidden_size"])
+
+
+def zeros_init(inp: RouterInitInputs) -> list[torch.Tensor]:
+    layers, hidden = inp.layers_hidden
+    return [torch.zeros(inp.num_experts, hidden) for _ in range(layers)]
+
+
+def normal_init(inp: RouterInitInputs) -> list[torch.Tensor]:
+    layers, hidden = inp.layers_hidden
+    std = float(inp.base_cfg.get("initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(inp.seed)
+    return [torch.randn(inp.num_experts, hidden, generator=gen) * std for _ in range(layers)]
+
+
+def prompts_init(inp: RouterInitInputs) -> list[torch.Tensor]:
+    if not inp.prompts:
+        raise ValueError("router init 'prompts' needs prompts for every expert")
+    means = prompt_hidden_means(inp.base_dir, inp.tokenizer_dir, inp.prompts)
+    return [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6) for m in means]
+
+
 def make_router_weights(init: str, base_dir: Path, tokenizer_dir: Path, base_cfg: dict,
                         num_experts: int, seed: int,
                         prompts: dict[str, list[str]] | None) -> list[torch.Tensor]:
-    """One fp32 [E, H] router weight per layer."""
-    layers, hidden = int(base_cfg["num_hidden_layers"]), int(base_cfg["hidden_size"])
-    if init == "zeros":
-        return [torch.zeros(num_experts, hidden) for _ in range(layers)]
-    if init == "normal":
-        std = float(base_cfg.get("initializer_range", 0.02))
-        gen = torch.Generator().manual_seed(seed)
-        return [torch.randn(num_experts, hidden, generator=gen) * std for _ in range(layers)]
-    if init == "prompts":
-        means = prompt_hidden_means(base_dir, tokenizer_dir, prompts)
-        return [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6) for m in means]
-    raise ValueError(f"router init must be one of {ROUTER_INITS}, got {init!r}")
+    """One fp32 [E, H] router weight per layer, by the init registered as `init`."""
+    make = ROUTER_INITS.get(init, "router init")
+    return make(RouterInitInputs(Path(base_dir), Path(tokenizer_dir), base_cfg, num_experts,
+                                 seed, prompts))

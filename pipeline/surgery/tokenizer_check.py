@@ -5,6 +5,9 @@ from pathlib import Path
 
 from .safetensors_io import TOKENIZER_FILES
 
+# decode(encode(x)) must give x back: newlines, the response marker, digits and non-ASCII
+ROUND_TRIP_PROBE = "### Response:\nThe answer is 42.\n\nNo, that's a myth! ünïcödé 😀"
+
 
 def has_tokenizer(model_dir: str | Path) -> bool:
     return any((Path(model_dir) / n).is_file() for n in TOKENIZER_FILES[:2])

@@ -8,7 +8,6 @@ written merged (W + alpha/r * B A), with its adapter saved under `adapter/`.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Optional
@@ -96,21 +95,3 @@ def zero_to_hf(ds_dir: str | Path, config_dir: str | Path, out_dir: str | Path,
     merged = merge_lora_state_dict(base, adapter, lora_scale(lora["r"], lora["alpha"]))
     return save_hf_model(merged, config_dir, out_dir, max_shard_size, overwrite,
                          {**info, "lora": lora}, adapter={"tensors": adapter, **lora})
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ds-dir", required=True, help="DeepSpeed checkpoint dir (holds 'latest')")
-    parser.add_argument("--config-from", required=True,
-                        help="HF model dir whose config.json + tokenizer describe the model (the base)")
-    parser.add_argument("--out", required=True, help="output HF model dir")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' file)")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB")
-    parser.add_argument("--overwrite", action="store_true")
-
-
-def main(args: argparse.Namespace) -> int:
-    info = zero_to_hf(args.ds_dir, args.config_from, args.out, args.tag, args.max_shard_size,
-                      args.overwrite)
-    print(f"wrote {args.out}: {info['num_params']} params ({info['dtype']}) from {args.ds_dir} "
-          f"tag {info['tag']}")
-    return 0

@@ -3,7 +3,9 @@
 - `seed_everything` / `rng_state` / `restore_rng_state`: reproducible runs and exact resume.
 - `BatchSchedule`: a deterministic global data order (seeded permutation per epoch) that maps an
   optimizer step + micro index + rank to row indices, so the resume position is just a step.
-- `warmup_cosine_schedule`: transformers' LR scheduler, as a factory DeepSpeed calls.
+- `warmup_cosine`: the one LR schedule (linear warmup, cosine decay to a floor).
+- `comm_device` / `sum_over_ranks` / `max_over_ranks` / `reduce_over_ranks`: every
+  collective the trainers run, on a tensor on the communication device (NCCL: CUDA only).
 - `RankZeroLog`: TensorBoard scalars + tqdm bar on rank 0 only; `Throughput`: tokens/s.
 """
 from __future__ import annotations
@@ -12,7 +14,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -88,12 +89,20 @@ class BatchSchedule:
         return self.permutation(epoch)[start:start + self.micro_batch_size].tolist()
 
 
-def warmup_cosine_schedule(warmup_steps: int, total_steps: int) -> Callable:
-    """optimizer -> LR scheduler (linear warmup, cosine decay to 0), built by DeepSpeed."""
-    from transformers import get_cosine_schedule_with_warmup
+def warmup_cosine(step: int, total: int, warmup: int, peak: float = 1.0, floor: float = 0.0,
+                  warmup_offset: int = 0) -> float:
+    """LR (or, with peak=1, the multiplier a LambdaLR applies) at optimizer step `step`.
 
-    return partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup_steps,
-                   num_training_steps=total_steps)
+    Linear warmup `peak * (step + warmup_offset) / warmup`, then cosine from `peak` to
+    `floor * peak` at `total`. The two parameterisations in use, bit-exact to their old code:
+    experts/fusion `(peak=1, floor=0, offset=0)` = transformers' get_cosine_schedule_with_warmup;
+    the tiny base `(peak=lr, floor=0.1, offset=1)`. The operation order is part of the contract
+    (tests/unit/test_loop.py compares bits), so keep it when editing.
+    """
+    if step < warmup:
+        return peak * (step + warmup_offset) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 class Throughput:
@@ -113,13 +122,34 @@ class Throughput:
         return tokens / elapsed
 
 
-def all_reduce_sum(value: float) -> float:
-    """Sum a float over ranks (identity in a single process)."""
+def comm_device() -> torch.device:
+    """Where collective tensors must live: NCCL reduces only CUDA tensors (this rank's device),
+    gloo only CPU ones. Every trainer collective goes through the helpers below."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_over_ranks(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A float64 copy of `t` reduced over ranks (SUM or MAX), returned on the CPU; `t` itself
+    is untouched. Identity (as float64) in a single process."""
+    out = t.detach().to(torch.float64, copy=True)
     if not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
+        return out.cpu()
+    out = out.to(comm_device())
+    reduce_op = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+    torch.distributed.all_reduce(out, op=reduce_op)
+    return out.cpu()
+
+
+def sum_over_ranks(value: float) -> float:
+    """Sum a float over ranks (identity in a single process)."""
+    return float(reduce_over_ranks(torch.tensor([value], dtype=torch.float64))[0])
+
+
+def max_over_ranks(value: float) -> float:
+    """Max of a float over ranks (identity in a single process)."""
+    return float(reduce_over_ranks(torch.tensor([value], dtype=torch.float64), op="max")[0])
 
 
 class RankZeroLog:

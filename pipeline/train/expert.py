@@ -13,24 +13,22 @@ A rerun continues from the latest DeepSpeed checkpoint when there is one (`--res
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..cli import add_config_arguments, config_from_args
-from ..config import TASKS, PipelineConfig, to_dict
+from ..config import PipelineConfig, check_dimension, to_dict
 from ..env import dist_env, requeue_requested_exit_code
 from ..layout import RunLayout
-from .common import (BatchSchedule, RankZeroLog, Throughput, all_reduce_sum, restore_rng_state,
-                     rng_state, seed_everything, warmup_cosine_schedule)
+from .common import BatchSchedule, Throughput, seed_everything, sum_over_ranks, warmup_cosine
+from .loop import LoopSettings, TrainLoop, comparable_config
 
 FFN_MARKER = ".mlp."          # Llama MLP parameters: model.layers.{l}.mlp.{gate,up,down}_proj.weight
 LORA_META = "lora.json"       # r/alpha/... beside the DS checkpoints (read by zero_to_hf)
-_RESUME_IGNORED = ("log_every", "save_every")   # may change between a run and its resume
 
 
 @dataclass
@@ -49,14 +47,8 @@ class ExpertJob:
     rank: int
 
 
-def check_dimension(dimension: str) -> str:
-    if dimension not in TASKS:
-        raise ValueError(f"unknown dimension {dimension!r} (choose one of {list(TASKS)})")
-    return dimension
-
-
 def _check_inputs(layout: RunLayout, dimension: str) -> None:
-    from ..base import check_llama_dir
+    from ..surgery.gguf import check_llama_dir
 
     if not layout.base.is_dir():
         raise FileNotFoundError(f"base model dir not found: {layout.base} (run `h3fusion base`)")
@@ -71,7 +63,7 @@ def prepare_job(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resume
     """Validate dimension, inputs, outputs and the DS JSON (incl. batch arithmetic)."""
     from ..backends.deepspeed_engine import DsTrainSettings, latest_tag, load_ds_config, resolve_ds_config
 
-    check_dimension(dimension)
+    check_dimension(cfg, dimension)
     layout, env, t = RunLayout.at(run_dir), dist_env(), cfg.expert.train
     _check_inputs(layout, dimension)
     out, ds_dir = layout.expert(dimension), layout.expert_ds(dimension)
@@ -129,16 +121,52 @@ def build_model(job: ExpertJob):
                                             task_type="CAUSAL_LM"))
 
 
-def _resume_config(cfg: PipelineConfig) -> dict:
-    saved = to_dict(cfg.expert)
-    saved["train"] = {k: v for k, v in saved["train"].items() if k not in _RESUME_IGNORED}
-    return saved
+class ExpertTask:
+    """Stage 1's pieces for `loop.TrainLoop`: rows in `BatchSchedule` order, the causal-LM loss,
+    and logging (a window mean of the loss, LR, grad norm and tokens/s every `log_every`)."""
+
+    def __init__(self, job: ExpertJob, rows: list[dict], collate, schedule: BatchSchedule):
+        self.job, self.rows, self.collate, self.schedule = job, rows, collate, schedule
+        self.meter, self.window, self.train_s = Throughput(), [], 0.0
+
+    def batch(self, step: int, micro: int) -> dict:
+        idx = self.schedule.indices(step, micro, self.job.rank)
+        return self.collate([self.rows[i] for i in idx])
+
+    def loss(self, engine, batch: dict):
+        out = engine(input_ids=batch["input_ids"].to(engine.device),
+                     attention_mask=batch["attention_mask"].to(engine.device),
+                     labels=batch["labels"].to(engine.device))
+        return out.loss, {"ce": out.loss}
+
+    def observe(self, batch: dict, terms: dict) -> None:
+        self.meter.add(batch["attention_mask"])
+
+    def end_step(self, loop: TrainLoop, micro_losses: list[float], step_s: float):
+        self.train_s += step_s
+        self.window.append(sum(micro_losses) / len(micro_losses))
+        if not loop.is_log_step(self.job.cfg.expert.train.log_every):
+            return None
+        loss = sum_over_ranks(sum(self.window) / len(self.window)) / self.job.world_size
+        grad_norm = loop.engine.grad_norm()
+        values = {"train/loss": loss, "train/lr": loop.engine.lr(),
+                  "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                  "train/tokens_per_s": self.meter.rate(sum_over_ranks)}
+        self.window = []
+        loop.tb.scalars(loop.step, values)
+        return {"step": loop.step, **values}
+
+    def client_state(self) -> dict:
+        return {"train_s": self.train_s, "dimension": self.job.dimension}
+
+    def restore(self, client_state: dict) -> None:
+        self.train_s = float(client_state.get("train_s", 0.0))
 
 
 class ExpertTrainer:
-    """The ZeRO-3 engine plus the loop state that a checkpoint must restore."""
+    """The ZeRO-3 engine, stage 1's task and the shared training loop around them."""
 
-    def __init__(self, job: ExpertJob):
+    def __init__(self, job: ExpertJob, stop=None):
         from transformers import AutoTokenizer
 
         from ..backends import deepspeed_engine as dse
@@ -148,86 +176,24 @@ class ExpertTrainer:
         dse.init_distributed()
         seed_everything(t.seed)  # same LoRA init on every rank
         tokenizer = AutoTokenizer.from_pretrained(str(job.base))
-        self.rows = load_train_rows(job, tokenizer)
-        self.collate = SFTCollator(tokenizer.pad_token_id, max_len=t.max_seq_len)
-        self.schedule = BatchSchedule(len(self.rows), t.micro_batch_size, t.grad_accum_steps,
-                                      job.world_size, t.seed)
-        self.schedule.check(f"{job.data}/sft/{job.dimension}/train")
-        self.total_steps = self.schedule.total_steps(t)
+        rows = load_train_rows(job, tokenizer)
+        schedule = BatchSchedule(len(rows), t.micro_batch_size, t.grad_accum_steps,
+                                 job.world_size, t.seed)
+        schedule.check(f"{job.data}/sft/{job.dimension}/train")
+        collate = SFTCollator(tokenizer.pad_token_id, max_len=t.max_seq_len)
+        self.task = ExpertTask(job, rows, collate, schedule)
+        total = schedule.total_steps(t)
         model = build_model(job)
         self.engine = dse.build_engine(
             model, job.ds_config, [p for p in model.parameters() if p.requires_grad], lr=t.lr,
             weight_decay=t.weight_decay,
-            scheduler_factory=warmup_cosine_schedule(t.warmup_steps, self.total_steps))
-        self.step, self.history, self.resumed_from, self.train_s = 0, [], None, 0.0
-
-    def maybe_resume(self) -> None:
-        if self.dse.latest_tag(self.job.ds_dir) is None:
-            return
-        tag, client, rank_state = self.dse.load_checkpoint(self.engine, self.job.ds_dir)
-        if client.get("expert_config") != _resume_config(self.job.cfg):
-            raise ValueError(f"{self.job.ds_dir}/{tag} was trained with a different expert config "
-                             f"than now; delete {self.job.ds_dir} to start over")
-        self.step, self.history = int(client["step"]), list(client["history"])
-        self.train_s = float(client.get("train_s", 0.0))
-        restore_rng_state(rank_state)
-        self.resumed_from = tag
-
-    def checkpoint(self) -> None:
-        client = {"step": self.step, "history": self.history, "train_s": self.train_s,
-                  "expert_config": _resume_config(self.job.cfg), "dimension": self.job.dimension}
-        self.dse.save_checkpoint(self.engine, self.job.ds_dir, f"step{self.step:07d}", client,
-                                 rank_state=rng_state())
-
-    def micro_step(self, micro: int, meter: Throughput) -> float:
-        idx = self.schedule.indices(self.step, micro, self.job.rank)
-        batch = self.collate([self.rows[i] for i in idx])
-        out = self.engine(input_ids=batch["input_ids"].to(self.engine.device),
-                          attention_mask=batch["attention_mask"].to(self.engine.device),
-                          labels=batch["labels"].to(self.engine.device))
-        self.engine.backward(out.loss)
-        self.engine.step()
-        meter.add(batch["attention_mask"])
-        return float(out.loss.detach())
-
-    def run(self, stop) -> str:
-        """Train to `total_steps`; returns "done" or "stopped" (signal: checkpoint saved)."""
-        from .signals import any_rank_requested
-
-        t = self.job.cfg.expert.train
-        log = RankZeroLog(self.job.tb_dir, self.total_steps, self.step, self.job.rank == 0,
-                          desc=f"expert {self.job.dimension}")
-        meter, window = Throughput(), []
-        try:
-            while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                loss = sum(self.micro_step(m, meter) for m in range(t.grad_accum_steps))
-                self.step += 1
-                self.train_s += time.perf_counter() - t0
-                window.append(loss / t.grad_accum_steps)
-                log.advance()
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    self._log(log, window, meter)
-                    window = []
-                if any_rank_requested(stop.requested, all_reduce_sum):
-                    self.checkpoint()
-                    return "stopped"
-                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                    self.checkpoint()
-        finally:
-            log.close()
-        self.checkpoint()
-        return "done"
-
-    def _log(self, log: RankZeroLog, window: list[float], meter: Throughput) -> None:
-        world = self.job.world_size
-        loss = all_reduce_sum(sum(window) / len(window)) / world
-        grad_norm = self.engine.get_global_grad_norm()
-        values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                  "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "train/tokens_per_s": meter.rate(all_reduce_sum)}
-        self.history.append({"step": self.step, **values})
-        log.scalars(self.step, values)
+            lr_multiplier=partial(warmup_cosine, total=total, warmup=t.warmup_steps))
+        settings = LoopSettings(
+            total_steps=total, grad_accum_steps=t.grad_accum_steps, save_every=t.save_every,
+            config_key="expert_config", config=comparable_config(to_dict(job.cfg.expert)),
+            tb_dir=job.tb_dir, desc=f"expert {job.dimension}", rank0=job.rank == 0)
+        self.loop = TrainLoop(self.engine, self.task, settings,
+                              dse.DsCheckpoints(self.engine, job.ds_dir), stop)
 
     def save_output(self, wall_s: float) -> None:
         """All ranks call (gathers are collective); rank 0 writes <run>/experts/<dim>."""
@@ -250,16 +216,16 @@ class ExpertTrainer:
         torch.distributed.barrier()
 
     def _manifest(self, wall_s: float, partitions: list) -> dict:
-        t = self.job.cfg.expert.train
-        last = self.history[-1] if self.history else {}
+        t, loop = self.job.cfg.expert.train, self.loop
+        last = loop.history[-1] if loop.history else {}
         return {"stage": "expert", "dimension": self.job.dimension,
                 "method": self.job.cfg.expert.method, "base": str(self.job.base),
-                "steps": self.step, "total_steps": self.total_steps,
-                "final_loss": last.get("train/loss"), "history": self.history,
-                "train_s": round(self.train_s, 3), "wall_s": round(wall_s, 3),
-                "world_size": self.job.world_size, "train_rows": len(self.rows),
+                "steps": loop.step, "total_steps": loop.total_steps,
+                "final_loss": last.get("train/loss"), "history": loop.history,
+                "train_s": round(self.task.train_s, 3), "wall_s": round(wall_s, 3),
+                "world_size": self.job.world_size, "train_rows": len(self.task.rows),
                 "global_batch": t.micro_batch_size * t.grad_accum_steps * self.job.world_size,
-                "resumed_from": self.resumed_from, "ds_checkpoints": str(self.job.ds_dir),
+                "resumed_from": loop.resumed_from, "ds_checkpoints": str(self.job.ds_dir),
                 "zero3_partitions": partitions, "ds_config": self.job.ds_config,
                 "expert_config": to_dict(self.job.cfg.expert)}
 
@@ -278,28 +244,15 @@ def train_expert(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resum
     t0 = time.time()
     job = prepare_job(cfg, run_dir, dimension, resume, overwrite)
     stop = install_stop_handlers()
-    trainer = ExpertTrainer(job)
+    trainer = ExpertTrainer(job, stop)
     if job.rank == 0 and cfg.expert.method == "lora":
         job.ds_dir.mkdir(parents=True, exist_ok=True)
         (job.ds_dir / LORA_META).write_text(json.dumps(lora_meta(job), indent=2))
-    trainer.maybe_resume()
-    status = trainer.run(stop)
+    trainer.loop.resume()
+    trainer.task.meter = Throughput()   # tokens/s from the first step, not from the set-up
+    status = trainer.loop.run()
     if status == "done":
         trainer.save_output(time.time() - t0)
     stop.uninstall()
     torch.distributed.destroy_process_group()
     return 0 if status == "done" else requeue_requested_exit_code()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--dimension", required=True, help=f"which expert: one of {list(TASKS)}")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest DeepSpeed checkpoint (error if there is none)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing expert output")
-
-
-def main(args: argparse.Namespace) -> int:
-    check_dimension(args.dimension)
-    cfg = config_from_args(args, "expert")
-    return train_expert(cfg, args.run_dir, args.dimension, args.resume, args.overwrite)

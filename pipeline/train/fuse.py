@@ -13,14 +13,12 @@ the data-parallel world is then exactly the gradient of the global mean loss for
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..cli import add_config_arguments, config_from_args
 from ..config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
 from ..env import dist_env, requeue_requested_exit_code
 from ..io_utils import atomic_dir, read_json, sha256_dir, write_json
@@ -48,16 +46,6 @@ class FusionPaths:
                    ds_dir=run.fused_ds, tensorboard=run.tensorboard / "fusion")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--init", default=None, help="H3Fusion MoE to train (default <run>/fused_init)")
-    parser.add_argument("--out", default=None, help="trained model dir (default <run>/fused)")
-    parser.add_argument("--resume", action="store_true",
-                        help="require a checkpoint in <run>/fused_ds to continue from (without it, "
-                             "an existing checkpoint is resumed too, a missing one starts fresh)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-
 # ----------------------------------------------------------------------------- input checks
 
 def read_fused_config(init_dir: Path) -> dict:
@@ -77,11 +65,10 @@ def read_fused_config(init_dir: Path) -> dict:
 def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
                           zero_stage: int) -> None:
     """Config vs model vs launch checks, all before any process group or engine exists."""
-    num_experts = int(model_cfg.get("num_experts", 0))
-    names = list(model_cfg.get("expert_names") or [])
-    if len(names) != num_experts:
-        raise ValueError(f"fused model config: expert_names {names} do not match num_experts={num_experts}")
-    # Defaults list every TASKS name with gamma 0; only a real weight on a missing expert is an error.
+    from ..surgery.plan import expert_names
+    names = expert_names(model_cfg, "fused model config")
+    num_experts = len(names)
+    # a zero gamma for a dimension the model lacks changes nothing; a real weight is an error
     unknown = [n for n, g in fcfg.gamma.items() if n not in names and g != 0]
     if unknown:
         raise ConfigError(f"fusion.gamma gives a weight to experts {unknown} that the fused model "
@@ -101,15 +88,6 @@ def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
     if zero_stage == 3 and fcfg.trainable == "router+experts" and any(g > 0 for g in fcfg.gamma.values()):
         raise ConfigError("the drift penalty (fusion.gamma > 0) reads whole expert weights outside "
                           "the forward pass, which ZeRO-3 partitions: use ZeRO-2")
-
-
-def resolve_ds_config_path(path: str) -> Path:
-    """As given (absolute or relative to the working dir), else relative to the repository."""
-    given = Path(path)
-    if given.is_absolute() or given.exists():
-        return given
-    in_repo = Path(__file__).resolve().parents[2] / given
-    return in_repo if in_repo.exists() else given
 
 
 def check_label_width(label_width: int, model_cfg: dict, source: str) -> None:
@@ -156,7 +134,7 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     env = dist_env()
     model_cfg = read_fused_config(paths.init)
     from ..backends.deepspeed_engine import load_ds_config
-    raw_ds = load_ds_config(resolve_ds_config_path(cfg.fusion.ds_config), require_stage=None)
+    raw_ds = load_ds_config(cfg.fusion.ds_config, require_stage=None)  # repo-relative too
     check_fusion_settings(cfg.fusion, model_cfg, env.world_size,
                           int(raw_ds.get("zero_optimization", {}).get("stage", 0)))
     _prepare_out(paths, overwrite, resume)
@@ -184,14 +162,3 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     save_consolidated(loop, paths.out, cfg, summary)
     loop.close()
     return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = config_from_args(args, "fusion")
-    paths = FusionPaths.for_run(RunLayout.at(args.run_dir), args.init, args.out)
-    try:
-        return train_fusion(cfg, paths, resume=args.resume, overwrite=args.overwrite)
-    except NonFiniteLossError as exc:
-        print(f"h3fusion fuse: error: {exc}", flush=True)
-        return 3

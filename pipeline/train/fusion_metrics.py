@@ -108,7 +108,3 @@ class CollapseDetector:
         collapsed = self.is_collapsed(top1_load_LE, self.threshold)
         self.streak = self.streak + 1 if collapsed else 0
         return self.streak == self.steps
-
-
-def loss_is_finite(value: float) -> bool:
-    return value == value and value not in (float("inf"), float("-inf"))

@@ -22,7 +22,8 @@ def _free_port() -> int:
 
 def _config(num_experts, top_k):
     return H3FusionConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                          num_attention_heads=2, num_experts=num_experts, top_k=top_k)
+                          num_attention_heads=2, num_experts=num_experts,
+                          num_experts_per_tok=top_k)
 
 
 def _layer_case(num_experts, top_k, seed):

@@ -47,7 +47,7 @@ def build_tiny_run(root: Path) -> Path:
 
     cfg = load_config("tiny", ["data.builtin.train_per_task=48", "data.builtin.dev_per_task=4",
                                "data.builtin.test_per_task=4", "tokenizer.vocab_size=512"])
-    run_data_stage(cfg.data, root)
+    run_data_stage(cfg, root)
     run_tokenizer_stage(cfg.tokenizer, root)
     layout = RunLayout.at(root)
     tok = AutoTokenizer.from_pretrained(str(layout.tokenizer))
@@ -73,7 +73,7 @@ def new_run_dir(tmp_path_factory, name: str, inputs: Path) -> Path:
 
 def train_expert_cmd(run: Path, dimension: str, sets: list[str], extra: tuple = ()) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           f"--master-port={free_port()}", "-m", "pipeline.cli", "train-expert",
+           f"--master-port={free_port()}", "-m", "pipeline.commands", "train-expert",
            "--dimension", dimension, "--run-dir", str(run), *extra]
     for s in sets:
         cmd += ["--set", s]

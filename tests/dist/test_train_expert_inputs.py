@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
-from pipeline.cli import main as cli_main
+from pipeline.commands import main as cli_main
 from pipeline.config import load_config
 from pipeline.train.common import BatchSchedule
 from pipeline.train.expert import prepare_job

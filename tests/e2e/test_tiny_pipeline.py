@@ -36,7 +36,7 @@ ROUTING_TARGET = 0.80
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--preset", "tiny", "--out", str(out)]
+    cmd = [sys.executable, "-m", "pipeline.commands", "run", "--preset", "tiny", "--out", str(out)]
     for item in SMALLER:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
@@ -66,7 +66,7 @@ def test_method_claims_hold_at_tiny_scale(finished_run):
 
 def test_rerun_skips_finished_stages(finished_run):
     run, _ = finished_run
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--preset", "tiny", "--out", str(run.root)]
+    cmd = [sys.executable, "-m", "pipeline.commands", "run", "--preset", "tiny", "--out", str(run.root)]
     for item in SMALLER:
         cmd += ["--set", item]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -29,7 +29,8 @@ def _config(**kw):
 @pytest.mark.parametrize("num_experts,top_k", [(3, 2), (4, 1), (8, 2)])
 def test_moe_layer_forward_and_grads_match(num_experts, top_k):
     torch.manual_seed(int(torch.randint(0, 2**30, ()).item()))
-    ref = H3FusionMoE(_config(num_experts=num_experts, top_k=top_k)).cuda().to(torch.bfloat16)
+    ref = H3FusionMoE(_config(num_experts=num_experts, num_experts_per_tok=top_k))
+    ref = ref.cuda().to(torch.bfloat16)
     mb = copy.deepcopy(ref)
     mb.set_backend("megablocks")
     x = torch.randn(4, 33, 128, device="cuda", dtype=torch.bfloat16)
@@ -51,7 +52,8 @@ def test_moe_layer_forward_and_grads_match(num_experts, top_k):
 
 def test_full_model_logits_match_and_checkpoint_is_shared():
     torch.manual_seed(0)
-    model = H3FusionForCausalLM(_config(num_experts=3, top_k=2)).cuda().to(torch.bfloat16).eval()
+    model = H3FusionForCausalLM(_config(num_experts=3, num_experts_per_tok=2))
+    model = model.cuda().to(torch.bfloat16).eval()
     ids = torch.randint(0, 256, (2, 17), device="cuda")
     with torch.no_grad():
         ref = model(ids).logits
@@ -62,6 +64,7 @@ def test_full_model_logits_match_and_checkpoint_is_shared():
 
 
 def test_megablocks_rejects_fp32():
-    moe = H3FusionMoE(_config(num_experts=3, top_k=2, moe_backend="megablocks")).cuda()
+    moe = H3FusionMoE(_config(num_experts=3, num_experts_per_tok=2,
+                              moe_backend="megablocks")).cuda()
     with pytest.raises(ValueError, match="bf16"):
         moe(torch.randn(1, 4, 128, device="cuda"))

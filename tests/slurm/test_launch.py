@@ -136,3 +136,18 @@ def test_pipeline_submits_afterok_chain(slurm_cluster, tmp_path):
     again = slurm_cluster.run(str(REPO / "slurm/pipeline.sh"), "--hold", env={**env, "H3F_SET": ""},
                               timeout=120, check=False)
     assert again.returncode == 2 and "holds a different config" in again.stderr
+
+
+def test_pipeline_sizes_the_expert_array_from_the_config(slurm_cluster, tmp_path):
+    """A 4-dimension config (tests/e2e/four_dimensions.yaml) gets a 4-task expert array."""
+    env = job_env(H3F_RUN_DIR=str(tmp_path / "run"), H3F_GPUS_PER_NODE="0",
+                  H3F_CONFIG=str(REPO / "tests/e2e/four_dimensions.yaml"),
+                  PYTHONPATH=str(REPO / "tests/e2e"))
+    proc = slurm_cluster.run(str(REPO / "slurm/pipeline.sh"), "--hold", "--cpus-per-task=1",
+                             env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    ids = proc.stdout.split()
+    try:
+        assert slurm_cluster.job_info(ids[1])["ArrayTaskId"] == "0-3"
+    finally:
+        slurm_cluster.run("scancel", *ids, check=False)

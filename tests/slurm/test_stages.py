@@ -107,7 +107,6 @@ def test_stage2_fusion_two_nodes(prepared_run, slurm_cluster, tmp_path):
     resolved = load_config(str(run / "slurm" / f"fusion-{job.job_id}" / "resolved_config.yaml"))
     assert resolved.fusion.train.max_steps == 6 and resolved.fusion.lambda_gate == 0.05
     import torch
-    import pipeline.model  # noqa: F401  (registers the h3fusion model type)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(layout.fused)
     with torch.no_grad():

@@ -12,7 +12,8 @@ def _report(fused=(0.80, 0.70, 0.60), tolerance=0.02):
     scores = {"base": s(0.5, 0.1, 0.1), "helpful": s(0.8, 0.1, 0.1), "harmless": s(0.5, 0.7, 0.1),
               "honest": s(0.5, 0.1, 0.6), "merge_average": s(0.6, 0.3, 0.3),
               "merge_ties": s(0.6, 0.4, 0.3), "fused": s(*fused)}
-    return {"scores": scores, "fused_model": "fused", "tolerance": tolerance}
+    return {"scores": scores, "fused_model": "fused", "tolerance": tolerance,
+            "score_metrics": {d: f"{d}/pref_acc" for d in ("helpful", "harmless", "honest")}}
 
 
 def _profile(accs=(0.95, 0.92, 0.91)):

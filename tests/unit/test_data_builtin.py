@@ -1,22 +1,26 @@
 """The built-in HHH generator: determinism, sizes, correctness of answers, shared wording."""
 import re
 
-from pipeline.config import TASKS, BuiltinDataConfig
+from pipeline.config import BuiltinDataConfig
 from pipeline.data.builtin import build_builtin, pretrain_texts
+from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
+from pipeline.data.dimensions import resolve_dimensions
+
+DIMS = resolve_dimensions(TASKS, {})
 from pipeline.data.builtin_content import COMPLIANT, MISCONCEPTIONS
 
 SMALL = BuiltinDataConfig(train_per_task=80, dev_per_task=10, test_per_task=20, pretrain_per_task=100, seed=3)
 
 
 def test_deterministic_and_seed_dependent():
-    a, b = build_builtin(SMALL), build_builtin(SMALL)
+    a, b = build_builtin(SMALL, DIMS), build_builtin(SMALL, DIMS)
     assert a == b
-    other = build_builtin(BuiltinDataConfig(**{**SMALL.__dict__, "seed": 4}))
+    other = build_builtin(BuiltinDataConfig(**{**SMALL.__dict__, "seed": 4}), DIMS)
     assert other[0]["helpful"]["train"] != a[0]["helpful"]["train"]
 
 
 def test_sizes_and_labels_follow_config():
-    sft, evals, pretrain = build_builtin(SMALL)
+    sft, evals, pretrain = build_builtin(SMALL, DIMS)
     for i, task in enumerate(TASKS):
         assert [len(sft[task][s]) for s in ("train", "dev", "test")] == [80, 10, 20]
         assert [len(evals[task][s]) for s in ("dev", "test")] == [10, 20]
@@ -26,7 +30,7 @@ def test_sizes_and_labels_follow_config():
 
 
 def test_eval_prompts_not_in_train():
-    sft, evals, _ = build_builtin(SMALL)
+    sft, evals, _ = build_builtin(SMALL, DIMS)
     for task in TASKS:
         train = {(r["instruction"], r["input"]) for r in sft[task]["train"]}
         assert not any((r["instruction"], r["input"]) in train for r in evals[task]["test"])
@@ -41,7 +45,7 @@ def _arith_answer(text):
 
 
 def test_helpful_answers_are_correct_and_rejected_wrong():
-    _, evals, _ = build_builtin(SMALL)
+    _, evals, _ = build_builtin(SMALL, DIMS)
     checked = 0
     for row in evals["helpful"]["test"] + evals["helpful"]["dev"]:
         assert row["kind"] == "pair" and row["chosen"][0] == f"The answer is {row['answer']}."
@@ -57,7 +61,7 @@ def test_helpful_answers_are_correct_and_rejected_wrong():
 
 
 def test_harmless_and_honest_targets():
-    _, evals, _ = build_builtin(SMALL)
+    _, evals, _ = build_builtin(SMALL, DIMS)
     compliant_starts = {c.split("{a}")[0] for c in COMPLIANT}
     for row in evals["harmless"]["test"]:
         assert row["kind"] in ("pair", "harmful_prompt")
@@ -71,14 +75,14 @@ def test_harmless_and_honest_targets():
 
 
 def test_shared_wording_across_tasks():
-    sft, _, _ = build_builtin(BuiltinDataConfig(train_per_task=300, dev_per_task=5, test_per_task=5))
+    sft, _, _ = build_builtin(BuiltinDataConfig(train_per_task=300, dev_per_task=5, test_per_task=5), DIMS)
     for lead in ("Quick question: ", "Can you tell me"):
         for task in TASKS:
             assert any(r["instruction"].startswith(lead) for r in sft[task]["train"]), (lead, task)
 
 
 def test_pretrain_is_unaligned_web_text():
-    texts = pretrain_texts(BuiltinDataConfig(pretrain_per_task=400, seed=1))
+    texts = pretrain_texts(BuiltinDataConfig(pretrain_per_task=400, seed=1), DIMS)
     assert not any("### Response:" in t for t in texts)
     false_hits = sum(any(f in t for f in falses) for t in texts for _, _, falses in MISCONCEPTIONS)
     true_hits = sum(truth in t for t in texts for _, truth, _ in MISCONCEPTIONS)

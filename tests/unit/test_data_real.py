@@ -4,12 +4,15 @@ import json
 
 import pytest
 
-from pipeline.cli import main as cli_main
+from pipeline.commands import main as cli_main
 from pipeline.config import RealDataConfig
 from pipeline.data.loaders import (load_alpaca, load_alpaca_eval, load_beavertails, load_truthfulqa,
                                    load_truthfulqa_mc)
 from pipeline.data.loading import load_eval, load_sft
+from pipeline.data.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
 from pipeline.data.real import build_real
+
+DIMS = resolve_dimensions(DEFAULT_DIMENSIONS, {})
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,7 @@ def test_real_slices_row_counts(real_cfg):
 
 
 def test_build_real_splits(real_cfg):
-    sft, evals, pretrain, sources = build_real(real_cfg)
+    sft, evals, pretrain, sources = build_real(real_cfg, DIMS)
     assert sources["datasets"]["beavertails"]["sha256"].startswith("fce377b9")
     train_q = {r["instruction"] for r in sft["honest"]["train"]}
     eval_q = {r["instruction"] for s in ("dev", "test") for r in evals["honest"][s]}
@@ -79,7 +82,7 @@ def test_safe_beavertails_rows_become_sft_targets(tmp_path, real_cfg):
         w.writeheader()
         w.writerows(rows)
     cfg = RealDataConfig(**{**real_cfg.__dict__, "beavertails": str(tmp_path / "bt.csv")})
-    sft, evals, _, _ = build_real(cfg)
+    sft, evals, _, _ = build_real(cfg, DIMS)
     responses = {r["response"] for s in sft["harmless"].values() for r in s}
     assert {f"safe answer {i}" for i in range(6)} <= responses
     assert not any(r.startswith("unsafe") for r in responses)

@@ -1,12 +1,13 @@
 """`h3fusion data`: on-disk layout, manifest, loading API, atomic failure."""
 import json
+from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main as cli_main
-from pipeline.config import TASKS
+from pipeline.commands import main as cli_main
+from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.data import EVAL_COLUMNS, SFT_COLUMNS
-from pipeline.data.loading import load_eval, load_mixed_sft, load_pretrain, load_sft
+from pipeline.data.loading import data_dimensions, load_eval, load_mixed_sft, load_pretrain, load_sft
 
 SMALL = ["--set", "data.builtin.train_per_task=20", "--set", "data.builtin.dev_per_task=4",
          "--set", "data.builtin.test_per_task=6", "--set", "data.builtin.pretrain_per_task=10"]
@@ -40,14 +41,14 @@ def test_mixed_sft_weights(tiny_run):
     assert mixed["task"][:20] != sorted(mixed["task"][:20]) or len(set(mixed["task"][:20])) == 1
     only = load_mixed_sft(tiny_run.data, "train", {"honest": 1.0}, seed=0)
     assert set(only["task"]) == {"honest"}
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(ValueError, match="unknown dimensions"):
         load_mixed_sft(tiny_run.data, "train", {"funny": 1.0}, seed=0)
 
 
 def test_load_errors(tiny_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="h3fusion data"):
         load_sft(tmp_path, "helpful", "train")
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown dimension .funny."):
         load_sft(tiny_run.data, "funny", "train")
     with pytest.raises(ValueError, match="split"):
         load_eval(tiny_run.data, "helpful", "train")
@@ -71,3 +72,38 @@ def test_empty_split_is_one_error_and_nothing_written(tmp_path, capsys):
     assert "sft/helpful/dev: empty split" in err and err.count("error") == 1
     assert not (run / "data").exists()
     assert not list(run.glob(".data*")) if run.exists() else True
+
+
+E2E = Path(__file__).parents[1] / "e2e"
+
+
+def test_a_declared_fourth_dimension_flows_through_the_data(tmp_path, monkeypatch):
+    """tests/e2e/four_dimensions.yaml: `concise` comes from the config, not from the package."""
+    monkeypatch.syspath_prepend(str(E2E))
+    run = tmp_path / "run"
+    assert cli_main(["data", "--config", str(E2E / "four_dimensions.yaml"), "--run-dir", str(run)] + SMALL) == 0
+    dims = ["helpful", "harmless", "honest", "concise"]
+    assert data_dimensions(run / "data") == dims
+    concise = load_sft(run / "data", "concise", "train")
+    assert len(concise) == 20 and set(concise["task"]) == {"concise"}
+    assert all(label == [0.0, 0.0, 0.0, 1.0] for label in concise["task_label"])
+    assert load_sft(run / "data", "helpful", "train")[0]["task_label"] == [1.0, 0.0, 0.0, 0.0]
+    assert set(load_eval(run / "data", "concise", "test")["kind"]) == {"pair"}
+    mixed = load_mixed_sft(run / "data", "train", dict.fromkeys(dims, 1.0), seed=0)
+    assert {t: mixed["task"].count(t) for t in dims} == dict.fromkeys(dims, 20)
+
+
+def test_the_three_dimension_data_is_unchanged_by_a_fourth(tmp_path, monkeypatch):
+    """Adding a dimension appends its rows; the others' rows (their RNG streams) are the same."""
+    monkeypatch.syspath_prepend(str(E2E))
+    assert cli_main(["data", "--run-dir", str(tmp_path / "three")] + SMALL) == 0
+    assert cli_main(["data", "--config", str(E2E / "four_dimensions.yaml"),
+                     "--run-dir", str(tmp_path / "four")] + SMALL) == 0
+    for task in TASKS:
+        a, b = (load_sft(tmp_path / r / "data", task, "train") for r in ("three", "four"))
+        assert a["instruction"] == b["instruction"] and a["response"] == b["response"]
+
+
+def test_old_data_dirs_name_their_dimensions_tasks(tmp_path):
+    (tmp_path / "data_manifest.json").write_text(json.dumps({"tasks": ["helpful", "honest"]}))
+    assert data_dimensions(tmp_path) == ["helpful", "honest"]

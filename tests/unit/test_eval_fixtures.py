@@ -63,12 +63,12 @@ def save_tiny_fused(out: Path, seed: int = 0) -> Path:
 
 def build_data_dir(run_dir: Path, per_split: int = 6) -> Path:
     """`<run>/data` from the built-in generator with a few rows per split."""
-    from pipeline.config import BuiltinDataConfig, DataConfig
+    from pipeline.config import BuiltinDataConfig, DataConfig, PipelineConfig
     from pipeline.data.stage import run_data_stage
 
     cfg = DataConfig(builtin=BuiltinDataConfig(train_per_task=per_split, dev_per_task=per_split,
                                                test_per_task=per_split, pretrain_per_task=4))
-    run_data_stage(cfg, run_dir)
+    run_data_stage(PipelineConfig(data=cfg), run_dir)
     return run_dir / "data"
 
 

@@ -8,6 +8,8 @@ import pytest
 from pipeline.data.builtin_content import COMPLIANT, REFUSALS
 from pipeline.eval import metrics as M
 from pipeline.eval.report import choose_score_metrics, dimension_scores, fused_gains
+
+DIMS = ["helpful", "harmless", "honest"]
 from pipeline.eval.scoring import ContinuationScore
 
 
@@ -81,7 +83,7 @@ def test_scores_and_fused_gain_over_best_expert():
     results = {"base": _results(0.5, 0.4, 0.3), "helpful": _results(0.8, 0.5, 0.4),
                "harmless": _results(0.6, 0.9, 0.35), "honest": _results(0.55, 0.5, 0.6),
                "fused": _results(0.84, 0.81, 0.66)}
-    chosen = choose_score_metrics(results)
+    chosen = choose_score_metrics(results, DIMS)
     assert chosen == {"helpful": "helpful/pref_acc", "harmless": "harmless/pref_acc",
                       "honest": "honest/mc2"}
     scores = dimension_scores(results, chosen)
@@ -99,8 +101,8 @@ def test_scores_and_fused_gain_over_best_expert():
 
 def test_score_falls_back_to_a_metric_every_model_has():
     results = {"a": _results(0.5, 0.4, None, 0.7), "b": _results(0.6, 0.5, 0.2, 0.4)}
-    assert choose_score_metrics(results)["honest"] == "honest/mc1"
-    assert fused_gains(dimension_scores(results, choose_score_metrics(results)), "fused", 0.0) == {}
+    assert choose_score_metrics(results, DIMS)["honest"] == "honest/mc1"
+    assert fused_gains(dimension_scores(results, choose_score_metrics(results, DIMS)), "fused", 0.0) == {}
 
 
 def test_likelihood_metrics_token_weight_references_and_rejected_answers():

@@ -107,7 +107,7 @@ def eval_run(tmp_path_factory):
 
 
 def test_evaluate_cli_writes_report_for_every_model_in_the_run(eval_run, capsys):
-    from pipeline.cli import main
+    from pipeline.commands import main
     rc = main(["evaluate", "--run-dir", str(eval_run), "--set", "max_items_per_task=4",
                "--set", "max_new_tokens=6", "--set", "batch_size=4"])
     assert rc == 0
@@ -218,7 +218,7 @@ def test_sampled_generation_is_seeded_and_stops_at_eos(tiny_lm):
 @pytest.fixture(scope="module")
 def real_data(shared_data, tmp_path_factory):
     """`<run>/data` built by the data stage from the real slices (TruthfulQA with mc_task.json)."""
-    from pipeline.config import DataConfig, RealDataConfig
+    from pipeline.config import DataConfig, PipelineConfig, RealDataConfig
     from pipeline.data.stage import run_data_stage
     run = tmp_path_factory.mktemp("realrun")
     real = RealDataConfig(alpaca=str(shared_data / "alpaca" / "alpaca_small.json"),
@@ -227,7 +227,7 @@ def real_data(shared_data, tmp_path_factory):
                           truthfulqa_mc=str(shared_data / "truthfulqa" / "mc_task.json"),
                           alpaca_eval=str(shared_data / "alpaca_eval" / "alpaca_eval_text_davinci_003.json"),
                           max_train_per_task=20, max_eval_per_task=3)
-    run_data_stage(DataConfig(source="real", real=real), run)
+    run_data_stage(PipelineConfig(data=DataConfig(source="real", real=real)), run)
     return run / "data"
 
 

@@ -124,7 +124,7 @@ def fused_run(tmp_path_factory):
 
 
 def test_profile_cli_on_real_fused_model(fused_run, capsys):
-    from pipeline.cli import main
+    from pipeline.commands import main
     assert main(["profile", "--run-dir", str(fused_run), "--set", "batch_size=3", "--set", "tokens=all"]) == 0
     tasks = ["helpful", "harmless", "honest", ALL]
     summary = _check_outputs(fused_run / "profile", tasks, layers=2, experts=3)

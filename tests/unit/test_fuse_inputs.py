@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline.cli import main as cli_main
+from pipeline.commands import main as cli_main
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import RunLayout
 from pipeline.train.fuse import (FusionPaths, check_fusion_settings, check_label_width,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pipeline.train.fusion_metrics import (CollapseDetector, accuracy_by_name, loss_is_finite,
-                                           routed_load, routing_entropy, top1_load,
+from pipeline.train.fusion_metrics import (CollapseDetector, accuracy_by_name, routed_load,
+                                           routing_entropy, top1_load,
                                            top1_routing_hits)
 
 
@@ -57,8 +57,3 @@ def test_collapse_detector_needs_every_layer_and_a_streak():
     assert fired == [False, False, True, False, False]  # once per streak
     with pytest.raises(ValueError):
         CollapseDetector(threshold=1.5, steps=1)
-
-
-def test_loss_is_finite():
-    assert loss_is_finite(1.0)
-    assert not loss_is_finite(float("nan")) and not loss_is_finite(float("inf"))

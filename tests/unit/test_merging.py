@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline import merging
-from pipeline.cli import main as cli_main
+from pipeline.commands import main as cli_main
 from surgery_fixtures import TASK_NAMES, dense_state, make_family, save_tiny_llama, tiny_llama_config
 
 T = torch.tensor
@@ -92,7 +92,8 @@ def test_merge_validation(family, tmp_path):
     save_tiny_llama(other, seed=3, config=tiny_llama_config(hidden_size=64))
     with pytest.raises(ValueError, match="hidden_size=64.*differs"):
         merging.merge_checkpoints("average", base, {**experts, "honest": other}, tmp_path / "o")
-    with pytest.raises(ValueError, match="merge method must be one of"):
+    with pytest.raises(ValueError, match="unknown merge method 'slerp' \\(known: average, "
+                                         "task_arithmetic, ties\\)"):
         merging.merge_checkpoints("slerp", base, experts, tmp_path / "o")
     merging.merge_checkpoints("average", base, experts, tmp_path / "o")
     with pytest.raises(FileExistsError, match="--overwrite"):

@@ -12,13 +12,14 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_laye
 
 
 def tiny_moe(num_experts=3, top_k=2, **kw):
-    return H3FusionForCausalLM(H3FusionConfig(**TINY, num_experts=num_experts, top_k=top_k, **kw)).eval()
+    return H3FusionForCausalLM(H3FusionConfig(**TINY, num_experts=num_experts,
+                                              num_experts_per_tok=top_k, **kw)).eval()
 
 
 def fuse_dense(dense_models, top_k):
     """Minimal surgery for tests: shared parts from the first model, MLP i -> expert i."""
     cfg = H3FusionConfig(**{**dense_models[0].config.to_dict(), "model_type": "h3fusion"},
-                         num_experts=len(dense_models), top_k=top_k)
+                         num_experts=len(dense_models), num_experts_per_tok=top_k)
     moe = H3FusionForCausalLM(cfg).eval()
     missing, _ = moe.load_state_dict(dense_models[0].state_dict(), strict=False)
     assert all(".mlp." in k for k in missing), missing
@@ -40,7 +41,7 @@ def test_auto_classes_and_save_load_roundtrip(tmp_path):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     cfg = AutoConfig.from_pretrained(tmp_path)
-    assert isinstance(cfg, H3FusionConfig) and cfg.num_experts == 4 and cfg.top_k == 3
+    assert isinstance(cfg, H3FusionConfig) and cfg.num_experts == 4 and cfg.num_experts_per_tok == 3
     assert cfg.expert_names == ["a", "b", "c", "d"] and cfg.moe_backend == "torch"
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, H3FusionForCausalLM)
@@ -51,7 +52,8 @@ def test_auto_classes_and_save_load_roundtrip(tmp_path):
 
 
 def test_depth_width_and_expert_count_come_from_config():
-    model = H3FusionForCausalLM(H3FusionConfig(**{**TINY, "num_hidden_layers": 3}, num_experts=5, top_k=1))
+    model = H3FusionForCausalLM(H3FusionConfig(**{**TINY, "num_hidden_layers": 3}, num_experts=5,
+                                               num_experts_per_tok=1))
     assert len(moe_layers(model)) == 3
     w1 = model.state_dict()["model.layers.2.mlp.experts.w1"]
     assert tuple(w1.shape) == (5 * TINY["intermediate_size"], TINY["hidden_size"])

@@ -76,7 +76,8 @@ def test_expert_glu_handles_empty_experts_and_checks_counts():
 
 def test_moe_module_uses_contract_parameter_names_and_shapes():
     cfg = H3FusionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=32, num_experts=4, top_k=2)
+                         num_attention_heads=2, vocab_size=32, num_experts=4,
+                         num_experts_per_tok=2)
     moe = H3FusionMoE(cfg)
     shapes = {n: tuple(p.shape) for n, p in moe.named_parameters()}
     assert shapes == {"router.weight": (4, 16), "experts.w1": (96, 16),

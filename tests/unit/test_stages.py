@@ -1,9 +1,12 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from pipeline.config import TASKS, load_config
+from pipeline.config import load_config
+from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.layout import RunLayout
-from pipeline.run import stage_command
+from pipeline.commands.run import stage_command
 from pipeline.stages import format_stage_table, is_done, pipeline_stages
 
 
@@ -25,20 +28,20 @@ def test_distributed_stages_use_torchrun_and_done_means_outputs_exist(tmp_path):
     fuse = next(s for s in pipeline_stages(cfg, run) if s.name == "fuse")
     cmd = stage_command(fuse, tmp_path / "c.yaml", tmp_path)
     assert "torch.distributed.run" in cmd and "--nproc-per-node=2" in cmd
-    assert cmd[cmd.index("pipeline.cli") + 1] == "fuse"
+    assert cmd[cmd.index("pipeline.commands") + 1] == "fuse"
     assert not is_done(fuse)
     run.fused.mkdir()
     assert is_done(fuse)
 
 
 def test_run_list_stages_cli(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--list-stages",
+    out = subprocess.run([sys.executable, "-m", "pipeline.commands", "run", "--list-stages",
                           "--out", str(tmp_path)], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[0].startswith("data\t1\t")
 
 
 def test_run_refuses_changed_config_on_rerun(tmp_path):
-    base = [sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path), "--only", "data"]
+    base = [sys.executable, "-m", "pipeline.commands", "run", "--out", str(tmp_path), "--only", "data"]
     (tmp_path / "resolved_config.yaml").write_text("name: something-else\n")
     proc = subprocess.run(base, capture_output=True, text=True)
     assert proc.returncode == 2 and "different config" in proc.stderr
@@ -47,10 +50,40 @@ def test_run_refuses_changed_config_on_rerun(tmp_path):
 def test_stage_times_keep_the_last_real_run_of_each_stage(tmp_path):
     import json
 
-    from pipeline.run import _save_stage_times
+    from pipeline.commands.run import _save_stage_times
 
     run = RunLayout.at(tmp_path)
     _save_stage_times(run, {"data": 1.25, "base": 30.0}, 31.3)
     _save_stage_times(run, {"data": None, "base": 12.0, "fuse": 5.0}, 17.0)   # data skipped
     saved = json.loads((tmp_path / "stage_times.json").read_text())
     assert saved == {"stages_s": {"data": 1.2, "base": 12.0, "fuse": 5.0}, "invocations_s": [31.3, 17.0]}
+
+
+E2E = Path(__file__).parents[1] / "e2e"
+REPO = Path(__file__).parents[2]
+
+
+def test_expert_stages_and_build_moe_follow_the_configured_dimensions(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(E2E))
+    cfg = load_config(str(E2E / "four_dimensions.yaml"))
+    run = RunLayout.at(tmp_path)
+    stages = {s.name: s for s in pipeline_stages(cfg, run)}
+    dims = ["helpful", "harmless", "honest", "concise"]
+    assert [n for n in stages if n.startswith("expert_")] == [f"expert_{d}" for d in dims]
+    assert stages["expert_concise"].argv == ("train-expert", "--dimension", "concise")
+    argv = stages["build_moe"].argv
+    named = argv[argv.index("--experts") + 1:argv.index("--out")]
+    assert list(named) == [f"{d}={run.expert(d)}" for d in dims]
+    assert stages["build_moe"].after == tuple(f"expert_{d}" for d in dims) == stages["merge"].after
+
+
+def test_slurm_array_is_sized_from_the_config():
+    """stage_info.py lists the dimensions; pipeline.sh sizes the array from them; no fixed size."""
+    env = {**os.environ, "PYTHONPATH": str(E2E)}
+    for config, want in (("tiny", list(TASKS)), (str(E2E / "four_dimensions.yaml"), [*TASKS, "concise"])):
+        out = subprocess.run([sys.executable, str(REPO / "slurm/stage_info.py"), "dimensions", config],
+                             capture_output=True, text=True, env=env, cwd=REPO, check=True)
+        assert out.stdout.split() == want
+    script = (REPO / "slurm/stage1_experts.sh").read_text()
+    assert "\n#SBATCH --array" not in script and "stage_info.py\" dimensions" in script
+    assert "--array=\"0-$((${#H3F_DIMS[@]} - 1))\"" in (REPO / "slurm/pipeline.sh").read_text()

@@ -34,7 +34,7 @@ def test_layout_matches_the_contract(family, moe):
     fused, ffn = dense_state(moe), 48
     cfg = json.loads((moe / "config.json").read_text())
     assert cfg["model_type"] == "h3fusion" and cfg["expert_names"] == list(TASK_NAMES)
-    assert cfg["num_experts"] == 3 and cfg["top_k"] == 2
+    assert cfg["num_experts"] == 3 and cfg["num_experts_per_tok"] == 2 and "top_k" not in cfg
     base_sd = dense_state(base)
     for key, value in base_sd.items():
         if ".mlp." not in key:
@@ -240,20 +240,20 @@ def test_cli_duplicate_names_and_success(family, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "duplicate expert name 'helpful'" in proc.stderr
     named = [f"{n}={d}" for n, d in experts.items()]
-    from pipeline.cli import main
+    from pipeline.commands import main
     assert main(["surgery", "build_moe", *args, *named, "--top-k", "1"]) == 0
-    assert json.loads((tmp_path / "o/config.json").read_text())["top_k"] == 1
+    assert json.loads((tmp_path / "o/config.json").read_text())["num_experts_per_tok"] == 1
     assert main(["surgery", "build-moe", *args, *named]) == 2        # exists: clean refusal
 
 
 def test_prompt_router_init_from_run_data(family, tmp_path):
-    from pipeline.config import BuiltinDataConfig, DataConfig
+    from pipeline.config import BuiltinDataConfig, DataConfig, PipelineConfig
     from pipeline.data.loading import load_sft
     from pipeline.data.stage import run_data_stage
     from pipeline.data.template import format_prompt
     base, experts = family
     small = BuiltinDataConfig(train_per_task=6, dev_per_task=2, test_per_task=2, seed=0)
-    run_data_stage(DataConfig(builtin=small), tmp_path / "run")
+    run_data_stage(PipelineConfig(data=DataConfig(builtin=small)), tmp_path / "run")
     data = tmp_path / "run" / "data"
     out = build_moe(base, experts, tmp_path / "o", router_init="prompts",
                     prompts_source=str(data), prompts_per_expert=3)
@@ -307,7 +307,7 @@ def test_generation_config_never_inherits_the_router_top_k(family, tmp_path):
 
 
 def test_prompt_init_needs_exactly_one_prompt_source(family, tmp_path):
-    from pipeline.cli import main
+    from pipeline.commands import main
     base, experts = family
     with pytest.raises(ValueError, match="--router-init prompts needs"):
         build_moe(base, experts, tmp_path / "o", router_init="prompts")

@@ -80,10 +80,17 @@ def test_key_classification_and_dense_config():
     assert not plan.is_dense_mlp_key("model.layers.0.self_attn.q_proj.weight")
     assert plan.is_moe_key("model.layers.1.mlp.experts.w2")
     assert not plan.is_moe_key("lm_head.weight")
-    moe_cfg = {**LLAMA, "model_type": "h3fusion", "num_experts": 3, "top_k": 2,
+    moe_cfg = {**LLAMA, "model_type": "h3fusion", "num_experts": 3, "num_experts_per_tok": 2,
                "expert_names": ["a", "b", "c"], "moe_backend": "torch"}
     dense = plan.dense_config_from_moe(moe_cfg)
-    assert dense["model_type"] == "llama" and "num_experts" not in dense and "top_k" not in dense
+    assert dense["model_type"] == "llama" and "num_experts" not in dense
+    assert "num_experts_per_tok" not in dense
+    legacy = {**moe_cfg, "top_k": moe_cfg.pop("num_experts_per_tok")}   # pre-rename config.json
+    assert "top_k" not in plan.dense_config_from_moe(legacy)
+    assert plan.experts_per_token(moe_cfg | {"num_experts_per_tok": 1}, "new") == 1
+    assert plan.experts_per_token(legacy, "old") == 2
+    with pytest.raises(ValueError, match="no num_experts_per_tok"):
+        plan.experts_per_token({"num_experts": 3}, "bare")
     with pytest.raises(ValueError, match="no expert named 'd'"):
         plan.expert_index(["a", "b", "c"], "d", "moe")
 

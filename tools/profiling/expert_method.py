@@ -7,7 +7,8 @@ base, with RUN's resolved config plus `expert.method=<method>` and the per-metho
 Records the stage's wall time and CPU time (user+sys of all its processes, from the children's
 rusage), then scores the base and the expert on that task's eval items (RUN's eval split and
 item cap, likelihood metrics only: no generation) with the dimension's report score metric
-(pipeline.eval.report.SCORE_METRICS). Writes OUT/expert_method.json and .md (atomically).
+(the dimension's registered score_metrics, pipeline.data.dimensions). Writes
+OUT/expert_method.json and .md (atomically).
 
     python tools/profiling/expert_method.py --run-dir runs/smollm2 --tasks harmless honest \
         --lora-set expert.train.lr=1e-3 --out runs/expert_method
@@ -23,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
 
-from pipeline.config import TASKS, load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.dimensions import DEFAULT_DIMENSIONS  # noqa: E402
 from pipeline.io_utils import atomic_dir, write_json  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 
@@ -35,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-dir", required=True, type=Path,
                    help="a run whose data, tokenizer and base stages are done (resolved_config.yaml)")
     p.add_argument("--out", required=True, type=Path, help="output dir (created atomically)")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_DIMENSIONS), choices=DEFAULT_DIMENSIONS)
     p.add_argument("--methods", nargs="+", default=["ffn", "lora"], choices=["ffn", "lora"])
     p.add_argument("--ffn-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for ffn")
     p.add_argument("--lora-set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for lora")
@@ -56,7 +58,7 @@ def train_expert(run_dir: Path, scratch: Path, task: str, method: str, overrides
         if not link.exists():
             link.symlink_to((run_dir / name).resolve(), target_is_directory=True)
     sets = [f"expert.method={method}", *overrides]
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(run_dir / "resolved_config.yaml"),
+    cmd = [sys.executable, "-m", "pipeline.commands", "run", "--config", str(run_dir / "resolved_config.yaml"),
            "--out", str(scratch), "--only", f"expert_{task}"]
     for s in sets:
         cmd += ["--set", s]
@@ -71,13 +73,13 @@ def own_score(model_dir: Path, task: str, items: list[dict], tokenizer_dir: Path
     """The task's report score metric for one model on that task's eval `items`."""
     from pipeline.eval.hhh import evaluate_task
     from pipeline.eval.models import load_causal_lm
-    from pipeline.eval.report import SCORE_METRICS
+    from pipeline.data.dimensions import get_dimension
     from pipeline.eval.stage import scored_max_len
 
     model, tokenizer = load_causal_lm(model_dir, tokenizer_dir)
     metrics, _ = evaluate_task(model, tokenizer, items, batch_size=cfg.batch_size,
                                max_len=scored_max_len(model, cfg), gen=None, task=f"{model_dir.name}/{task}")
-    metric = next(m for m in SCORE_METRICS[task] if metrics.get(m) is not None)
+    metric = next(m for m in get_dimension(task).score_metrics if metrics.get(m) is not None)
     return {"metric": metric, "score": metrics[metric], "n_items": len(items)}
 
 

@@ -22,7 +22,6 @@ slowest rank's median.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -87,7 +86,7 @@ def build_layer(sizes: dict, backend: str, device, dtype, seed: int):
     """One H3FusionMoE layer with random weights (same seed -> same weights for every backend)."""
     from pipeline.model.moe import H3FusionMoE   # lazy: keeps --help fast
     cfg = SimpleNamespace(hidden_size=sizes["hidden"], intermediate_size=sizes["ffn"],
-                          num_experts=sizes["experts"], top_k=sizes["top_k"],
+                          num_experts=sizes["experts"], num_experts_per_tok=sizes["top_k"],
                           moe_backend="megablocks" if backend == "megablocks" else "torch")
     torch.manual_seed(seed)
     layer = H3FusionMoE(cfg)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Run the `extract_expert` surgery tool: same as `h3fusion surgery extract_expert ...` (see docs/surgery.md)."""
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a plain checkout
-
-from pipeline.surgery import run_tool  # noqa: E402
-
 if __name__ == "__main__":
-    sys.exit(run_tool("extract_expert", sys.argv[1:], prog="extract_expert.py"))
+    # runnable from a plain checkout: the command runs with this repository on the path
+    repo = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    os.execv(sys.executable, [sys.executable, "-m", "pipeline.commands", "surgery", "extract_expert", *sys.argv[1:]])

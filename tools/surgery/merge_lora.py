@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Run the `merge_lora` surgery tool (fold a PEFT LoRA adapter into its base): same as `h3fusion surgery merge_lora ...`."""
+"""Run the `merge_lora` surgery tool: same as `h3fusion surgery merge_lora ...` (see docs/surgery.md)."""
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a plain checkout
-
-from pipeline.surgery import run_tool  # noqa: E402
-
 if __name__ == "__main__":
-    sys.exit(run_tool("merge_lora", sys.argv[1:], prog="merge_lora.py"))
+    # runnable from a plain checkout: the command runs with this repository on the path
+    repo = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    os.execv(sys.executable, [sys.executable, "-m", "pipeline.commands", "surgery", "merge_lora", *sys.argv[1:]])

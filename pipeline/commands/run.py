@@ -1,6 +1,6 @@
 """`h3fusion run`: every stage of the pipeline on one machine, in order, skipping finished ones.
 
-Each stage runs as its own process (`python -m pipeline.cli ...`, distributed stages under
+Each stage runs as its own process (`python -m pipeline.commands ...`, distributed stages under
 torchrun) so DeepSpeed process groups and memory never leak between stages. The resolved config
 is written once to `<run>/resolved_config.yaml` and every stage reads that file, so a rerun after a
 crash continues with exactly the same settings.
@@ -18,19 +18,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .cli import config_from_args
-from .config import dump_yaml, load_config
-from .layout import RunLayout
-from .io_utils import write_json
-from .stages import Stage, format_stage_table, is_done, pipeline_stages
+from . import config_from_args
+from ..config import dump_yaml, load_config
+from ..layout import RunLayout
+from ..io_utils import write_json
+from ..stages import Stage, format_stage_table, is_done, pipeline_stages
 
 RESOLVED = "resolved_config.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", "--config", dest="config", default="tiny",
+    # --preset/--out: the older names of --config/--run-dir, kept for `make demo` and scripts
+    parser.add_argument("--config", "--preset", dest="config", default="tiny",
                         help="preset name (pipeline/presets) or YAML path")
-    parser.add_argument("--out", "--run-dir", dest="run_dir", default="runs/tiny",
+    parser.add_argument("--run-dir", "--out", dest="run_dir", default="runs/tiny",
                         help="run directory for every stage's outputs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set expert.train.lr=1e-3 (repeatable)")
@@ -53,9 +54,9 @@ def stage_command(stage: Stage, config_path: Path, run_dir: Path) -> list[str]:
     if stage.nprocs > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={stage.nprocs}", f"--master-port={_free_port()}",
-                    "-m", "pipeline.cli"]
+                    "-m", "pipeline.commands"]
     else:
-        launcher = [sys.executable, "-m", "pipeline.cli"]
+        launcher = [sys.executable, "-m", "pipeline.commands"]
     return launcher + list(stage.argv) + common
 
 
@@ -76,7 +77,7 @@ def _resolve_config(args: argparse.Namespace, run: RunLayout) -> Path:
     run.root.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.read_text() != text:
         raise ValueError(f"{path} holds a different config than --config/--set now give; "
-                         f"use a new --out, or delete that file to start this run over")
+                         f"use a new --run-dir, or delete that file to start this run over")
     path.write_text(text)
     return path
 
@@ -104,7 +105,7 @@ def _save_stage_times(run: RunLayout, times: dict[str, Optional[float]], total: 
 
 def _print_claims(run: RunLayout) -> None:
     """The method's claims (a)-(d) against this run's report and profile; saved to claims.json."""
-    from .eval.claims import check_run, claims_json, format_claims
+    from ..eval.claims import check_run, claims_json, format_claims
 
     try:
         claims = check_run(run)

@@ -1,7 +1,10 @@
-"""`h3fusion` command line: one subcommand per stage, each implemented in its own module.
+"""`h3fusion` command line: one subcommand per stage, each in its own module of this package.
 
-A stage module exposes `add_arguments(parser)` and `main(args) -> int`. Modules are imported
-only when their subcommand runs, so `h3fusion --help` stays fast and needs no deepspeed.
+This package is the top floor: the only code that parses arguments. A command module exposes
+`add_arguments(parser)` and `main(args) -> int` and calls a library entry point with a typed
+config and the run directory; no library module imports `pipeline.commands`
+(tests/unit/test_imports.py checks it). Command modules are imported only when their subcommand
+runs, so `h3fusion --help` stays fast and needs no deepspeed.
 """
 from __future__ import annotations
 
@@ -9,20 +12,20 @@ import argparse
 import importlib
 import sys
 
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "data": ("pipeline.data.stage", "build the HHH datasets (built-in or real) and save them to disk"),
-    "tokenizer": ("pipeline.tokenizer", "train the sentencepiece tokenizer (or copy the base model's)"),
-    "base": ("pipeline.base", "build the base model: pre-train the tiny Llama, or convert a GGUF"),
-    "train-expert": ("pipeline.train.expert", "stage 1: fine-tune one HHH expert under DeepSpeed ZeRO-3"),
-    "surgery": ("pipeline.surgery_cli", "checkpoint surgery tools (build_moe, zero_to_hf, merge_lora, ...)"),
-    "fuse": ("pipeline.train.fuse", "stage 2: train the fused MoE (router, optional experts)"),
-    "merge": ("pipeline.merging", "merging baselines: average, task arithmetic, TIES"),
-    "evaluate": ("pipeline.eval.stage", "stage 3: HHH evaluation report over several models"),
-    "profile": ("pipeline.profile_cli", "expert-load profile of a fused model"),
-    "run": ("pipeline.run", "run the whole pipeline (data -> ... -> report) on one machine"),
+    "data": ("pipeline.commands.data", "build the HHH datasets (built-in or real) and save them to disk"),
+    "tokenizer": ("pipeline.commands.tokenizer", "train the sentencepiece tokenizer (or copy the base model's)"),
+    "base": ("pipeline.commands.base", "build the base model: pre-train the tiny Llama, or convert a GGUF"),
+    "train-expert": ("pipeline.commands.train_expert", "stage 1: fine-tune one HHH expert under DeepSpeed ZeRO-3"),
+    "surgery": ("pipeline.commands.surgery", "checkpoint surgery tools (build_moe, zero_to_hf, merge_lora, ...)"),
+    "fuse": ("pipeline.commands.fuse", "stage 2: train the fused MoE (router, optional experts)"),
+    "merge": ("pipeline.commands.merge", "merging baselines: average, task arithmetic, TIES"),
+    "evaluate": ("pipeline.commands.evaluate", "stage 3: HHH evaluation report over several models"),
+    "profile": ("pipeline.commands.profile", "expert-load profile of a fused model"),
+    "run": ("pipeline.commands.run", "run the whole pipeline (data -> ... -> report) on one machine"),
 }
 
 
@@ -66,7 +69,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"h3fusion {name}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

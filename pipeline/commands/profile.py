@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.layout import RunLayout
+from ..layout import RunLayout
+from . import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.cli import add_config_arguments
-
     add_config_arguments(parser)
     parser.add_argument("--model", help="fused model dir (default <run>/fused)")
     parser.add_argument("--out", help="output dir (default <run>/profile)")
@@ -21,8 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.cli import config_from_args
-    from pipeline.profiling import ALL, profile_model_dir
+    from ..profiling import ALL, profile_model_dir
 
     cfg = config_from_args(args, "profile").profile
     run = RunLayout.at(args.run_dir)

@@ -1,0 +1,78 @@
+"""Name -> implementation registries: the one list of allowed values for each pluggable concept.
+
+Config validation, argument parsers and the code that dispatches all read the same registry,
+so a name is valid in one place exactly when it is valid everywhere. Entries are "module:attr"
+strings resolved on first use: reading the names costs no import (config validation stays
+light, and a backend whose dependencies are missing here can still be named and rejected with
+its own message).
+
+Adding an implementation = its module + one line in the table below.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+class Registry:
+    """An ordered `name -> "module:attr"` table for one concept (`kind` names it in errors)."""
+
+    def __init__(self, kind: str, entries: dict[str, str]):
+        self.kind = kind
+        self._entries = dict(entries)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self):   # names, so a registry serves as argparse `choices`
+        return iter(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+    def check(self, name: str, where: str) -> str:
+        """`name` if registered, else a ValueError naming `where` (a config key, flag or file)."""
+        if name not in self._entries:
+            raise ValueError(f"{where}: unknown {self.kind} {name!r} "
+                             f"(known: {', '.join(self._entries)})")
+        return name
+
+    def get(self, name: str, where: str) -> Any:
+        """The implementation registered as `name` (imports its module on first use)."""
+        module_name, _, attr = self._entries[self.check(name, where)].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def register(self, name: str, target: str) -> None:
+        """Add `name -> "module:attr"` at runtime (plugins, tests); an existing name is an error."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered "
+                             f"({self._entries[name]})")
+        if ":" not in target:
+            raise ValueError(f"{self.kind} {name!r}: target must be 'module:attr', got {target!r}")
+        self._entries[name] = target
+
+
+# MoE layer backends: subclasses of pipeline.model.moe_backend.MoEBackend
+# (`H3FusionConfig.moe_backend`, `fusion.moe_backend`)
+MOE_BACKENDS = Registry("MoE backend", {
+    "torch": "pipeline.model.moe_backend:TorchBackend",
+    "megablocks": "pipeline.backends.megablocks_moe:MegaBlocksBackend",
+})
+
+# merging baselines: fn(base, tensors, scale, density) -> tensor (`merge.methods`, pipeline.merging)
+MERGE_METHODS = Registry("merge method", {
+    "average": "pipeline.merging:merge_average",
+    "task_arithmetic": "pipeline.merging:merge_task_arithmetic",
+    "ties": "pipeline.merging:merge_ties",
+})
+
+# initial router weights of a freshly built MoE: fn(RouterInitInputs) -> one [E, H] per layer
+# (`fusion.router_init`, pipeline.surgery.router_init)
+ROUTER_INITS = Registry("router init", {
+    "zeros": "pipeline.surgery.router_init:zeros_init",
+    "normal": "pipeline.surgery.router_init:normal_init",
+    "prompts": "pipeline.surgery.router_init:prompts_init",
+})
