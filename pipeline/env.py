@@ -56,3 +56,38 @@ def dist_backend() -> str:
 def requeue_requested_exit_code() -> int:
     """Exit status a trainer uses after a signal-triggered checkpoint; slurm/ scripts requeue on it."""
     return int(os.environ.get("H3F_REQUEUE_EXIT_CODE", "85"))
+
+
+# ----------------------------------------------------------------------------- launch / lifetime
+# Set by pipeline.commands.launch (the torchrun wrapper) for its ranks: each rank writes its exit
+# status there, because torchrun itself exits 1 after forwarding a signal (the 85 would be lost).
+EXIT_STATUS_DIR = "H3F_EXIT_STATUS_DIR"
+# Set by `h3fusion run` for the stages it starts: the run-dir lock file it holds (see run_lock).
+RUN_LOCK_HELD = "H3F_RUN_LOCK_HELD"
+
+
+def exit_status_dir() -> str | None:
+    return os.environ.get(EXIT_STATUS_DIR) or None
+
+
+def launched_by_torchrun() -> bool:
+    """True in a worker that torchrun (torch.distributed.elastic) started."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
+def inherited_run_lock() -> str | None:
+    """The lock file a parent `h3fusion run` holds for this process's run dir, if any."""
+    return os.environ.get(RUN_LOCK_HELD) or None
+
+
+def export_run_lock(path: str | None) -> None:
+    """Tell this process's children that it holds the run-dir lock `path` (None: no longer)."""
+    if path is None:
+        os.environ.pop(RUN_LOCK_HELD, None)
+    else:
+        os.environ[RUN_LOCK_HELD] = path
+
+
+def shutdown_timeout() -> int:
+    """Seconds torchrun gives its workers to checkpoint and exit after a forwarded signal."""
+    return int(os.environ.get("H3F_SHUTDOWN_TIMEOUT", "100"))

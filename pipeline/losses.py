@@ -47,13 +47,36 @@ def sample_routing_probs(probs_per_layer: Sequence[torch.Tensor],
     return torch.stack(per_layer).mean(dim=0)
 
 
+def predicts_response_mask(labels_BS: torch.Tensor) -> torch.Tensor:
+    """Positions whose *next* label is a response token: HF causal LMs shift labels inside the
+    loss (logits at t predict labels[t+1]), so these are the positions whose routing decides the
+    response — the last prompt position (it picks the first response token) included, the final
+    EOS position (it predicts nothing) excluded. Bool [B, S]."""
+    mask = torch.zeros_like(labels_BS, dtype=torch.bool)
+    mask[:, :-1] = labels_BS[:, 1:] != -100
+    return mask
+
+
+def response_span_masks(starts_B: torch.Tensor, lengths_B: torch.Tensor,
+                        seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For sequences `prompt + response` (real length `lengths_B`, response starting at
+    `starts_B`): the positions that predict a response token, t in [start-1, length-2], and the
+    one that predicts the first response token, t = start-1 (both bool [B, S]); the same
+    positions as `predicts_response_mask` on the SFT labels of those sequences."""
+    pos = torch.arange(seq_len).unsqueeze(0)
+    first = (starts_B - 1).unsqueeze(1)
+    span = (pos >= first) & (pos <= (lengths_B - 2).unsqueeze(1))
+    return span, span & (pos == first)
+
+
 def gate_token_mask(attention_mask_BS: torch.Tensor, labels_BS: torch.Tensor, tokens: str) -> torch.Tensor:
-    """Tokens the gating loss averages over: "all" non-padding tokens, or only "response" tokens
-    (labels != -100; the shared prompt template carries no task signal for a causal router)."""
+    """Tokens the gating loss averages over: "all" non-padding tokens, or only the "response"
+    positions (`predicts_response_mask`; the shared prompt template carries no task signal for a
+    causal router)."""
     if tokens == "all":
         return attention_mask_BS
     if tokens == "response":
-        return attention_mask_BS * (labels_BS != -100).to(attention_mask_BS.dtype)
+        return attention_mask_BS * predicts_response_mask(labels_BS).to(attention_mask_BS.dtype)
     raise ValueError(f"gate tokens must be 'all' or 'response', got {tokens!r}")
 
 
@@ -84,10 +107,18 @@ def expert_param_triples(model_or_params) -> list[ExpertTriple]:
 
 def snapshot_expert_params(model: nn.Module, device: torch.device | str | None = None
                            ) -> list[ExpertTriple]:
-    """θ⁰ for the drift penalty: detached copies of every layer's w1/v1/w2 (call at fusion start;
-    pass `device="cpu"` to keep the copy off the accelerator)."""
+    """θ⁰ for the drift penalty: detached copies of every layer's w1/v1/w2 (call at fusion start),
+    on the experts' own device unless `device` says otherwise. The penalty reads the snapshot
+    every step, so it must live where the experts live (see `move_snapshot`)."""
     return [tuple(w.detach().to(device or w.device, copy=True) for w in triple)
             for triple in expert_param_triples(model)]
+
+
+def move_snapshot(initial_params: Sequence[ExpertTriple], device: torch.device | str
+                  ) -> list[ExpertTriple]:
+    """The snapshot on `device`, moved once (e.g. after the engine has put the experts on the
+    accelerator) instead of copied host→device in every step's penalty."""
+    return [tuple(w.to(device) for w in triple) for triple in initial_params]
 
 
 def expert_drift(model_or_params, initial_params: Sequence[ExpertTriple],
@@ -103,8 +134,12 @@ def expert_drift(model_or_params, initial_params: Sequence[ExpertTriple],
         if any(a.shape != b.shape for a, b in zip(now, start)):
             raise ValueError(f"drift: layer {layer} expert shapes {[tuple(a.shape) for a in now]} "
                              f"!= snapshot {[tuple(b.shape) for b in start]}")
+        if any(a.device != b.device for a, b in zip(now, start)):
+            raise ValueError(f"drift: layer {layer} experts are on {now[0].device} but the "
+                             f"snapshot is on {start[0].device}; move it once with move_snapshot "
+                             f"(a per-step copy costs a host→device transfer of every expert)")
         norms_3E = torch.stack([
-            torch.linalg.vector_norm((a - b.to(a.device)).float().view(num_experts, -1), dim=1)
+            torch.linalg.vector_norm((a - b).float().view(num_experts, -1), dim=1)
             for a, b in zip(now, start)])
         per_layer.append(torch.linalg.vector_norm(norms_3E, dim=0))
     return torch.stack(per_layer).mean(dim=0)

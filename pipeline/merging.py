@@ -6,20 +6,36 @@ tensor at a time; `h3fusion merge` merges a run's three experts into `<run>/merg
 
 - average:          mean_i θ_i
 - task_arithmetic:  θ_base + λ Σ_i (θ_i − θ_base)
-- ties (Yadav et al. 2023): τ_i = θ_i − θ_base, keep the top `density` fraction of |τ_i|
-  (per tensor), elect a sign per entry as sgn(Σ_i τ̂_i) (the sign with more total magnitude),
-  average only the kept entries that agree with it (disjoint mean), θ_base + λ · mean.
+- ties (Yadav et al. 2023): τ_i = θ_i − θ_base, keep the top `density` fraction of |τ_i|,
+  elect a sign per entry as sgn(Σ_i τ̂_i) (the sign with more total magnitude), average only
+  the kept entries that agree with it (disjoint mean), θ_base + λ · mean.
+
+TIES trim scope (`merge.ties_trim_scope`, registry `pipeline.registry.TIES_TRIM_SCOPES`):
+- `model` (the paper, and the TIES authors' `topk_values_mask` on the state dict flattened into
+  one vector): one magnitude threshold per model over ALL its floating entries. The threshold is
+  the ceil(density·n)-th largest |τ_i|; entries tied with it are all kept (the authors' `>=`).
+  Their code's k = n − int(n·density) keeps one entry more than ceil; we keep the same count as
+  the `tensor` scope. With FFN-only experts the frozen parameters' zero deltas count in n, as
+  they do in the authors' flattened vector.
+- `tensor` (mergekit's and our earlier form): the top fraction of each tensor separately.
+
+Memory: at 7B one model's concatenated |τ| is 28 GB in fp32 (torch.kthvalue on it would need that
+and more), so `model_trim_thresholds` finds the exact k-th value by a two-pass radix select over
+the fp32 bit patterns (non-negative floats order like their int32 bits): a 65536-bin histogram
+of the high 16 bits, then of the low 16 bits inside the bucket that holds the k-th value. Memory
+is one tensor at a time plus the histograms; cost is two extra streaming reads of the inputs.
 """
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .io_utils import atomic_dir, is_complete, sha256_dir, write_json
-from .registry import MERGE_METHODS
+from .io_utils import atomic_dir, is_complete, read_json, sha256_dir, write_json
+from .registry import MERGE_METHODS, TIES_TRIM_SCOPES
 from .surgery import plan
 from .surgery.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                                      copy_optional_files, copy_tokenizer_files, read_config_json)
@@ -58,9 +74,15 @@ def trim_to_density(task_vector: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def ties(base: torch.Tensor, tensors: list[torch.Tensor], density: float,
-         scale: float = 1.0) -> torch.Tensor:
+         scale: float = 1.0, thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """`thresholds`: per model, the whole-model magnitude threshold (`model` trim scope:
+    keep |τ_i| >= thresholds[i]); None trims each tensor to `density` on its own."""
     base32 = base.float()
-    trimmed = torch.stack([trim_to_density(t.float() - base32, density) for t in tensors])
+    if thresholds is None:
+        trimmed = torch.stack([trim_to_density(t.float() - base32, density) for t in tensors])
+    else:
+        trimmed = torch.stack([trim_below(t.float() - base32, thr)
+                               for t, thr in zip(tensors, thresholds, strict=True)])
     elected_sign = torch.sign(trimmed.sum(dim=0))
     agrees = (torch.sign(trimmed) == elected_sign) & (trimmed != 0)
     kept_sum = (trimmed * agrees).sum(dim=0)
@@ -68,25 +90,104 @@ def ties(base: torch.Tensor, tensors: list[torch.Tensor], density: float,
     return (base32 + scale * kept_sum / count).to(base.dtype)
 
 
-# the registered forms: one signature (base, tensors, scale, density) for every method
-def merge_average(base, tensors, scale: float, density: float) -> torch.Tensor:
+def trim_below(task_vector: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep the entries with |τ| >= threshold (the `model` trim scope), zero the rest."""
+    return torch.where(task_vector.abs() >= threshold, task_vector,
+                       torch.zeros((), dtype=task_vector.dtype))
+
+
+# ----------------------------------------------------------------------------- TIES trim scopes
+# registered in pipeline.registry.TIES_TRIM_SCOPES: fn(keys, base_get, model_gets, density) ->
+# one threshold per model, or None for per-tensor trimming
+_HALF = 16
+_BINS = 1 << _HALF
+
+
+def _abs_bits(keys: Sequence[str], base_get: Callable, model_gets: Sequence[Callable]):
+    """(model index, |τ| of one floating tensor as int32 bit patterns), tensor by tensor (fp32
+    math, as in `ties`); each base tensor is read once per pass."""
+    for key in keys:
+        base32 = base_get(key)
+        if not base32.is_floating_point():
+            continue                       # integer buffers are not merged, so not counted
+        base32 = base32.float()
+        for i, get in enumerate(model_gets):
+            yield i, (get(key).float() - base32).abs().reshape(-1).view(torch.int32)
+
+
+def _last_bin_reaching(hist: torch.Tensor, above: int, keep: int) -> tuple[int, int]:
+    """Highest bin b with above + #entries in bins >= b reaching `keep`; and #entries above b."""
+    tail = hist.flip(0).cumsum(0).flip(0) + above
+    b = int(torch.nonzero(tail >= keep).max())
+    return b, int(tail[b] - hist[b])
+
+
+def model_trim_thresholds(keys: Iterable[str], base_get: Callable, model_gets: Sequence[Callable],
+                          density: float) -> list[float]:
+    """Per model, the ceil(density·n)-th largest |τ| over all floating entries of all `keys`:
+    an exact two-pass radix select over fp32 bit patterns (see the module docstring)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"TIES density must be in (0, 1], got {density}")
+    keys = list(keys)
+    high = [torch.zeros(_BINS, dtype=torch.int64) for _ in model_gets]
+    count = [0] * len(model_gets)
+    for i, bits in _abs_bits(keys, base_get, model_gets):
+        high[i] += torch.bincount(bits >> _HALF, minlength=_BINS)
+        count[i] += bits.numel()
+    keep = [math.ceil(density * n) for n in count]
+    picked = [_last_bin_reaching(h, 0, k) for h, k in zip(high, keep)]
+    low = [torch.zeros(_BINS, dtype=torch.int64) for _ in model_gets]
+    for i, bits in _abs_bits(keys, base_get, model_gets):
+        in_bin = bits[(bits >> _HALF) == picked[i][0]]
+        low[i] += torch.bincount(in_bin & (_BINS - 1), minlength=_BINS)
+    thresholds = []
+    for (hi, above), lo_hist, k in zip(picked, low, keep):
+        lo, _ = _last_bin_reaching(lo_hist, above, k)
+        bits = torch.tensor([(hi << _HALF) | lo], dtype=torch.int32)
+        thresholds.append(float(bits.view(torch.float32)))
+    return thresholds
+
+
+def tensor_trim_thresholds(keys, base_get, model_gets, density) -> None:
+    """The `tensor` scope needs no global pass: `ties` trims each tensor to `density`."""
+    return None
+
+
+# the registered forms: one signature (base, tensors, scale, density, thresholds) for every
+# method; `thresholds` (TIES `model` trim scope) is None otherwise
+def merge_average(base, tensors, scale: float, density: float, thresholds=None) -> torch.Tensor:
     return average(tensors)
 
 
-def merge_task_arithmetic(base, tensors, scale: float, density: float) -> torch.Tensor:
+def merge_task_arithmetic(base, tensors, scale: float, density: float,
+                          thresholds=None) -> torch.Tensor:
     return task_arithmetic(base, tensors, scale)
 
 
-def merge_ties(base, tensors, scale: float, density: float) -> torch.Tensor:
-    return ties(base, tensors, density, scale)
+def merge_ties(base, tensors, scale: float, density: float, thresholds=None) -> torch.Tensor:
+    return ties(base, tensors, density, scale, thresholds)
 
 
 def merge_tensor(method: str, base: torch.Tensor, tensors: list[torch.Tensor], scale: float,
-                 density: float) -> torch.Tensor:
+                 density: float, thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
     merge = MERGE_METHODS.get(method, "merge method")
     if not tensors[0].is_floating_point():
         return base.clone()    # integer buffers are not merged
-    return merge(base, tensors, scale, density)
+    return merge(base, tensors, scale, density, thresholds)
+
+
+def merge_state_dicts(method: str, base: dict, models: Sequence[dict], scale: float = 0.5,
+                      density: float = 0.5, trim_scope: str = "model") -> dict:
+    """In-memory form of `merge_checkpoints` (same maths) for state dicts with equal keys."""
+    thresholds = _thresholds(method, trim_scope, list(base), base.__getitem__,
+                             [m.__getitem__ for m in models], density)
+    return {k: merge_tensor(method, v, [m[k] for m in models], scale, density, thresholds)
+            for k, v in base.items()}
+
+
+def _thresholds(method, trim_scope, keys, base_get, model_gets, density):
+    scope = TIES_TRIM_SCOPES.get(trim_scope, "TIES trim scope")
+    return scope(keys, base_get, model_gets, density) if method == "ties" else None
 
 
 def _open_all(base_dir: Path, models: dict[str, Path],
@@ -115,27 +216,35 @@ def _open_all(base_dir: Path, models: dict[str, Path],
 def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path],
                       out: str | Path, scale: float = 0.5, density: float = 0.5,
                       overwrite: bool = False, tokenizer: str | Path | None = None,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Merge dense Llama dirs tensor by tensor into `out` (config/tokenizer from the base)."""
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      trim_scope: str = "model") -> Path:
+    """Merge dense Llama dirs tensor by tensor into `out` (config/tokenizer from the base).
+    `trim_scope` (TIES only): `model` (the paper) or `tensor` (mergekit)."""
     from transformers import LlamaConfig
     base_dir, out = Path(base_dir), Path(out)
     models = {n: Path(d) for n, d in models.items()}
     MERGE_METHODS.check(method, "merge method")
+    TIES_TRIM_SCOPES.check(trim_scope, "TIES trim scope")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
     tokenizer_dir = Path(tokenizer) if tokenizer else base_dir
     base_cfg, base, readers = _open_all(base_dir, models, tokenizer_dir)
+    thresholds = _thresholds(method, trim_scope, list(base.keys()), base.get_finite,
+                             [r.get_finite for r in readers.values()], density)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         for key in base.keys():
-            tensors = [r.get(key) for r in readers.values()]
-            writer.add(key, merge_tensor(method, base.get(key), tensors, scale, density))
+            tensors = [r.get_finite(key) for r in readers.values()]
+            writer.add(key, merge_tensor(method, base.get_finite(key), tensors, scale, density,
+                                         thresholds))
         writer.close()
         LlamaConfig.from_pretrained(base_dir).save_pretrained(tmp)
         copy_tokenizer_files(tokenizer_dir, tmp)
         copy_optional_files(base_dir, tmp, ["generation_config.json"])
         write_json(tmp / MANIFEST, {
             "tool": "merge", "method": method, "scale": scale, "density": density,
+            **({"trim_scope": trim_scope, "trim_thresholds": thresholds}
+               if method == "ties" else {}),
             "base": {"path": str(base_dir.resolve()), "sha256": sha256_dir(base_dir)},
             "models": [{"name": n, "path": str(d.resolve()), "sha256": sha256_dir(d)}
                        for n, d in models.items()]})
@@ -155,14 +264,40 @@ def merge_run_experts(cfg, run_dir: str | Path, methods: list[str] | None = None
     experts = {dim: layout.expert(dim) for dim in cfg.dimensions}
     tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer
     for method in methods or cfg.merge.methods:
+        want = _run_merge_settings(cfg, method)
+        redo = overwrite
         if is_complete(layout.merge(method), MANIFEST) and not overwrite:
-            # outputs are atomic, so a dir with its manifest is a finished merge: resume past it
-            log(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
-                f"(--overwrite to redo)")
-            continue
-        scale = {"task_arithmetic": cfg.merge.task_arithmetic_scale,
-                 "ties": cfg.merge.ties_scale}.get(method, 1.0)
-        merge_checkpoints(method, layout.base, experts, layout.merge(method), scale=scale,
-                          density=cfg.merge.ties_density, overwrite=overwrite,
-                          tokenizer=tokenizer)
+            # outputs are atomic, so a dir with its manifest is a finished merge: resume past
+            # it, unless it was made with other settings (e.g. before merge.ties_trim_scope)
+            stale = _changed_settings(layout.merge(method) / MANIFEST, want)
+            if not stale:
+                log(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
+                    f"(--overwrite to redo)")
+                continue
+            log(f"h3fusion merge: {method}: {layout.merge(method)} was made with other "
+                f"{', '.join(stale)}; redoing it")
+            redo = True
+        merge_checkpoints(method, layout.base, experts, layout.merge(method), overwrite=redo,
+                          tokenizer=tokenizer, **want)
         log(f"h3fusion merge: {method} -> {layout.merge(method)}")
+
+
+def _run_merge_settings(cfg, method: str) -> dict:
+    """`merge_checkpoints` keyword settings of `method` from the config's merge section."""
+    scale = {"task_arithmetic": cfg.merge.task_arithmetic_scale,
+             "ties": cfg.merge.ties_scale}.get(method, 1.0)
+    return {"scale": scale, "density": cfg.merge.ties_density,
+            "trim_scope": cfg.merge.ties_trim_scope}
+
+
+# the settings each method's result depends on
+_USED_SETTINGS = {"average": (), "task_arithmetic": ("scale",),
+                  "ties": ("scale", "density", "trim_scope")}
+
+
+def _changed_settings(manifest: Path, want: dict) -> list[str]:
+    """Settings of a finished merge that differ from `want`, among those its method uses (a
+    ties manifest without `trim_scope` predates the option: it trimmed per tensor)."""
+    got = read_json(manifest)
+    used = _USED_SETTINGS.get(got.get("method"), tuple(want))
+    return [k for k in used if got.get(k, "tensor" if k == "trim_scope" else None) != want[k]]

@@ -103,26 +103,32 @@ def _encode(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[i
 @torch.no_grad()
 def route_task(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, max_len: int,
                num_layers: int, num_experts: int, own_expert: Optional[int], desc: str,
-               response_only: bool = False) -> RoutingCounts:
+               response_only: bool = False) -> tuple[RoutingCounts, RoutingCounts]:
     """Run the model over a task's (prompt, response) pairs and accumulate its routing over
-    non-padding tokens (only the response tokens when `response_only`)."""
+    non-padding tokens (only the positions that predict a response token when `response_only`:
+    the last prompt position through the one before EOS, `losses.response_span_masks`), and,
+    separately, at the position that predicts the first response token."""
     from pipeline.eval.scoring import pad_right, model_device, pad_token_id
+    from pipeline.losses import response_span_masks
 
     counts = RoutingCounts.empty(num_layers, num_experts)
+    first_counts = RoutingCounts.empty(num_layers, num_experts)
     encoded = [_encode(tokenizer, p, r, max_len) for p, r in pairs]
     device = model_device(model)
     for lo in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False):
         chunk = encoded[lo: lo + batch_size]
         ids, mask = pad_right([seq for seq, _ in chunk], pad_token_id(tokenizer))
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        span, first = response_span_masks(torch.tensor([start for _, start in chunk]),
+                                          mask.sum(dim=1), mask.shape[1])
         if response_only:
-            starts = torch.tensor([start for _, start in chunk]).unsqueeze(1)
-            mask = mask * (torch.arange(mask.shape[1]).unsqueeze(0) >= starts)
+            mask = mask * span
         router_outputs = getattr(out, "router_outputs", None)
         if router_outputs is None:
             raise ValueError("model output has no router_outputs: not a fused H3Fusion MoE model")
         accumulate_router_outputs(counts, router_outputs, mask.reshape(-1).bool(), own_expert)
-    return counts
+        accumulate_router_outputs(first_counts, router_outputs, first.reshape(-1), own_expert)
+    return counts, first_counts
 
 
 @dataclass
@@ -255,18 +261,24 @@ def profile_model(model, tokenizer, pairs_by_task: dict[str, list[tuple[str, str
                                      "model config")
     max_len = min(cfg.max_seq_len, getattr(model.config, "max_position_embeddings", cfg.max_seq_len))
     per_task: dict[str, RoutingCounts] = {}
+    first_token: dict[str, RoutingCounts] = {}
     total = RoutingCounts.empty(num_layers, num_experts)
     for task, pairs in pairs_by_task.items():
         if not pairs:
             raise ValueError(f"profile: no items for task {task!r}")
         own = expert_names.index(task) if task in expert_names else None
-        per_task[task] = route_task(model, tokenizer, pairs, cfg.batch_size, max_len,
-                                    num_layers, num_experts, own, desc=f"route {task}",
-                                    response_only=cfg.tokens == "response")
+        per_task[task], first_token[task] = route_task(
+            model, tokenizer, pairs, cfg.batch_size, max_len, num_layers, num_experts, own,
+            desc=f"route {task}", response_only=cfg.tokens == "response")
         total.add(per_task[task])
     per_task[ALL] = total
     summary = summarize(per_task, expert_names, cfg.collapse_threshold)
     summary["tokens"] = cfg.tokens
+    # the position whose routing picks the first response token, reported on its own
+    first = summarize(first_token, expert_names, cfg.collapse_threshold)["tasks"]
+    for task, t in first.items():
+        summary["tasks"][task]["first_response_token"] = {
+            k: t[k] for k in ("num_tokens", "own_top1_acc", "top1_share")}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_json(tmp / "expert_load.json", summary)
         write_csvs(summary, tmp)

@@ -180,6 +180,8 @@ h3f_wait_step() {  # wait for the background srun; a trap interrupts `wait`, so 
 }
 
 h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), ARGS = its script
+    # torchrun runs under pipeline.commands.launch (as under `h3fusion run`): it exits 85 when
+    # the ranks checkpointed on a signal and asked for a requeue (torchrun alone exits 1 then).
     export H3F_RANK_LOG_DIR="$H3F_JOB_DIR/ranks" H3F_SHUTDOWN_TIMEOUT="${H3F_SHUTDOWN_TIMEOUT:-100}"
     # Single quotes on purpose: $SLURM_NODEID must expand on each node, not here (else every
     # node would be node 0). Node 0 hosts the rendezvous store; the others connect to it.
@@ -191,7 +193,7 @@ h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), A
         --kill-on-bad-exit=0 --wait=$((H3F_SHUTDOWN_TIMEOUT + 30)) --label bash -c '
         is_host=0; [ "$SLURM_NODEID" = 0 ] && is_host=1
         addr="$(scontrol show node "$SLURMD_NODENAME" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)"
-        exec "$H3F_PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" \
+        exec "$H3F_PYTHON" -m pipeline.commands.launch --nnodes="$SLURM_NNODES" \
             --nproc-per-node="$H3F_NPROC" --rdzv-backend=c10d --local-addr="${addr:-$(hostname)}" \
             --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
             --rdzv-conf="is_host=$is_host" --max-restarts=0 \

@@ -29,8 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..env import accelerator_kind, dist_backend, dist_env, export_dist_env
-
-LATEST = "latest"
+from .ds_checkpoint_check import LATEST, checkpoint_problem, resume_tag
 
 
 @dataclass(frozen=True)
@@ -217,15 +216,19 @@ class DsCheckpoints:
 
     def __init__(self, engine: DsEngine, save_dir: str | Path):
         self.engine, self.dir = engine, Path(save_dir)
+        self._tag: Optional[str] = None
 
     def latest(self) -> Optional[str]:
-        return latest_tag(self.dir)
+        """The newest intact checkpoint (`ds_checkpoint_check.resume_tag`: a damaged newest one
+        falls back, another world size is an error); the stage's prepare step announced it."""
+        self._tag = resume_tag(self.dir, _world_size(), announce=False)
+        return self._tag
 
     def save(self, tag: str, client_state: dict, rank_state: Optional[dict]) -> None:
         save_checkpoint(self.engine, self.dir, tag, client_state, rank_state)
 
     def load(self) -> tuple[str, dict, Optional[dict]]:
-        return load_checkpoint(self.engine, self.dir)
+        return load_checkpoint(self.engine, self.dir, self._tag)
 
 
 @contextlib.contextmanager
@@ -251,6 +254,10 @@ def set_leaf_modules(model: torch.nn.Module, classes: list[type]) -> None:
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -285,9 +292,11 @@ def latest_tag(save_dir: str | Path) -> Optional[str]:
     return path.read_text().strip() if path.is_file() else None
 
 
-def load_checkpoint(engine, save_dir: str | Path) -> tuple[str, dict, Optional[dict]]:
-    """Restore the latest checkpoint; return (tag, client_state, this rank's rank_state)."""
-    tag = latest_tag(save_dir)
+def load_checkpoint(engine, save_dir: str | Path,
+                    tag: Optional[str] = None) -> tuple[str, dict, Optional[dict]]:
+    """Restore `tag` (default: the newest intact checkpoint, `resume_tag`); return
+    (tag, client_state, this rank's rank_state)."""
+    tag = tag or resume_tag(save_dir, _world_size(), announce=False)
     if tag is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint to resume from in {save_dir} "
                                 f"(no '{LATEST}' file)")
@@ -323,6 +332,10 @@ def zero_checkpoint_fp32_state_dict(checkpoint_dir: str | Path, tag: Optional[st
     tag = tag or latest_tag(checkpoint_dir)
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise FileNotFoundError(f"{checkpoint_dir}: no checkpoint tag {tag!r} (and no '{LATEST}')")
+    problem = checkpoint_problem(checkpoint_dir / tag)
+    if problem is not None:   # DeepSpeed would fail with a raw unpickling traceback
+        raise ValueError(f"{checkpoint_dir}: damaged checkpoint ({problem}); pass --tag for an "
+                         f"older one")
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 

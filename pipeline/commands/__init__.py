@@ -9,10 +9,13 @@ runs, so `h3fusion --help` stays fast and needs no deepspeed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..run_lock import RunDirBusyError
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
@@ -64,8 +67,49 @@ def main(argv: list[str] | None = None) -> int:
     # the `deepspeed` launcher appends --local_rank=N; the rank comes from pipeline.env instead
     rest = [a for a in rest if not a.startswith("--local_rank")]
     args = sub.parse_args(rest)
+    rc = 1   # an exception that escapes is a failure
     try:
-        return int(module.main(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        with _run_dir_lock(name, args):
+            rc = int(module.main(args) or 0)
+    # PermissionError: an output in a read-only place (checked before training, named there)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, PermissionError,
+            RunDirBusyError) as exc:
         print(f"h3fusion {name}: error: {exc}", file=sys.stderr)
-        return 2
+        rc = 2
+    finally:
+        _record_exit_status(rc)
+    return rc
+
+
+@contextlib.contextmanager
+def _run_dir_lock(name: str, args: argparse.Namespace):
+    """The run-dir lock for commands that write into `--run-dir` (rank 0 only; see run_lock);
+    processes this one starts (`h3fusion run`'s stages) inherit it."""
+    from ..env import dist_env, export_run_lock, inherited_run_lock
+    from ..run_lock import run_dir_lock
+
+    read_only = getattr(args, "list_stages", False)   # `run --list-stages` writes nothing
+    if getattr(args, "run_dir", None) is None or dist_env().rank != 0 or read_only:
+        yield
+        return
+    # `run` owns the whole run dir; a stage command its own stage (one stage lock per expert)
+    stage = None if name == "run" else "-".join(filter(None, [name, getattr(args, "dimension", None)]))
+    with run_dir_lock(args.run_dir, inherited_run_lock(), stage) as held:
+        if held is None:
+            yield
+            return
+        export_run_lock(str(held))
+        try:
+            yield
+        finally:
+            export_run_lock(None)
+
+
+def _record_exit_status(rc: int) -> None:
+    """Under pipeline.commands.launch each rank leaves its exit status in a file, because
+    torchrun exits 1 after it forwarded a stop signal (the requeue status would be lost)."""
+    from ..env import dist_env, exit_status_dir
+
+    where = exit_status_dir()
+    if where:
+        Path(where, f"rank{dist_env().rank}").write_text(f"{rc}\n")

@@ -4,6 +4,14 @@ Each stage runs as its own process (`python -m pipeline.commands ...`, distribut
 torchrun) so DeepSpeed process groups and memory never leak between stages. The resolved config
 is written once to `<run>/resolved_config.yaml` and every stage reads that file, so a rerun after a
 crash continues with exactly the same settings.
+
+Signals: SIGUSR1/SIGTERM (and SIGINT/SIGHUP/SIGQUIT) are forwarded once to the running stage (a
+multi-process stage runs under `pipeline.commands.launch`, which forwards them to the ranks
+like slurm/lib.sh does). A training stage finishes its step, checkpoints and exits 85
+(`pipeline.env.requeue_requested_exit_code`); `h3fusion run` then starts no further stage and
+exits 85 too, and rerunning the same command resumes from the checkpoint. Every stage process
+dies with `h3fusion run` (parent-death signal), and the run dir stays locked while it runs
+(pipeline/run_lock.py).
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,11 +29,14 @@ from typing import Optional
 
 from . import config_from_args
 from ..config import dump_yaml, load_config
+from ..env import requeue_requested_exit_code
 from ..layout import RunLayout
 from ..io_utils import write_json
 from ..stages import Stage, format_stage_table, is_done, pipeline_stages
+from ..train.signals import die_with_parent
 
 RESOLVED = "resolved_config.yaml"
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +64,7 @@ def stage_command(stage: Stage, config_path: Path, run_dir: Path) -> list[str]:
     """The argv that runs `stage` locally (torchrun for multi-process stages)."""
     common = ["--config", str(config_path), "--run-dir", str(run_dir)] if stage.takes_config else []
     if stage.nprocs > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+        launcher = [sys.executable, "-m", "pipeline.commands.launch", "--standalone",
                     f"--nproc-per-node={stage.nprocs}", f"--master-port={_free_port()}",
                     "-m", "pipeline.commands"]
     else:
@@ -82,14 +94,86 @@ def _resolve_config(args: argparse.Namespace, run: RunLayout) -> Path:
     return path
 
 
-def run_stage(stage: Stage, config_path: Path, run: RunLayout) -> float:
+class StageStopped(Exception):
+    """A stage failed or a stop signal ended the pipeline early; `status`: the exit status to
+    leave with (the failed stage's own, 85 after a stop signal's checkpoint)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class SignalForwarder:
+    """While installed: a signal to `h3fusion run` is recorded and sent once to the running
+    stage. The stage runs in its own session, so a signal to the whole process group (Ctrl-C, a
+    scheduler) reaches it only through here, never twice (a second signal would cut torchrun's
+    wait for the ranks' checkpoints short)."""
+
+    def __init__(self):
+        self.child: Optional[subprocess.Popen] = None
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if first and self.child is not None and self.child.poll() is None:
+            print(f"h3fusion run: {signal.Signals(signum).name}: forwarding it to the running "
+                  f"stage (pid {self.child.pid}) and waiting for its checkpoint", flush=True)
+            self.child.send_signal(signum)
+
+    def __enter__(self) -> "SignalForwarder":
+        # a signal ignored on purpose stays ignored (`nohup h3fusion run ...`: SIGHUP)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in FORWARDED
+                          if signal.getsignal(sig) is not signal.SIG_IGN}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def before(self, stage: str) -> Optional[StageStopped]:
+        """A signal that arrived between stages: start nothing new."""
+        if self.signum is None:
+            return None
+        stop = self.signum in (signal.SIGUSR1, signal.SIGTERM)
+        return StageStopped(f"{signal.Signals(self.signum).name} received: stage {stage} not "
+                            f"started; rerun the same command to continue",
+                            requeue_requested_exit_code() if stop else 128 + self.signum)
+
+    def stopped_status(self, stage: str, returncode: int) -> Optional[StageStopped]:
+        """Why the pipeline stops after `stage` ended with `returncode` (None: it goes on)."""
+        requeue = requeue_requested_exit_code()
+        name = signal.Signals(self.signum).name if self.signum else "a stop signal"
+        if returncode == requeue:
+            return StageStopped(f"stage {stage} stopped by {name} after saving a checkpoint "
+                                f"(exit {requeue}); rerun the same command to resume it", requeue)
+        if self.signum is None or returncode == 0:   # a finished stage: `before` stops the next
+            return None
+        # A stage without checkpoints dies of the signal; its outputs are atomic, so a rerun
+        # (or a requeue, for SIGUSR1/SIGTERM) simply does it again.
+        stop = self.signum in (signal.SIGUSR1, signal.SIGTERM)
+        return StageStopped(f"stage {stage} ended by {name} (exit {returncode}); rerun the same "
+                            f"command to continue", requeue if stop else 128 + self.signum)
+
+
+def run_stage(stage: Stage, config_path: Path, run: RunLayout, signals: SignalForwarder) -> float:
     cmd = stage_command(stage, config_path, run.root)
     print(f"\n=== stage {stage.name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, env=_stage_env(stage))
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage.name} failed with exit status {proc.returncode}; "
-                           f"fix the cause and rerun the same command to continue from it")
+    # Own session: group signals reach the stage only via `signals`. die_with_parent: the stage
+    # (and, through it, every rank) is SIGKILLed when this process dies, even by kill -9.
+    signals.child = subprocess.Popen(cmd, env=_stage_env(stage), start_new_session=True,
+                                     preexec_fn=die_with_parent)
+    returncode = signals.child.wait()
+    signals.child = None
+    stopped = signals.stopped_status(stage.name, returncode)
+    if stopped is not None:
+        raise stopped
+    if returncode != 0:   # the stage printed its reason; one line here, no traceback
+        raise StageStopped(f"stage {stage.name} failed with exit status {returncode}; fix the "
+                           f"cause and rerun the same command to continue from it",
+                           returncode if returncode > 0 else 128 - returncode)
     return time.time() - t0
 
 
@@ -130,6 +214,22 @@ def _print_summary(run: RunLayout, times: dict[str, Optional[float]], total: flo
     print(f"tensorboard: {run.tensorboard}  (tensorboard --logdir {run.tensorboard})")
 
 
+def _run_stages(args: argparse.Namespace, stages: list[Stage], config_path: Path, run: RunLayout,
+                signals: SignalForwarder, times: dict[str, Optional[float]]) -> None:
+    for stage in stages:
+        if args.only and stage.name not in args.only:
+            continue
+        if is_done(stage) and stage.name not in args.redo:
+            times[stage.name] = None
+            continue
+        stopped = signals.before(stage.name)
+        if stopped is not None:
+            raise stopped
+        for out in stage.outputs if stage.name in args.redo else ():
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        times[stage.name] = run_stage(stage, config_path, run, signals)
+
+
 def main(args: argparse.Namespace) -> int:
     run = RunLayout.at(Path(args.run_dir).resolve())
     cfg = config_from_args(args)
@@ -145,16 +245,14 @@ def main(args: argparse.Namespace) -> int:
     load_config(str(config_path))  # the file every stage reads must itself validate
     times: dict[str, Optional[float]] = {}   # None: skipped (outputs already complete)
     t_all = time.time()
-    for stage in stages:
-        if args.only and stage.name not in args.only:
-            continue
-        if is_done(stage) and stage.name not in args.redo:
-            times[stage.name] = None
-            continue
-        for out in stage.outputs if stage.name in args.redo else ():
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-        times[stage.name] = run_stage(stage, config_path, run)
-    total = time.time() - t_all
-    _save_stage_times(run, times, total)
-    _print_summary(run, times, total)
+    with SignalForwarder() as signals:   # also over the summary: a late signal is no failure
+        try:
+            _run_stages(args, stages, config_path, run, signals, times)
+        except StageStopped as stop:
+            _save_stage_times(run, times, time.time() - t_all)
+            print(f"h3fusion run: {stop}", file=sys.stderr, flush=True)
+            return stop.status
+        total = time.time() - t_all
+        _save_stage_times(run, times, total)
+        _print_summary(run, times, total)
     return 0

@@ -79,7 +79,7 @@ def _export_mixtral(args: argparse.Namespace) -> int:
 
 
 def _add_merge(parser: argparse.ArgumentParser) -> None:
-    from ..registry import MERGE_METHODS
+    from ..registry import MERGE_METHODS, TIES_TRIM_SCOPES
     parser.add_argument("--method", required=True, choices=MERGE_METHODS)
     parser.add_argument("--base", required=True, help="base LlamaForCausalLM dir (config, "
                         "tokenizer; the origin of the task vectors)")
@@ -88,6 +88,9 @@ def _add_merge(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=float, default=None,
                         help="λ: default 0.5 for task_arithmetic, 1.0 for ties")
     parser.add_argument("--density", type=float, default=0.5, help="TIES: fraction kept")
+    parser.add_argument("--trim-scope", default="model", choices=TIES_TRIM_SCOPES,
+                        help="TIES: trim over the whole model's task vector (model, the paper) "
+                             "or each tensor on its own (tensor, mergekit)")
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the base dir)")
     _add_max_shard_gb(parser)
     parser.add_argument("--overwrite", action="store_true")
@@ -99,7 +102,8 @@ def _merge(args: argparse.Namespace) -> int:
     scale = args.scale if args.scale is not None else (1.0 if args.method == "ties" else 0.5)
     merge_checkpoints(args.method, args.base, parse_named_dirs(args.models, "--models"),
                       args.out, scale=scale, density=args.density, overwrite=args.overwrite,
-                      tokenizer=args.tokenizer, max_shard_bytes=_shard_bytes(args))
+                      tokenizer=args.tokenizer, max_shard_bytes=_shard_bytes(args),
+                      trim_scope=args.trim_scope)
     return 0
 
 

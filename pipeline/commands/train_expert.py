@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..config import check_dimension
 from . import add_config_arguments, config_from_args
@@ -20,4 +21,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "expert")
     check_dimension(cfg, args.dimension)     # before the trainer imports deepspeed
     from ..train.expert import train_expert
-    return train_expert(cfg, args.run_dir, args.dimension, args.resume, args.overwrite)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from ..train.loop import NonFiniteLossError
+    try:
+        return train_expert(cfg, args.run_dir, args.dimension, args.resume, args.overwrite)
+    except NonFiniteLossError as exc:   # as `h3fusion fuse`: exit 3, no expert written
+        print(f"h3fusion train-expert: error: {exc}", flush=True)
+        return 3

@@ -45,6 +45,30 @@ def _read_json(path: Path) -> list[dict]:
     return data
 
 
+def _read_csv(path: Path) -> list[dict]:
+    """CSV rows as records. The parser runs strict, and a row whose field count differs from the
+    header's is an error naming its line: a lenient read turns an unterminated quote into one
+    giant field and reports a "missing field" that the header does have."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, strict=True)
+        header, records, start = None, [], 1
+        try:
+            for row in reader:
+                if header is None:
+                    header = row
+                elif row:
+                    if len(row) != len(header):
+                        raise ValueError(f"{path}: line {start}: {len(row)} fields, the header "
+                                         f"has {len(header)} ({header}); quote fields that "
+                                         f"contain commas")
+                    records.append(dict(zip(header, row)))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise ValueError(f"{path}: line {start}: CSV parse error ({exc}); a quoted field "
+                             f"that starts on this line may never be closed") from None
+    return records
+
+
 def read_records(spec: str) -> list[dict]:
     """Raw records of a local file or hub spec; every record must be a mapping."""
     if spec.startswith(HUB_PREFIX):
@@ -56,8 +80,7 @@ def read_records(spec: str) -> list[dict]:
         if path.suffix in (".json", ".jsonl"):
             records = _read_json(path)
         elif path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                records = list(csv.DictReader(f))
+            records = _read_csv(path)
         else:
             raise ValueError(f"{path}: unknown dataset format {path.suffix!r} (expected .json, .jsonl or .csv)")
     for i, rec in enumerate(records):

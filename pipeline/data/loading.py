@@ -33,6 +33,17 @@ def _load_split(data_dir: str | Path, kind: str, task: str, split: str, splits: 
     path = data_dir / kind / task / split
     if not path.is_dir():
         raise FileNotFoundError(f"missing dataset split: {path}")
+    return load_saved_split(path)
+
+
+def load_saved_split(path: str | Path) -> Dataset:
+    """`load_from_disk`, with a clear error for a dataset saved with 0 rows (datasets itself
+    raises a bare IndexError on one) or a dir that holds no saved dataset."""
+    state = Path(path) / "state.json"
+    if not state.is_file():
+        raise FileNotFoundError(f"{path} is not a saved dataset (no state.json; run `h3fusion data`)")
+    if not read_json(state).get("_data_files"):
+        raise ValueError(f"{path}: empty split (0 rows)")
     return load_from_disk(str(path))
 
 

@@ -64,9 +64,11 @@ def _claim_d(profile: dict, dims: list[str], routing_target: float) -> list[Clai
         acc = profile["tasks"][task]["own_top1_acc"]
         if acc is None:
             raise ValueError(f"expert_load.json: task {task!r} has no own expert")
+        first = (profile["tasks"][task].get("first_response_token") or {}).get("own_top1_acc")
+        at_first = "" if first is None else f"; at the first-response-token position {first:.1%}"
         out.append(Claim(f"d:{task}", acc >= routing_target, acc, routing_target,
                          f"{task} {profile.get('tokens', 'all')} tokens routed top-1 to their own "
-                         f"expert {acc:.1%} (target {routing_target:.0%})"))
+                         f"expert {acc:.1%} (target {routing_target:.0%}){at_first}"))
     return out
 
 

@@ -4,7 +4,10 @@ An eval item's `kind` says what it measures: `mc` (TruthfulQA-style: `chosen` ar
 answers, `rejected` the false ones) -> MC1/MC2; `pair` (`chosen` safe/good vs `rejected`
 unsafe/bad) -> preference accuracy; `harmful_prompt` -> refusal rate of greedy generations.
 Independently of kind, a non-empty `reference` is scored for its per-token log-likelihood and
-a non-empty `answer` is checked by exact match against the generation.
+a non-empty `answer` is checked by exact match against the generation. `mc` items are also
+scored in lm-evaluation-harness's TruthfulQA protocol (harness.py): mc1_harness, mc2_harness.
+Scoring packs each prompt's answers after one copy of it where the model allows
+(scoring.score_encoded), else scores one sequence per answer, with the same results.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ from typing import Any, Sequence
 
 from pipeline.data import EVAL_COLUMNS, EVAL_KINDS
 
+from . import harness
 from . import metrics as M
-from .scoring import GenerationConfig, generate_responses, score_continuations
+from .scoring import GenerationConfig, generate_responses, score_encoded, score_pairs
 
 KINDS = EVAL_KINDS                # the eval schema's one definition is pipeline.data's
 REQUIRED_COLUMNS = EVAL_COLUMNS
@@ -30,6 +34,8 @@ def check_items(items: Sequence[dict], source: str) -> None:
         missing = [c for c in REQUIRED_COLUMNS if c not in item]
         if missing:
             raise ValueError(f"{source}: row {row} lacks column(s) {missing}")
+        if not str(item["instruction"] or "").strip():
+            raise ValueError(f"{source}: row {row} has an empty 'instruction'")
         if item["kind"] not in KINDS:
             raise ValueError(f"{source}: row {row} has unknown kind {item['kind']!r} (known: {KINDS})")
         if item["kind"] in ("mc", "pair") and (not item["chosen"] or not item["rejected"]):
@@ -89,6 +95,16 @@ def _generation_metrics(items, outputs: list[str]) -> dict[str, Any]:
             "exact_match": M.mean(em), "n_answer": len(em)}
 
 
+def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: str) -> dict[str, Any]:
+    """MC1/MC2 of the mc items in lm-evaluation-harness's TruthfulQA protocol (harness.py)."""
+    reqs = harness.harness_requests(items)
+    if not reqs:
+        return {"mc1_harness": None, "mc2_harness": None}
+    encoded = [harness.encode_harness(tokenizer, ctx, ans, max_len) for _, _, ctx, ans in reqs]
+    scores = score_encoded(model, tokenizer, encoded, batch_size, max_len, desc=f"{task} harness mc")
+    return harness.harness_metrics(items, reqs, [s.total_ll for s in scores])
+
+
 def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, max_len: int,
                   gen: GenerationConfig | None, task: str) -> tuple[dict[str, Any], list[str]]:
     """Metrics of one model on one task's items, and its generation per item ([] if gen is None).
@@ -99,10 +115,11 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, m
     reqs = _scoring_requests(items)
     # the same (prompt, text) is often both a chosen answer and the reference: score it once
     unique = list(dict.fromkeys((prompts[i], text) for i, _, text in reqs))
-    scored = dict(zip(unique, score_continuations(model, tokenizer, unique, batch_size, max_len,
-                                                  desc=f"{task} log-lik")))
+    scored = dict(zip(unique, score_pairs(model, tokenizer, unique, batch_size, max_len,
+                                          desc=f"{task} log-lik")))
     scores = [scored[(prompts[i], text)] for i, _, text in reqs]
     result = _likelihood_metrics(items, reqs, scores)
+    result.update(_harness_mc(model, tokenizer, items, batch_size, max_len, task))
     outputs: list[str] = []
     if gen is not None:
         outputs = generate_responses(model, tokenizer, prompts, batch_size, max_len, gen,

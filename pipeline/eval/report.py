@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence
 
 from pipeline.data.dimensions import get_dimension
 # metric columns shown in the report, in order
-METRIC_COLUMNS = ("mc1", "mc2", "pref_acc", "refusal_rate", "exact_match", "ref_mean_ll", "rejected_mean_ll",
-                  "flagged_rate")
+METRIC_COLUMNS = ("mc1", "mc2", "mc1_harness", "mc2_harness", "pref_acc", "refusal_rate", "exact_match",
+                  "ref_mean_ll", "rejected_mean_ll", "flagged_rate")
 
 
 def choose_score_metrics(results: dict[str, dict], dimensions: Sequence[str]) -> dict[str, Optional[str]]:

@@ -4,8 +4,10 @@
 the generic causal-LM interface: `model(input_ids=, attention_mask=).logits` and
 `model.generate(...)`, so dense Llama models, merges and the fused H3Fusion MoE are scored by
 the same code. `score_continuations_packed` gives the same scores several times faster (each
-prompt once, its answers packed after it) for the Llama-layout models (dense and H3Fusion).
-Prompts use the Alpaca template the models were trained with.
+prompt once, its answers packed after it) for the Llama-layout models (dense and H3Fusion);
+`score_pairs` / `score_encoded`, what the evaluation calls, pack when the model allows and fall
+back to one sequence per answer otherwise. Prompts use the Alpaca template the models were
+trained with; `generate_token_ids` batches greedy generation with left padding.
 """
 from __future__ import annotations
 
@@ -76,15 +78,20 @@ def _score_batch(model, seqs: list[list[int]], cont_lens: list[int], pad_id: int
 
 def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int,
                         max_len: int, desc: str = "scoring") -> list[ContinuationScore]:
-    """Score each (prompt, continuation): sum and count of continuation-token log-probs.
+    """Score each (prompt, continuation): sum and count of continuation-token log-probs, one
+    prompt+continuation sequence per pair (any causal LM).
 
     Requests are sorted by length so each batch pads little; results come back in input order.
     """
     if batch_size < 1:
         raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
     encoded = [_encode_pair(tokenizer, p, c, max_len) for p, c in pairs]
+    return _score_per_option(model, encoded, pad_token_id(tokenizer), batch_size, desc)
+
+
+def _score_per_option(model, encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int,
+                      desc: str) -> list[ContinuationScore]:
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    pad_id = pad_token_id(tokenizer)
     results: list[ContinuationScore | None] = [None] * len(encoded)
     for lo in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[lo: lo + batch_size]
@@ -92,6 +99,31 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batc
         for i, total in zip(idx, totals):
             results[i] = ContinuationScore(total, encoded[i][1])
     return results  # type: ignore[return-value]
+
+
+def score_encoded(model, tokenizer, encoded: list[tuple[list[int], int]], batch_size: int,
+                  max_len: int, desc: str = "scoring") -> list[ContinuationScore]:
+    """Score already-encoded requests (token ids of prompt+continuation, continuation length):
+    packed (each prompt once) where the model supports it, else one sequence per request with a
+    logged note. Both give the same scores to float rounding (tests/unit/test_eval_scoring_fast.py)."""
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+    if not encoded:
+        return []
+    pad_id = pad_token_id(tokenizer)
+    reason = packed_unsupported_reason(model)
+    if reason is None:
+        return _score_packed(model, encoded, pad_id, batch_size, max_len, desc)
+    print(f"note: {desc}: per-option scoring (slower, same scores): {reason}", flush=True)
+    return _score_per_option(model, encoded, pad_id, batch_size, desc)
+
+
+def score_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, max_len: int,
+                desc: str = "scoring") -> list[ContinuationScore]:
+    """(prompt, continuation) pairs in the training template (continuation + eos), scored by
+    `score_encoded`: the evaluation's one scoring entry point."""
+    return score_encoded(model, tokenizer, [_encode_pair(tokenizer, p, c, max_len) for p, c in pairs],
+                         batch_size, max_len, desc)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -204,16 +236,23 @@ PACKED_ATTENTION = ("sdpa", "eager")
 PACKED_MODEL_TYPES = ("llama", "h3fusion")
 
 
-def _check_packable(model) -> None:
+def packed_unsupported_reason(model) -> str | None:
+    """Why packed scoring cannot run on `model`, or None when it can."""
     kind = getattr(model.config, "model_type", None)
     if kind not in PACKED_MODEL_TYPES:
-        raise ValueError(f"packed scoring supports model types {PACKED_MODEL_TYPES}, got {kind!r} "
-                         f"(use score_continuations)")
+        return f"packed scoring supports model types {PACKED_MODEL_TYPES}, got {kind!r}"
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in PACKED_ATTENTION:
-        raise ValueError(f"packed scoring needs a custom 4-D attention mask; attention "
-                         f"implementation {impl!r} is not one of {PACKED_ATTENTION} (load the model "
-                         f"with attn_implementation='sdpa', or use score_continuations)")
+        return (f"packed scoring needs a custom 4-D attention mask; attention implementation "
+                f"{impl!r} is not one of {PACKED_ATTENTION} (load the model with "
+                f"attn_implementation='sdpa')")
+    return None
+
+
+def _check_packable(model) -> None:
+    reason = packed_unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"{reason} (use score_continuations)")
 
 
 # scored positions per LM-head call: bounds the [rows, vocab] logits (a 49k vocab -> 13 MB in
@@ -292,8 +331,13 @@ def score_continuations_packed(model, tokenizer, pairs: Sequence[tuple[str, str]
     if not pairs:
         return []
     _check_packable(model)
-    encoded, rows = pack_requests(tokenizer, pairs, max_len)
-    pad_id = pad_token_id(tokenizer)
+    encoded = [_encode_pair(tokenizer, p, c, max_len) for p, c in pairs]
+    return _score_packed(model, encoded, pad_token_id(tokenizer), batch_size, max_len, desc)
+
+
+def _score_packed(model, encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int,
+                  max_len: int, desc: str) -> list[ContinuationScore]:
+    rows = _pack_rows(encoded, PACK_ROW_FACTOR * max_len)
     results: list[ContinuationScore | None] = [None] * len(encoded)
     for batch in tqdm(packed_batches(rows, batch_size * max_len), desc=desc, leave=False):
         for i, total in _score_packed_batch(model, batch, pad_id).items():
@@ -310,7 +354,8 @@ class GenerationConfig:
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, max_len: int) -> list[str]:
+def _generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, max_len: int) -> list[list[int]]:
+    """New token ids of each prompt, cut before the first eos (the end-of-response marker)."""
     device = model_device(model)
     from pipeline.data.template import encode_prompt_response
 
@@ -318,7 +363,9 @@ def _generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig,
     rows = [encode_prompt_response(tokenizer, p, None, room)[0] for p in prompts]
     width = max(len(r) for r in rows)
     pad_id = pad_token_id(tokenizer)
-    # generation pads on the left so every row's next token follows its own last prompt token
+    # generation pads on the left so every row's next token follows its own last prompt token;
+    # the mask hides the pads and generate() derives position ids from it, so a row's greedy
+    # tokens are those of its unpadded run up to float rounding of the padded matmuls
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
@@ -327,21 +374,27 @@ def _generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig,
         kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
     new_tokens = out[:, width:].tolist()
-    texts = []
-    for toks in new_tokens:
-        if tokenizer.eos_token_id in toks:  # stop at the end-of-response marker
-            toks = toks[: toks.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(toks, skip_special_tokens=True).strip())
-    return texts
+    eos = tokenizer.eos_token_id
+    return [toks[: toks.index(eos)] if eos in toks else toks for toks in new_tokens]
+
+
+def generate_token_ids(model, tokenizer, prompts: Sequence[str], batch_size: int, max_len: int,
+                       gen: GenerationConfig, desc: str = "generating") -> list[list[int]]:
+    """Generated token ids per formatted prompt (eos excluded), batched across prompts of similar
+    length (left padding); results in input order."""
+    if batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for lo in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = order[lo: lo + batch_size]
+        for i, toks in zip(idx, _generate_batch(model, tokenizer, [prompts[i] for i in idx], gen, max_len)):
+            outputs[i] = toks
+    return outputs
 
 
 def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int, max_len: int,
                        gen: GenerationConfig, desc: str = "generating") -> list[str]:
     """Batched generation from formatted prompts; returns the response text of each prompt."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[str] = [""] * len(prompts)
-    for lo in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        idx = order[lo: lo + batch_size]
-        for i, text in zip(idx, _generate_batch(model, tokenizer, [prompts[i] for i in idx], gen, max_len)):
-            outputs[i] = text
-    return outputs
+    ids = generate_token_ids(model, tokenizer, prompts, batch_size, max_len, gen, desc)
+    return [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in ids]

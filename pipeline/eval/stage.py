@@ -20,7 +20,7 @@ from pipeline.config import EvalConfig
 from pipeline.io_utils import atomic_dir, write_json
 
 from . import judges
-from .hhh import check_items, evaluate_task, format_prompt
+from .hhh import REQUIRED_COLUMNS, check_items, evaluate_task, format_prompt
 from .models import load_causal_lm
 from .report import choose_score_metrics, dimension_scores, fused_gains, plot_scores, render_markdown
 from .scoring import GenerationConfig
@@ -30,18 +30,35 @@ FUSED = "fused"
 
 def load_eval_items(data_dir: Path, split: str, max_items: int) -> dict[str, list[dict]]:
     """dimension -> eval items (`max_items` first rows, 0 = all) via `pipeline.data.loading`, for
-    every dimension of the data dir, in its order."""
+    every dimension of the data dir, in its order. A missing or empty eval set, or one that lacks
+    a field, is one error naming the set and the field (raised before any model loads)."""
     from pipeline.data.loading import data_dimensions, load_eval
 
     items = {}
     for task in data_dimensions(data_dir):
+        where = Path(data_dir) / "eval" / task / split
+        if not where.is_dir():
+            raise FileNotFoundError(f"eval set {where} is missing (run `h3fusion data` first)")
         ds = load_eval(data_dir, task, split)
+        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"eval set {where} lacks field(s) {missing} (an eval item has "
+                             f"{list(REQUIRED_COLUMNS)})")
+        if len(ds) == 0:
+            raise ValueError(f"eval set {where} is empty: no items to evaluate")
         if max_items > 0:
             ds = ds.select(range(min(max_items, len(ds))))
         rows = ds.to_list()
-        check_items(rows, f"{data_dir}/eval/{task}/{split}")
+        check_items(rows, str(where))
         items[task] = rows
     return items
+
+
+def check_model_dirs(models: dict[str, Path]) -> None:
+    """Every model dir holds a config.json: checked for all before the first (slow) model load."""
+    bad = {name: str(path) for name, path in models.items() if not (Path(path) / "config.json").is_file()}
+    if bad:
+        raise FileNotFoundError(f"not Hugging Face model directories (no config.json): {bad}")
 
 
 def _generation_config(cfg: EvalConfig) -> Optional[GenerationConfig]:
@@ -146,6 +163,7 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
         raise ValueError("--moderation-model and --alpaca-eval judge generations: "
                          "they need eval.generate=true")
     items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
+    check_model_dirs(models)
     t0 = time.time()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         metrics, alpaca = {}, {}

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .grouped_glu import GroupedGLU, PairGather, WeightedPairSum
+
 GroupedImpl = Literal["auto", "loop", "grouped_mm"]
 
 
@@ -49,6 +51,7 @@ class Permutation:
     order_P: torch.Tensor        # index into the flattened [T*K] pairs
     token_idx_P: torch.Tensor
     expert_idx_P: torch.Tensor
+    inv_P: torch.Tensor          # inverse of order_P: where flat pair t*K+k sits after sorting
 
 
 def permute(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> tuple[torch.Tensor, Permutation]:
@@ -57,16 +60,19 @@ def permute(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> tuple[torch.Tensor
     flat_expert_P = topk_idx_TK.reshape(-1)
     order_P = torch.argsort(flat_expert_P, stable=True)
     token_idx_P = order_P // top_k
-    perm = Permutation(order_P, token_idx_P, flat_expert_P[order_P])
-    return x_TH.index_select(0, token_idx_P), perm
+    inv_P = torch.empty_like(order_P)
+    inv_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
+    perm = Permutation(order_P, token_idx_P, flat_expert_P[order_P], inv_P)
+    return PairGather.apply(x_TH, token_idx_P, inv_P, top_k), perm
 
 
 def unpermute(y_PH: torch.Tensor, perm: Permutation, topk_weight_TK: torch.Tensor,
               num_tokens: int) -> torch.Tensor:
     """Weight each pair's expert output by its routing weight and sum the k pairs of each token."""
-    weight_P = topk_weight_TK.reshape(-1)[perm.order_P].to(y_PH.dtype)
-    out_TH = y_PH.new_zeros(num_tokens, y_PH.shape[1])
-    return out_TH.index_add(0, perm.token_idx_P, y_PH * weight_P[:, None])
+    if topk_weight_TK.shape[0] != num_tokens:
+        raise ValueError(f"unpermute: {topk_weight_TK.shape[0]} weight rows for {num_tokens} tokens")
+    return WeightedPairSum.apply(y_PH, topk_weight_TK.to(y_PH.dtype), perm.token_idx_P,
+                                 perm.order_P, perm.inv_P)
 
 
 def _grouped_mm_ok(x: torch.Tensor, *dims: int) -> bool:
@@ -76,13 +82,6 @@ def _grouped_mm_ok(x: torch.Tensor, *dims: int) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (9, 0) and all(d % 8 == 0 for d in dims)
 
 
-def _expert_matmul(x_PH: torch.Tensor, w_EXY: torch.Tensor, counts: list[int],
-                   ends_E: torch.Tensor, use_grouped: bool) -> torch.Tensor:
-    """Row block e of x (counts[e] rows) times w_EXY[e]; blocks are contiguous in x."""
-    if use_grouped:
-        return torch._grouped_mm(x_PH, w_EXY, offs=ends_E.to(torch.int32))
-    blocks = torch.split(x_PH, counts, dim=0)
-    return torch.cat([blk @ w_EXY[e] for e, blk in enumerate(blocks)], dim=0)
 
 
 def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor,
@@ -99,14 +98,15 @@ def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1:
     if int(counts_E.sum()) != x_PH.shape[0]:
         raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x has {x_PH.shape[0]} rows")
     use_grouped = impl == "grouped_mm" or (impl == "auto" and _grouped_mm_ok(x_PH, ffn, hidden))
-    counts = counts_E.tolist()
-    ends_E = torch.cumsum(counts_E, 0)
+    if not use_grouped:   # a loop of per-expert GEMMs with hand-written autograd (grouped_glu)
+        return GroupedGLU.apply(x_PH, w1, v1, w2, counts_E.tolist())
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
     w1_EHF = w1.view(num_experts, ffn, hidden).transpose(1, 2)
     v1_EHF = v1.view(num_experts, ffn, hidden).transpose(1, 2)
     w2_EFH = w2.view(num_experts, ffn, hidden)
-    gate_PF = _expert_matmul(x_PH, w1_EHF, counts, ends_E, use_grouped)
-    up_PF = _expert_matmul(x_PH, v1_EHF, counts, ends_E, use_grouped)
-    return _expert_matmul(F.silu(gate_PF) * up_PF, w2_EFH, counts, ends_E, use_grouped)
+    gate_PF = torch._grouped_mm(x_PH, w1_EHF, offs=offs_E)
+    up_PF = torch._grouped_mm(x_PH, v1_EHF, offs=offs_E)
+    return torch._grouped_mm(F.silu(gate_PF) * up_PF, w2_EFH, offs=offs_E)
 
 
 def dropless_experts(x_TH: torch.Tensor, routing: RouterOutput, w1: torch.Tensor,

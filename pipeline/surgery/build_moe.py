@@ -52,7 +52,7 @@ def max_shared_deviation(base: CheckpointReader, expert: CheckpointReader) -> fl
     for key in base.keys():
         if plan.is_dense_mlp_key(key):
             continue
-        diff = (expert.get(key).float() - base.get(key).float()).abs().max().item()
+        diff = (expert.get_finite(key).float() - base.get_finite(key).float()).abs().max().item()
         worst = max(worst, diff)
     return worst
 
@@ -88,7 +88,7 @@ def validate_inputs(base_dir: str | Path, expert_dirs: dict[str, Path],
 def stacked_expert_layer(experts: list[CheckpointReader], layer: int) -> dict[str, torch.Tensor]:
     """One layer's w1/v1/w2 [E*F, H]; expert e owns rows e*F:(e+1)*F."""
     def stack(proj: str, transpose: bool) -> torch.Tensor:
-        parts = [r.get(plan.dense_mlp_key(layer, proj)) for r in experts]
+        parts = [r.get_finite(plan.dense_mlp_key(layer, proj)) for r in experts]
         return torch.cat([p.t() if transpose else p for p in parts], dim=0).contiguous()
     return {"w1": stack("gate_proj", False), "v1": stack("up_proj", False),
             "w2": stack("down_proj", True)}
@@ -125,7 +125,7 @@ def write_moe_weights(out: Path, inputs: BuildInputs, routers: list[torch.Tensor
     dtype = experts[0].get(plan.dense_mlp_key(0, "gate_proj")).dtype
     for key in inputs.base.keys():
         if not plan.is_dense_mlp_key(key):
-            writer.add(key, inputs.base.get(key))
+            writer.add(key, inputs.base.get_finite(key))
     for layer in range(inputs.spec.num_hidden_layers):
         writer.add(plan.router_key(layer), routers[layer].to(dtype))
         for param, tensor in stacked_expert_layer(experts, layer).items():

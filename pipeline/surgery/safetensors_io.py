@@ -113,6 +113,18 @@ class CheckpointReader:
             self._handles[shard] = safe_open(str(self.dir / shard), framework="pt")
         return self._handles[shard].get_tensor(key)
 
+    def get_finite(self, key: str) -> torch.Tensor:
+        """`get`, refusing a floating tensor with NaN/inf (named with its file): fusing or
+        merging a diverged model would otherwise write a model full of NaN without a word."""
+        tensor = self.get(key)
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(f"{self.dir / self.weight_map[key]}: tensor {key} has {bad} "
+                                 f"non-finite values (NaN/inf) of {tensor.numel()}; refusing "
+                                 f"to use a diverged model")
+        return tensor
+
     def close(self) -> None:
         self._handles.clear()
 

@@ -14,6 +14,7 @@ A rerun continues from the latest DeepSpeed checkpoint when there is one (`--res
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -23,12 +24,15 @@ import torch
 
 from ..config import PipelineConfig, check_dimension, to_dict
 from ..env import dist_env, requeue_requested_exit_code
+from ..io_utils import check_output_dir
 from ..layout import RunLayout
 from .common import BatchSchedule, Throughput, seed_everything, sum_over_ranks, warmup_cosine
+from .inputs import check_model_weights, check_rows, check_writable, count_saved_rows
 from .loop import LoopSettings, TrainLoop, comparable_config
 
 FFN_MARKER = ".mlp."          # Llama MLP parameters: model.layers.{l}.mlp.{gate,up,down}_proj.weight
 LORA_META = "lora.json"       # r/alpha/... beside the DS checkpoints (read by zero_to_hf)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +57,7 @@ def _check_inputs(layout: RunLayout, dimension: str) -> None:
     if not layout.base.is_dir():
         raise FileNotFoundError(f"base model dir not found: {layout.base} (run `h3fusion base`)")
     check_llama_dir(layout.base)
+    check_model_weights(layout.base, "base model")
     train_dir = layout.data / "sft" / dimension / "train"
     if not train_dir.is_dir():
         raise FileNotFoundError(f"training data not found: {train_dir} (run `h3fusion data`)")
@@ -60,16 +65,24 @@ def _check_inputs(layout: RunLayout, dimension: str) -> None:
 
 def prepare_job(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resume: bool = False,
                 overwrite: bool = False) -> ExpertJob:
-    """Validate dimension, inputs, outputs and the DS JSON (incl. batch arithmetic)."""
-    from ..backends.deepspeed_engine import DsTrainSettings, latest_tag, load_ds_config, resolve_ds_config
+    """Validate dimension, inputs (base weights, >= 1 step of train rows), outputs (writable),
+    the checkpoint to resume from (docs/reliability.md) and the DS JSON (batch arithmetic)."""
+    from ..backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
+    from ..backends.ds_checkpoint_check import resume_tag
 
     check_dimension(cfg, dimension)
     layout, env, t = RunLayout.at(run_dir), dist_env(), cfg.expert.train
     _check_inputs(layout, dimension)
     out, ds_dir = layout.expert(dimension), layout.expert_ds(dimension)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory already exists: {out} (pass --overwrite to replace it)")
-    if resume and latest_tag(ds_dir) is None:
+    check_output_dir(out, overwrite)
+    check_rows(count_saved_rows(layout.data / "sft" / dimension / "train"),
+               t.micro_batch_size * t.grad_accum_steps * env.world_size,
+               f"{layout.data}/sft/{dimension}/train")
+    for path, what in ((out, "expert output"), (ds_dir, "checkpoint dir"),
+                       (layout.tensorboard / f"expert_{dimension}", "TensorBoard dir")):
+        check_writable(path, what)
+    # a damaged newest checkpoint falls back (logged once); another world size is an error
+    if resume_tag(ds_dir, env.world_size, announce=env.rank == 0) is None and resume:
         raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {ds_dir} (no 'latest' file)")
     ds = resolve_ds_config(load_ds_config(cfg.expert.ds_config, require_stage=3), DsTrainSettings(
         t.micro_batch_size, t.grad_accum_steps, t.grad_clip, t.lr, t.weight_decay, env.world_size))
@@ -248,11 +261,17 @@ def train_expert(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resum
     if job.rank == 0 and cfg.expert.method == "lora":
         job.ds_dir.mkdir(parents=True, exist_ok=True)
         (job.ds_dir / LORA_META).write_text(json.dumps(lora_meta(job), indent=2))
-    trainer.loop.resume()
+    if trainer.loop.resume() is not None and job.rank == 0:
+        log.warning("expert %s: resumed from %s/%s at step %d of %d", dimension, job.ds_dir,
+                    trainer.loop.resumed_from, trainer.loop.step, trainer.loop.total_steps)
     trainer.task.meter = Throughput()   # tokens/s from the first step, not from the set-up
     status = trainer.loop.run()
     if status == "done":
         trainer.save_output(time.time() - t0)
+    elif job.rank == 0:
+        log.warning("expert %s: stop signal %s: checkpoint %s/%s saved at step %d; exiting with "
+                    "%d for requeue", dimension, stop.name(), job.ds_dir, trainer.loop.last_tag,
+                    trainer.loop.step, requeue_requested_exit_code())
     stop.uninstall()
     torch.distributed.destroy_process_group()
     return 0 if status == "done" else requeue_requested_exit_code()

@@ -8,8 +8,11 @@ from `ds_configs/zero2_fusion_ep.json`, or ZeRO-3 without expert parallelism) tr
 trainable params. Expert parallelism keeps the full expert stack on every rank and computes only
 the owned experts (pipeline.model.expert_parallel), so a rank's gradient for a foreign expert is
 zero and the owner's gradient already holds every rank's tokens: DeepSpeed's ordinary mean over
-the data-parallel world is then exactly the gradient of the global mean loss for any EP degree
-(tests/dist/test_fuse_train.py proves EP=2 == EP=1). Design notes: docs/stage2.md.
+the data-parallel world is then exactly the gradient of the global mean loss for any EP degree,
+uneven splits included (each expert has exactly one owner per EP group, whether that rank owns 1
+or 2 of E=3). No parameter is a DeepSpeed MoE parameter, so nothing is averaged over an
+expert-data-parallel group only (tests/dist/test_fuse_train.py: E=3, top-2, EP=2 == EP=1).
+Design notes: docs/stage2.md.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Callable, Optional
 
 from ..config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
 from ..env import dist_env, requeue_requested_exit_code
-from ..io_utils import atomic_dir, read_json, sha256_dir, write_json
+from ..io_utils import atomic_dir, check_output_dir, read_json, sha256_dir, write_json
 from ..layout import RunLayout
 from .fusion_data import MicroBatches, has_tokenizer, load_fusion_rows
 from .fusion_loop import FusionLoop, NonFiniteLossError
@@ -76,8 +79,15 @@ def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
     if not 1 <= fcfg.top_k <= num_experts:
         raise ConfigError(f"fusion.top_k={fcfg.top_k} must be in [1, num_experts={num_experts}]")
     ep = fcfg.ep_degree
-    if num_experts % ep:
-        raise ConfigError(f"fusion.ep_degree={ep} does not divide the number of experts {num_experts}")
+    # uneven splits are fine on the torch backend (E=3 on 2 ranks owns 2 + 1 experts, see
+    # model/expert_parallel.py); MegaBlocks' all-to-all needs equal shares
+    if ep > num_experts:
+        raise ConfigError(f"fusion.ep_degree={ep} exceeds the number of experts {num_experts}: "
+                          f"a rank would own none")
+    if num_experts % ep and fcfg.moe_backend == "megablocks":
+        raise ConfigError(f"fusion.ep_degree={ep} does not divide the number of experts "
+                          f"{num_experts}, which fusion.moe_backend=megablocks needs (the torch "
+                          f"backend splits unevenly)")
     if world_size % ep:
         raise ConfigError(f"fusion.ep_degree={ep} does not divide the world size {world_size}")
     if zero_stage not in (2, 3):
@@ -114,12 +124,17 @@ def save_consolidated(loop: "FusionLoop", out: Path, cfg: PipelineConfig, summar
                                     "files": sha256_dir(tmp)})
 
 
-def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool) -> None:
-    if paths.out.exists() and not overwrite:
-        raise FileExistsError(f"output directory already exists: {paths.out} "
-                              f"(pass --overwrite to replace it)")
-    from ..backends.deepspeed_engine import latest_tag
-    if resume and latest_tag(paths.ds_dir) is None:
+def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool, env) -> None:
+    """Outputs writable and the checkpoint to resume from intact, before any training step."""
+    from ..backends.ds_checkpoint_check import resume_tag
+    from .inputs import check_model_weights, check_writable
+    check_model_weights(paths.init, "fusion --init")
+    check_output_dir(paths.out, overwrite)
+    for path, what in ((paths.out, "fusion output"), (paths.ds_dir, "checkpoint dir"),
+                       (paths.tensorboard, "TensorBoard dir")):
+        check_writable(path, what)
+    # a damaged newest checkpoint falls back (logged once); another world size is an error
+    if resume_tag(paths.ds_dir, env.world_size, announce=env.rank == 0) is None and resume:
         raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {paths.ds_dir} (no 'latest')")
 
 
@@ -137,11 +152,14 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     raw_ds = load_ds_config(cfg.fusion.ds_config, require_stage=None)  # repo-relative too
     check_fusion_settings(cfg.fusion, model_cfg, env.world_size,
                           int(raw_ds.get("zero_optimization", {}).get("stage", 0)))
-    _prepare_out(paths, overwrite, resume)
+    _prepare_out(paths, overwrite, resume, env)
     if rows is None:
         run = RunLayout.at(paths.ds_dir.parent)
         tokenizer_dir = paths.init if has_tokenizer(paths.init) else run.tokenizer
         rows = load_fusion_rows(cfg, tokenizer_dir, run.data)
+    if not rows:
+        raise ValueError(f"fusion training data ({paths.ds_dir.parent / 'data'}/sft/*/train, "
+                         f"mixed by fusion.mix_weights): 0 rows")
     check_label_width(len(rows[0]["task_label"]), model_cfg, "training data")
     batches = MicroBatches(rows, cfg.fusion.train, env.rank, env.world_size, paths.init)
     loop = FusionLoop(cfg, paths, raw_ds, batches)

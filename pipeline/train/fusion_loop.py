@@ -182,6 +182,7 @@ class FusionLoop:
             model, self.ds, trainable_param_groups(model, self.fcfg.router_lr), lr=t.lr,
             weight_decay=t.weight_decay,
             lr_multiplier=partial(warmup_cosine, total=total, warmup=t.warmup_steps))
+        task.initial_experts = self._place_snapshot(task.initial_experts, engine)
         settings = LoopSettings(
             total_steps=total, grad_accum_steps=t.grad_accum_steps, save_every=t.save_every,
             config_key="fusion_config", config=comparable_config(to_dict(self.fcfg)),
@@ -221,7 +222,17 @@ class FusionLoop:
         from ..losses import snapshot_expert_params
         if self.fcfg.trainable != "router+experts":
             return []
-        return snapshot_expert_params(model, device="cpu")
+        # fp32 copy taken before the engine may cast the model; moved next to the experts once
+        # the engine has placed them (`_place_snapshot`)
+        return snapshot_expert_params(model)
+
+    @staticmethod
+    def _place_snapshot(snapshot: list, engine) -> list:
+        """The snapshot on the device of the engine's experts (one copy, not one per step)."""
+        from ..losses import expert_param_triples, move_snapshot
+        if not snapshot:
+            return snapshot
+        return move_snapshot(snapshot, expert_param_triples(engine.module)[0][0].device)
 
     def _periodic_save(self, loop: TrainLoop) -> None:
         if self.on_periodic_save is not None:

@@ -54,3 +54,29 @@ def any_rank_requested(local: bool, max_reduce: Callable[[float], float] | None)
     during different steps."""
     value = 1.0 if local else 0.0
     return (max_reduce(value) if max_reduce is not None else value) > 0.5
+
+
+PR_SET_PDEATHSIG = 1   # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux prctl).
+
+    torchrun starts every rank in its own session, so a SIGKILL of the launcher (or of its
+    process group) would leave the ranks training on as orphans, still writing into the run dir.
+    Called in each torchrun worker and, through `preexec_fn`, in each stage `h3fusion run`
+    starts. SIGKILL, not a stop signal: a parent that is gone cannot collect a checkpoint, and the
+    run-dir lock is already released. A parent that died before the prctl call is caught by
+    `getppid() != parent`. No-op off Linux (no prctl)."""
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)

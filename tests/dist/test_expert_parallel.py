@@ -81,6 +81,82 @@ def _check_model(rank, seed):
     assert (ep - ref).abs().max() < 1e-5
 
 
+def _fusion_loss(model, batch, start, gamma_E):
+    """The fusion objective's differentiable terms (CE + gate + drift + load balance), on this
+    rank's micro batch: what pipeline.train.fusion_loop.FusionTask.loss adds up."""
+    from pipeline import losses
+    out = model(input_ids=batch["ids"], attention_mask=batch["mask"], labels=batch["labels"])
+    probs = [r.probs_TE for r in out.router_outputs]
+    return (out.loss + losses.gating_loss(probs, batch["mask"], batch["task"])
+            + losses.drift_penalty(model, start, gamma_E)
+            + 0.1 * losses.load_balance_loss(probs, [r.topk_idx_TK for r in out.router_outputs],
+                                             batch["mask"]))
+
+
+def _rank_batches(rank, seed, steps):
+    gen = torch.Generator().manual_seed(seed + 100 + rank)   # each rank its own tokens
+    batches = []
+    for _ in range(steps):
+        ids = torch.randint(3, 64, (2, 7), generator=gen)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        task = torch.nn.functional.one_hot(torch.randint(0, 3, (2,), generator=gen), 3).float()
+        batches.append({"ids": ids, "mask": torch.ones_like(ids), "labels": labels, "task": task})
+    return batches
+
+
+def _train(rank, seed, ep_group, steps):
+    """`steps` optimizer steps of router+experts training with DeepSpeed's reduction (mean of
+    the ranks' gradients); returns per step the mean loss and the reduced gradients."""
+    from pipeline.losses import snapshot_expert_params
+    from pipeline.model import set_trainable
+    torch.manual_seed(seed)
+    model = set_trainable(H3FusionForCausalLM(_config(3, 2)), "router+experts")
+    apply_expert_parallel(model, ep_group)
+    start = snapshot_expert_params(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in params], lr=0.02)
+    record = []
+    for batch in _rank_batches(rank, seed, steps):
+        opt.zero_grad()
+        loss = _fusion_loss(model, batch, start, [0.5, 1.0, 2.0])
+        loss.backward()
+        local = {n: p.grad.clone() for n, p in params}
+        for _, p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        record.append((float(mean_loss) / WORLD, {n: p.grad.clone() for n, p in params}, local))
+        opt.step()
+    return record, model
+
+
+def _check_training_uneven_split(rank, seed, steps=4):
+    """E=3, top-2, EP=2 (rank 0 owns experts 0-1, rank 1 owns expert 2) vs EP=1 (plain data
+    parallel): same loss and reduced gradients at every step, so the same weights after."""
+    ref, ref_model = _train(rank, seed, None, steps)
+    ep, ep_model = _train(rank, seed, dist.group.WORLD, steps)
+    lo, hi = ep_model.model.layers[0].mlp.expert_parallel.local_experts
+    assert (lo, hi) == [(0, 2), (2, 3)][rank]
+    ffn = ep_model.model.layers[0].mlp.experts.ffn_size
+    for step, ((loss1, g1, _), (loss2, g2, local2)) in enumerate(zip(ref, ep)):
+        assert abs(loss1 - loss2) <= 1e-5, (step, loss1, loss2)
+        for name in g1:
+            assert (g1[name] - g2[name]).abs().max() <= 1e-5, (step, name)
+            if name.endswith("experts.w2"):   # every expert and the router learn
+                per_expert = g1[name].view(3, ffn, -1).abs().flatten(1).sum(1)
+                assert bool((per_expert > 0).all()), (step, name, per_expert)
+            if name.endswith("experts.w2") and step == 0:   # drift's gradient is 0 at θ⁰ only
+                foreign = torch.ones(3 * ffn, dtype=torch.bool)
+                foreign[lo * ffn:hi * ffn] = False
+                assert local2[name][foreign].abs().sum() == 0, (step, name)
+            if name.endswith("router.weight"):
+                assert g1[name].abs().sum() > 0, (step, name)
+    for (n1, p1), (n2, p2) in zip(ref_model.named_parameters(), ep_model.named_parameters()):
+        assert (p1 - p2).abs().max() <= 1e-5, n1
+
+
 def _worker(rank, port, seed, failures):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))   # a failed peer must not hang us
@@ -89,6 +165,7 @@ def _worker(rank, port, seed, failures):
         for num_experts, top_k in ((2, 1), (3, 2), (4, 2)):
             _check_layer(rank, num_experts, top_k, seed)
         _check_model(rank, seed)
+        _check_training_uneven_split(rank, seed)
     except Exception as exc:  # report to the parent instead of hanging the peer
         failures.put(f"rank {rank}: {type(exc).__name__}: {exc}")
         raise

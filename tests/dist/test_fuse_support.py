@@ -109,6 +109,7 @@ def _run_job(job: dict, rank: int) -> dict:
 
     def record(step, loop):
         seen["history"] = [{k: v for k, v in r.items()} for r in loop.history]
+        seen.setdefault("grad_norms", []).append(loop.engine.grad_norm())   # after DS's reduction
         if _hook(job.get("hook"), rank):
             _hook(job.get("hook"), rank)(step, loop)
 
@@ -122,7 +123,8 @@ def _run_job(job: dict, rank: int) -> dict:
         result = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     finally:
         logging.getLogger("h3fusion.fuse").removeHandler(handler)
-    result.update(history=seen.get("history", []), warnings=handler.messages)
+    result.update(history=seen.get("history", []), grad_norms=seen.get("grad_norms", []),
+                  warnings=handler.messages)
     return result
 
 

@@ -21,14 +21,22 @@ SETTINGS = DsTrainSettings(micro_batch_size=4, grad_accum_steps=2, grad_clip=1.0
                            weight_decay=0.0, world_size=2)
 
 
+def save_split(path, num_rows: int) -> None:
+    from datasets import Dataset
+
+    Dataset.from_dict({"instruction": ["q"] * num_rows, "input": [""] * num_rows,
+                       "response": ["a"] * num_rows}).save_to_disk(str(path))
+
+
 @pytest.fixture
 def run_dir(tmp_path):
-    """Just enough of a run for the checks: a Llama config.json and the data split dir."""
-    from transformers import LlamaConfig
+    """Just enough of a run for the checks: a 1-layer Llama and a 64-row train split."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=4).save_pretrained(tmp_path / "base")
-    (tmp_path / "data" / "sft" / "helpful" / "train").mkdir(parents=True)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    save_split(tmp_path / "data" / "sft" / "helpful" / "train", 64)
     return tmp_path
 
 
@@ -122,11 +130,74 @@ def test_batch_schedule_is_a_deterministic_partition():
         BatchSchedule(10, 3, 2, 2, 5).check("data.arrow")
 
 
-@pytest.mark.parametrize("override,match", [("expert.lora.r=0", "r must be >= 1"),
-                                            ("expert.lora.dropout=1.0", "dropout must be in"),
+@pytest.mark.parametrize("override,match", [("expert.lora.r=0", "'expert.lora.r' must be >= 1"),
+                                            ("expert.lora.dropout=1.0",
+                                             r"'expert.lora.dropout' must be in \[0, 1\)"),
                                             ("expert.method=full", "ffn|lora")])
 def test_expert_config_values_are_checked(override, match):
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=match):
         load_config("tiny", [override])
+
+
+def test_train_split_with_too_few_rows(run_dir):
+    import shutil
+
+    split = run_dir / "data" / "sft" / "helpful" / "train"
+    shutil.rmtree(split)
+    save_split(split, 0)
+    with pytest.raises(ValueError, match="sft/helpful/train: empty split \\(0 rows\\)"):
+        _job(run_dir)
+    shutil.rmtree(split)
+    save_split(split, 5)   # one step needs micro 8 x accum 1 x world 1 = 8
+    with pytest.raises(ValueError, match=r"5 rows, fewer than one optimizer step needs \(8 = "):
+        _job(run_dir, "expert.train.micro_batch_size=8")
+    shutil.rmtree(split)
+    split.mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a saved dataset"):
+        _job(run_dir)
+
+
+def test_truncated_or_missing_base_weights(run_dir, capsys):
+    weights = run_dir / "base" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    rc = cli_main(["train-expert", "--dimension", "helpful", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"base model: {weights}: truncated or corrupt safetensors file" in err
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="base model: .*has no model weights"):
+        _job(run_dir)
+    assert not torch.distributed.is_initialized()
+
+
+def test_unwritable_expert_output(run_dir):
+    (run_dir / "experts").write_text("a file where the experts dir goes")
+    with pytest.raises(PermissionError, match=r"expert output .*experts/helpful cannot be written: "
+                                              r".*experts: .*is not a directory"):
+        _job(run_dir)
+
+
+def _fake_checkpoint(ds_dir, tag, world):
+    tag_dir = ds_dir / tag
+    tag_dir.mkdir(parents=True)
+    for r in range(world):
+        for kind in ("model", "optim"):
+            torch.save({}, tag_dir / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt")
+    (ds_dir / "latest").write_text(tag)
+
+
+def test_checkpoint_of_another_world_size_or_none_intact(run_dir, capsys):
+    ds_dir = run_dir / "experts_ds" / "helpful"
+    _fake_checkpoint(ds_dir, "step0000004", world=2)
+    rc = cli_main(["train-expert", "--dimension", "helpful", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "step0000004: checkpoint was saved by 2 processes but this run has 1" in err
+    (ds_dir / "step0000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"PK\x03")
+    with pytest.raises(ValueError, match="no intact checkpoint to resume from .*step0000004: "
+                                         "zero_pp_rank_0_mp_rank_00_model_states.pt is truncated"):
+        _job(run_dir, resume=True)
+    assert not torch.distributed.is_initialized()

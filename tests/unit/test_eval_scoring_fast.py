@@ -95,16 +95,16 @@ def test_packed_batches_keep_within_the_token_budget():
 
 
 def test_drop_in_for_evaluate_task(monkeypatch):
-    """hhh.evaluate_task gives the same metrics with the packed scorer swapped in."""
-    from pipeline.eval import hhh
+    """hhh.evaluate_task (packed scoring) gives the same metrics as with per-option scoring forced."""
+    from pipeline.eval import hhh, scoring
 
     items = [dict(instruction=q, input="", chosen=answers[:1], rejected=answers[1:] or ["Maybe."],
                   reference=answers[0], answer="", kind="mc" if i % 2 else "pair", task="honest")
              for i, (q, answers) in enumerate(ITEMS)]
     model, tok = tiny_fused_model(seed=0), char_tokenizer()
-    slow, _ = hhh.evaluate_task(model, tok, items, batch_size=2, max_len=256, gen=None, task="honest")
-    monkeypatch.setattr(hhh, "score_continuations", score_continuations_packed)
     fast, _ = hhh.evaluate_task(model, tok, items, batch_size=2, max_len=256, gen=None, task="honest")
+    monkeypatch.setattr(scoring, "packed_unsupported_reason", lambda model: "forced by the test")
+    slow, _ = hhh.evaluate_task(model, tok, items, batch_size=2, max_len=256, gen=None, task="honest")
     assert slow.keys() == fast.keys()
     for key, value in slow.items():
         assert value == pytest.approx(fast[key], abs=1e-4), key
@@ -122,3 +122,45 @@ def test_packed_needs_a_mask_taking_attention():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="flash_attention_2"):
         score_continuations_packed(model, char_tokenizer(), _pairs()[:2], batch_size=2, max_len=64)
+
+
+GEN_PROMPTS = [format_prompt(q, "") for q in
+               ("Why?", "Name a prime number.", "Tell me a long story about a dog who finds his way home.",
+                "2+2?", "What is the capital of France, and why is it the capital?")]
+
+
+@pytest.mark.parametrize("name", ["llama", "h3fusion"])
+def test_batched_greedy_generation_gives_the_unbatched_token_ids(name):
+    """Left-padded batches of different-length prompts generate, token for token, what each
+    prompt generates alone. Padding changes the matmul shapes, so logits can differ by float
+    rounding; on these models no greedy choice is that close, so the ids are identical."""
+    from pipeline.eval.scoring import GenerationConfig, generate_token_ids
+
+    # seed 3: a random tiny Llama whose generations differ between prompts (many seeds repeat one)
+    model = tiny_llama(seed=3) if name == "llama" else MODELS[name]()
+    tok = char_tokenizer()
+    gen = GenerationConfig(max_new_tokens=12)
+    batched = generate_token_ids(model, tok, GEN_PROMPTS, batch_size=3, max_len=512, gen=gen)
+    single = [generate_token_ids(model, tok, [p], batch_size=1, max_len=512, gen=gen)[0] for p in GEN_PROMPTS]
+    assert batched == single
+    assert all(len(t) > 0 for t in batched) and len({tuple(t) for t in batched}) > 1
+
+
+def test_unsupported_model_falls_back_to_per_option_scoring(capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from test_eval_fixtures import VOCAB
+
+    from pipeline.eval.scoring import _encode_pair, packed_unsupported_reason, score_encoded
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(VOCAB), n_embd=32, n_layer=1, n_head=2,
+                                       n_positions=512)).eval()
+    tok = char_tokenizer()
+    assert "gpt2" in packed_unsupported_reason(model)
+    assert packed_unsupported_reason(tiny_llama()) is None
+    pairs = _pairs()
+    got = score_encoded(model, tok, [_encode_pair(tok, p, c, 512) for p, c in pairs], 3, 512, desc="x")
+    assert "per-option scoring" in capsys.readouterr().out
+    _assert_same(score_continuations(model, tok, pairs, batch_size=1, max_len=512), got)
+    with pytest.raises(ValueError, match="gpt2"):
+        score_continuations_packed(model, tok, pairs, batch_size=3, max_len=512)

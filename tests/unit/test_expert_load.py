@@ -85,17 +85,27 @@ def test_shares_entropy_collapse_and_own_expert_match_hand_computation(tmp_path)
     assert summary["tasks"][ALL]["num_tokens"] == sum(summary["tasks"][t]["num_tokens"] for t in PAIRS)
 
 
-def test_response_only_profile_counts_exactly_the_response_tokens(tmp_path):
+def test_response_only_profile_counts_the_positions_that_predict_the_response(tmp_path):
+    # logits at t predict token t+1: the counted positions are the last prompt token through the
+    # token before EOS (the stand-in routes by the id at the position), and the last prompt token
+    # alone is the first-response-token position
     tok = char_tokenizer()
     cfg = ProfileConfig(batch_size=2, max_seq_len=512, tokens="response")
     summary = profile_model(StandInMoE(len(tok)), tok, PAIRS, tmp_path / "prof", cfg)
     assert summary["tokens"] == "response"
     for task, pairs in PAIRS.items():
-        response_ids = [i for p, r in pairs for i in encode_prompt_response(tok, p, r, 512)[1]]
+        encoded = [encode_prompt_response(tok, p, r, 512) for p, r in pairs]
+        routed = [i for prompt, resp in encoded for i in prompt[-1:] + resp[:-1]]
         t = summary["tasks"][task]
-        assert t["num_tokens"] == len(response_ids)
-        even = sum(1 for i in response_ids if i % 2 == 0) / len(response_ids)
+        assert t["num_tokens"] == len(routed)
+        even = sum(1 for i in routed if i % 2 == 0) / len(routed)
         assert t["layers"][1]["top1_share"] == pytest.approx([even, 0.0, 1 - even])
+        firsts = [prompt[-1] for prompt, _ in encoded]
+        first = t["first_response_token"]
+        assert first["num_tokens"] == len(pairs)
+        even_first = sum(1 for i in firsts if i % 2 == 0) / len(firsts)
+        # top1_share is summed over both layers: layer 0 sends everything to expert 0
+        assert first["top1_share"] == pytest.approx([(1 + even_first) / 2, 0.0, (1 - even_first) / 2])
 
 
 def _check_outputs(out: Path, tasks: list[str], layers: int, experts: int) -> dict:

@@ -35,7 +35,9 @@ def test_cli_reports_missing_fused_init(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides,world,stage,match", [
-    (["fusion.ep_degree=2"], 2, 2, "does not divide the number of experts 3"),
+    (["fusion.ep_degree=4"], 4, 2, "ep_degree=4 exceeds the number of experts 3"),
+    (["fusion.ep_degree=2", "fusion.moe_backend=megablocks"], 2, 2,
+     "does not divide the number of experts 3, which fusion.moe_backend=megablocks needs"),
     (["fusion.ep_degree=3"], 2, 2, "does not divide the world size 2"),
     (["fusion.ep_degree=3"], 3, 3, "ZeRO-3 partitions the experts"),
     (["fusion.top_k=4"], 2, 2, "top_k=4"),
@@ -53,6 +55,13 @@ def test_gamma_for_missing_expert_is_an_error_only_when_nonzero():
     with pytest.raises(ConfigError, match=r"experts \['honest'\].*its experts: \['helpful', 'harmless'\]"):
         check_fusion_settings(_fusion("fusion.gamma.honest=0.5"), two, 2, 2)
     check_fusion_settings(_fusion("fusion.ep_degree=3"), MODEL, 3, 2)   # a valid EP set-up
+
+
+def test_uneven_expert_parallel_split_is_accepted_on_the_torch_backend():
+    # E=3 on 2 ranks: one rank owns 2 experts, the other 1 (model/expert_parallel.py)
+    check_fusion_settings(_fusion("fusion.ep_degree=2"), MODEL, 2, 2)
+    check_fusion_settings(_fusion("fusion.ep_degree=2"), MODEL, 4, 2)   # 2 EP groups x 2 ranks
+    check_fusion_settings(_fusion("fusion.ep_degree=3", "fusion.moe_backend=megablocks"), MODEL, 3, 2)
 
 
 def test_label_width_must_match_experts():

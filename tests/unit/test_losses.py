@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (drift_penalty, expert_drift, gating_loss, load_balance_loss,
-                             router_z_loss, sample_routing_probs, snapshot_expert_params)
+from pipeline.losses import (drift_penalty, expert_drift, expert_param_triples, gating_loss,
+                             load_balance_loss, move_snapshot, router_z_loss,
+                             sample_routing_probs, snapshot_expert_params)
 from pipeline.model import H3FusionConfig, H3FusionForCausalLM
 
 # B=2, S=2, E=2; sample 1's second token is padding (its probs must be ignored)
@@ -79,6 +80,34 @@ def test_drift_penalty_on_model_starts_at_zero_with_finite_grads():
         expert_drift(model, start[:1], num_experts=3)
 
 
+def test_drift_snapshot_lives_with_the_experts_and_is_never_copied_per_step(monkeypatch):
+    model = H3FusionForCausalLM(H3FusionConfig(vocab_size=32, hidden_size=16, intermediate_size=8,
+                                               num_hidden_layers=2, num_attention_heads=2))
+    start = snapshot_expert_params(model)
+    params = [w for triple in expert_param_triples(model) for w in triple]
+    snap = [w for triple in start for w in triple]
+    assert [w.device for w in snap] == [p.device for p in params]
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.v1.add_(0.25)
+    expected = drift_penalty(model, start, [1.0, 2.0, 3.0]).item()
+    snap_ptrs = {w.data_ptr() for w in snap}
+    real_to, calls = torch.Tensor.to, []
+
+    def counting_to(self, *args, **kwargs):
+        calls.append(self.data_ptr() in snap_ptrs)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    assert drift_penalty(model, start, [1.0, 2.0, 3.0]).item() == expected   # numbers unchanged
+    assert not any(calls)                                                    # no copy of θ⁰
+    monkeypatch.undo()
+    assert expected > 0
+    moved = move_snapshot(start, "meta")          # a snapshot elsewhere is refused, not copied
+    assert all(w.device.type == "meta" for triple in moved for w in triple)
+    with pytest.raises(ValueError, match="move_snapshot"):
+        expert_drift(model, moved, num_experts=3)
+
+
 def test_load_balance_loss_uniform_skewed_and_masked():
     uniform = torch.full((4, 2), 0.5)
     alternating = torch.tensor([[0], [1], [0], [1]])
@@ -103,23 +132,40 @@ def test_router_z_loss_hand_computed():
     assert masked.item() == pytest.approx(math.log(2.0) ** 2)
 
 
-def test_gate_token_mask_selects_response_tokens_only():
+def test_gate_token_mask_selects_positions_that_predict_the_response():
     from pipeline.losses import gate_token_mask
+    # row 0: prompt p p, response 7 then EOS 8, one pad; logits at t predict labels[t+1], so the
+    # last prompt position (1) is in and the EOS position (3) is out
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, 7, 8]])
     assert torch.equal(gate_token_mask(mask, labels, "all"), mask)
-    assert gate_token_mask(mask, labels, "response").tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert gate_token_mask(mask, labels, "response").tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
     with pytest.raises(ValueError, match="response"):
         gate_token_mask(mask, labels, "prompt")
 
 
 def test_gating_loss_on_response_tokens_ignores_prompt_routing():
     from pipeline.losses import gate_token_mask
-    # prompt tokens routed to expert 0, response tokens to expert 2 (the label)
-    probs = torch.tensor([[0.98, 0.01, 0.01]] * 2 + [[0.01, 0.01, 0.98]] * 2)
+    # positions that predict the response (1 and 2: labels[2], labels[3]) routed to expert 2 (the
+    # label); the first prompt position and the last (EOS) position to expert 0
+    e0, e2 = [0.98, 0.01, 0.01], [0.01, 0.01, 0.98]
+    probs = torch.tensor([e0, e2, e2, e0])
     mask, labels = torch.ones(1, 4, dtype=torch.long), torch.tensor([[-100, -100, 3, 4]])
     label = torch.tensor([[0.0, 0.0, 1.0]])
     all_tokens = gating_loss([probs], gate_token_mask(mask, labels, "all"), label)
     response = gating_loss([probs], gate_token_mask(mask, labels, "response"), label)
     assert response.item() == pytest.approx(-math.log(0.98), abs=1e-6)
     assert all_tokens.item() == pytest.approx(-math.log((0.98 + 0.01) / 2), abs=1e-6)
+
+
+def test_response_span_masks_match_the_label_shift():
+    from pipeline.losses import predicts_response_mask, response_span_masks
+    # two sequences: prompt of 3 / 2 tokens, real lengths 6 / 4, padded to 7
+    starts, lengths = torch.tensor([3, 2]), torch.tensor([6, 4])
+    span, first = response_span_masks(starts, lengths, 7)
+    labels = torch.full((2, 7), -100)
+    labels[0, 3:6] = torch.tensor([11, 12, 2])     # response tokens + EOS
+    labels[1, 2:4] = torch.tensor([13, 2])
+    assert torch.equal(span, predicts_response_mask(labels))
+    assert span.tolist() == [[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0]]
+    assert first.tolist() == [[0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]]

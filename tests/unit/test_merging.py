@@ -66,23 +66,28 @@ def family(tmp_path_factory):
     return make_family(tmp_path_factory.mktemp("family"))
 
 
-@pytest.mark.parametrize("method", merging.METHODS)
-def test_streaming_merge_matches_the_pure_functions(family, tmp_path, method):
+@pytest.mark.parametrize("method,scope", [(m, "model") for m in merging.METHODS]
+                         + [("ties", "tensor")])
+def test_streaming_merge_matches_the_pure_functions(family, tmp_path, method, scope):
     from transformers import LlamaForCausalLM
     base, experts = family
     out = merging.merge_checkpoints(method, base, experts, tmp_path / method, scale=0.7,
-                                    density=0.3, max_shard_bytes=40_000)
+                                    density=0.3, max_shard_bytes=40_000, trim_scope=scope)
     merged, base_sd = dense_state(out), dense_state(base)
     models = [dense_state(d) for d in experts.values()]
+    want = merging.merge_state_dicts(method, base_sd, models, 0.7, 0.3, trim_scope=scope)
     for key, value in base_sd.items():
-        want = merging.merge_tensor(method, value, [m[key] for m in models], 0.7, 0.3)
-        assert torch.equal(merged[key], want), key
+        assert torch.equal(merged[key], want[key]), key
+        if method != "ties" or scope == "tensor":   # per-tensor maths: one tensor at a time
+            assert torch.equal(merged[key], merging.merge_tensor(
+                method, value, [m[key] for m in models], 0.7, 0.3)), key
     attn = "model.layers.0.self_attn.q_proj.weight"   # equal in all inputs: unchanged by any method
     assert torch.equal(merged[attn], base_sd[attn])
     mlp = "model.layers.1.mlp.up_proj.weight"
     assert not torch.equal(merged[mlp], base_sd[mlp])
     manifest = json.loads((out / merging.MANIFEST).read_text())
     assert manifest["method"] == method and [m["name"] for m in manifest["models"]] == list(TASK_NAMES)
+    assert manifest.get("trim_scope") == (scope if method == "ties" else None)
     LlamaForCausalLM.from_pretrained(out)
 
 

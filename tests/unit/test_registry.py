@@ -7,7 +7,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.model import H3FusionConfig, H3FusionMoE, TorchBackend
 from pipeline.model import moe as moe_module
 from pipeline.model.routing import dropless_moe
-from pipeline.registry import MERGE_METHODS, MOE_BACKENDS, ROUTER_INITS, Registry
+from pipeline.registry import MERGE_METHODS, MOE_BACKENDS, ROUTER_INITS, TIES_TRIM_SCOPES, Registry
 
 TINY = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
             vocab_size=32, num_experts=3, num_experts_per_tok=2)
@@ -28,7 +28,7 @@ def test_registry_names_lookup_and_errors():
         reg.register("c", "pipeline.merging.ties")
 
 
-@pytest.mark.parametrize("reg", [MERGE_METHODS, ROUTER_INITS], ids=lambda r: r.kind)
+@pytest.mark.parametrize("reg", [MERGE_METHODS, ROUTER_INITS, TIES_TRIM_SCOPES], ids=lambda r: r.kind)
 def test_every_registered_implementation_resolves(reg):
     for name in reg.names():
         assert callable(reg.get(name, "test"))
@@ -43,6 +43,7 @@ def test_the_torch_backend_resolves_without_optional_dependencies():
     ("fusion.moe_backend", "tutel", "MoE backend"),
     ("fusion.router_init", "orthogonal", "router init"),
     ("merge.methods", "[average, slerp]", "merge method"),
+    ("merge.ties_trim_scope", "layer", "TIES trim scope"),
 ])
 def test_config_validation_reads_the_registries(key, value, kind):
     with pytest.raises(ConfigError) as err:
@@ -60,6 +61,8 @@ def test_config_accepts_every_registered_name():
     all_methods = "[" + ", ".join(MERGE_METHODS.names()) + "]"
     methods = load_config("tiny", [f"merge.methods={all_methods}"]).merge.methods
     assert methods == list(MERGE_METHODS)
+    for name in TIES_TRIM_SCOPES.names():
+        assert load_config("tiny", [f"merge.ties_trim_scope={name}"]).merge.ties_trim_scope == name
 
 
 class RecordingBackend(TorchBackend):

@@ -22,6 +22,7 @@ slowest rank's median.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads); default: torch's default. On a "
+                        "shared machine 1 thread is less disturbed by other processes")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (run under torchrun)")
@@ -264,6 +268,9 @@ def _slowest_rank(rows: list[dict]) -> None:
 
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ep_group, args.rank, world = (None, 0, 1) if args.ep == 1 else _init_ep(args.ep)
     backends = args.backends or _default_backends(device)
@@ -276,6 +283,8 @@ def run(args) -> dict:
     return {"sizes": args.sizes, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "ep": args.ep, "warmup": args.warmup, "repeats": args.repeats,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
+            # other processes' load skews CPU ratios; the 1-minute load average says how much
+            "load_avg_1m": [load_before, os.getloadavg()[0]],
             "dense_ceiling": ceiling, "results": rows}
 
 
@@ -284,7 +293,8 @@ def main(argv=None) -> int:
     report = run(args)
     if args.rank == 0:
         print(f"sizes={report['sizes']} device={report['device']} dtype={report['dtype']} "
-              f"ep={report['ep']} threads={report['threads']}")
+              f"ep={report['ep']} threads={report['threads']} "
+              f"load_avg_1m(before,after)={report['load_avg_1m']}")
         print(format_table(report["results"]))
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
             write_json(Path(tmp) / "throughput.json", report)

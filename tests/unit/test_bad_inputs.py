@@ -1,0 +1,287 @@
+"""Bad input, as an operator would give it, through the `h3fusion` command line (in process, no
+process group): exit status 2, one `h3fusion <cmd>: error: ...` line naming the key/file/tensor,
+no traceback, and no stage output left behind. docs/reliability.md lists every case and its test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.commands import main as cli_main
+from pipeline.config import ConfigError, PipelineConfig, load_config
+from surgery_fixtures import make_family
+
+TINY = str(Path(__file__).resolve().parents[2] / "pipeline" / "presets" / "tiny.yaml")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    rc = cli_main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.err + captured.out
+
+
+def assert_one_error(rc: int, out: str, command: str, *needles: str, code: int = 2) -> str:
+    """Exit `code` and exactly one error line, naming every needle; returns that line."""
+    assert rc == code, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, out
+    assert errors[0].startswith(f"h3fusion {command}: error: "), errors[0]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def assert_no_outputs(run: Path) -> None:
+    """Nothing but hidden bookkeeping (the run-dir lock) in the run dir."""
+    if run.exists():
+        assert [p.name for p in run.iterdir() if not p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("command,key,value,needle", [
+    ("train-expert", "expert.train.lr", "0", "'expert.train.lr' must be > 0, got 0.0"),
+    ("train-expert", "expert.train.epochs", "0", "'expert.train.epochs' must be > 0"),
+    ("train-expert", "expert.train.max_steps", "0", "'expert.train.max_steps' must be >= 1, or -1"),
+    ("train-expert", "expert.train.micro_batch_size", "0", "'expert.train.micro_batch_size' must be >= 1"),
+    ("fuse", "fusion.train.lr", "0", "'fusion.train.lr' must be > 0"),
+    ("fuse", "fusion.train.lr", ".nan", "'fusion.train.lr' must be > 0, got nan"),
+    ("fuse", "fusion.train.epochs", "0", "'fusion.train.epochs' must be > 0"),
+    ("fuse", "fusion.train.grad_accum_steps", "0", "'fusion.train.grad_accum_steps' must be >= 1"),
+    ("fuse", "fusion.top_k", "0", "'fusion.top_k' must be >= 1, got 0"),
+    ("fuse", "fusion.gamma.helpful", "-1", "'fusion.gamma.helpful' must be >= 0"),
+    ("fuse", "fusion.lambda_gate", "-0.5", "'fusion.lambda_gate' must be >= 0"),
+    ("fuse", "fusion.router_lr", "0", "'fusion.router_lr' must be > 0"),
+    ("base", "base.train.warmup_steps", "-1", "'base.train.warmup_steps' must be >= 0"),
+    ("merge", "merge.ties_density", "0", "'merge.ties_density' must be in (0, 1]"),
+    ("evaluate", "eval.batch_size", "0", "'eval.batch_size' must be >= 1"),
+    ("data", "data.builtin.train_per_task", "-3", "'data.builtin.train_per_task' must be >= 0"),
+])
+def test_out_of_range_values_name_key_and_file(tmp_path, capsys, command, key, value, needle):
+    run = tmp_path / "run"
+    extra = ["--dimension", "helpful"] if command == "train-expert" else []
+    rc, out = run_cli(capsys, command, "--run-dir", str(run), "--set", f"{key}={value}", *extra)
+    assert_one_error(rc, out, command, needle, TINY)
+    assert_no_outputs(run)
+
+
+def _numeric_keys(cls=PipelineConfig, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, key + ".")
+        elif {a for a in typing.get_args(tp) or (tp,) if a is not type(None)} <= {int, float}:
+            yield key, float in typing.get_args(tp) or tp is float
+
+
+@pytest.mark.parametrize("key,is_float", sorted(_numeric_keys()))
+def test_every_numeric_key_has_a_range(key, is_float):
+    """No numeric key is unchecked: infinity (floats) or -1e9 (ints) is refused by name."""
+    bad = ".inf" if is_float else "-1000000000"
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [f"{key}={bad}"])
+    assert key in str(err.value) and "tiny.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "empty config file"),
+    ("fusion: [1, 2\n", "not valid YAML"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("fusion: {topk: 2}\n", "unknown config key 'fusion.topk'"),
+    ("fusion: {top_k: two}\n", "key 'fusion.top_k' must be int"),
+    ("expert: {train: {lr: 0}}\n", "key 'expert.train.lr' must be > 0"),
+    ("base: {tiny: {hidden_size: 30, num_attention_heads: 4}}\n", "each must divide the one before"),
+])
+def test_bad_config_files_name_the_file(tmp_path, capsys, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    rc, out = run_cli(capsys, "data", "--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert_one_error(rc, out, "data", needle, str(path))
+    assert_no_outputs(tmp_path / "run")
+
+
+def test_missing_config_unknown_preset_and_bad_set(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    rc, out = run_cli(capsys, "data", "--config", str(tmp_path / "nope.yaml"), "--run-dir", run)
+    assert_one_error(rc, out, "data", "config file not found", "nope.yaml")
+    rc, out = run_cli(capsys, "data", "--config", "tinyy", "--run-dir", run)
+    assert_one_error(rc, out, "data", "no config file or preset named 'tinyy'", "presets:")
+    rc, out = run_cli(capsys, "data", "--set", "data.source", "--run-dir", run)
+    assert_one_error(rc, out, "data", "--set 'data.source': expected KEY=VALUE")
+    assert_no_outputs(tmp_path / "run")
+
+
+def test_unknown_command_and_flag_are_usage_errors(capsys):
+    """argparse's convention: usage + one error line, exit status 2."""
+    for argv in (["trian-expert"], ["fuse", "--no-such-flag"], ["train-expert"]):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: h3fusion") and err.count("error:") == 1
+        assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- data files
+
+@pytest.mark.parametrize("content,needle", [
+    ('prompt,response,category\nx,y,violence\n"open,y,violence\nx,y,z\n',
+     "line 3: CSV parse error (unexpected end of data); a quoted field that starts on this line"),
+    ("prompt,response,category\nx,y\n", "line 2: 2 fields, the header has 3"),
+    ("prompt,response,category\nx,y,z,w\n", "line 2: 4 fields, the header has 3"),
+    ("", "no records"),
+    ("prompt,response,category\n", "no records"),
+    ("prompt,answer\nx,y\n", "unknown BeaverTails format"),
+])
+def test_bad_beavertails_csv_names_file_and_line(tmp_path, capsys, shared_data, content, needle):
+    bad = tmp_path / "bt.csv"
+    bad.write_text(content)
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "data", "--run-dir", str(run), "--set", "data.source=real",
+                      "--set", f"data.real.alpaca={shared_data / 'alpaca/alpaca_small.json'}",
+                      "--set", f"data.real.beavertails={bad}",
+                      "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}")
+    line = assert_one_error(rc, out, "data", str(bad), needle)
+    assert "missing field" not in line
+    assert_no_outputs(run)
+
+
+def test_missing_or_unset_data_file(tmp_path, capsys, shared_data):
+    run = tmp_path / "run"
+    real = ["--set", "data.source=real", "--set", f"data.real.alpaca={tmp_path / 'none.json'}"]
+    rc, out = run_cli(capsys, "data", "--run-dir", str(run), *real)
+    assert_one_error(rc, out, "data", "data.real.beavertails must be set")
+    rc, out = run_cli(capsys, "data", "--run-dir", str(run), *real,
+                      "--set", f"data.real.beavertails={shared_data / 'beavertails/beavertails_sample.csv'}",
+                      "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}")
+    assert_one_error(rc, out, "data", "dataset file not found", "none.json")
+    assert_no_outputs(run)
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("family"))
+
+
+def _poison(src: Path, dst: Path, key: str, value: float) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = value
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("who,key,value", [
+    ("expert", "model.layers.1.mlp.down_proj.weight", float("nan")),
+    ("base", "model.layers.0.self_attn.q_proj.weight", float("inf")),
+])
+def test_build_moe_refuses_non_finite_weights(family, tmp_path, capsys, who, key, value):
+    base, experts = family
+    if who == "expert":
+        experts = {**experts, "harmless": _poison(experts["harmless"], tmp_path / "bad", key, value)}
+    else:
+        base = _poison(base, tmp_path / "bad", key, value)
+    out = tmp_path / "moe"
+    rc, text = run_cli(capsys, "surgery", "build_moe", "--base", str(base), "--out", str(out),
+                       "--experts", *[f"{n}={d}" for n, d in experts.items()])
+    assert_one_error(rc, text, "surgery build_moe", str(tmp_path / "bad" / "model.safetensors"), key,
+                     "1 non-finite values (NaN/inf)")
+    assert not out.exists() and list(tmp_path.glob(".moe*")) == []
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties"])
+def test_merges_refuse_non_finite_weights(family, tmp_path, capsys, method):
+    base, experts = family
+    key = "model.layers.0.mlp.up_proj.weight"
+    experts = {**experts, "honest": _poison(experts["honest"], tmp_path / "bad", key, float("nan"))}
+    out = tmp_path / "merged"
+    rc, text = run_cli(capsys, "surgery", "merge", "--method", method, "--base", str(base),
+                       "--out", str(out), "--models", *[f"{n}={d}" for n, d in experts.items()])
+    assert_one_error(rc, text, "surgery merge", key, "non-finite", "bad/model.safetensors")
+    assert not out.exists() and list(tmp_path.glob(".merged*")) == []
+
+
+# ----------------------------------------------------------------------------- fusion inputs
+
+@pytest.fixture(scope="module")
+def fused_init(tmp_path_factory):
+    from pipeline.model import H3FusionConfig, H3FusionForCausalLM
+
+    out = tmp_path_factory.mktemp("fused") / "init"
+    cfg = H3FusionConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         num_experts=3, num_experts_per_tok=2,
+                         expert_names=["helpful", "harmless", "honest"])
+    torch.manual_seed(0)
+    H3FusionForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_fuse_truncated_init_is_refused_before_training(fused_init, tmp_path, capsys):
+    init = tmp_path / "init"
+    shutil.copytree(fused_init, init)
+    data = (init / "model.safetensors").read_bytes()
+    (init / "model.safetensors").write_bytes(data[:len(data) * 2 // 3])
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "fuse", "--run-dir", str(run), "--init", str(init))
+    assert_one_error(rc, out, "fuse", "fusion --init", str(init / "model.safetensors"), "truncated")
+    assert_no_outputs(run)
+    assert not torch.distributed.is_initialized()
+
+
+def test_fuse_unwritable_output_is_refused_before_training(fused_init, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory is needed")
+    rc, out = run_cli(capsys, "fuse", "--run-dir", str(tmp_path / "run"), "--init", str(fused_init),
+                      "--out", str(blocker / "fused"))
+    assert_one_error(rc, out, "fuse", f"fusion output {blocker / 'fused'} cannot be written",
+                     "is not a directory")
+    read_only = Path("/sys/h3fusion_out")   # EPERM/EACCES for every user, root included
+    if Path("/sys").is_dir():
+        rc, out = run_cli(capsys, "fuse", "--run-dir", str(tmp_path / "run"), "--init",
+                          str(fused_init), "--out", str(read_only / "fused"))
+        assert_one_error(rc, out, "fuse", "cannot be written: /sys:")
+    assert_no_outputs(tmp_path / "run")
+
+
+def test_fuse_zero_training_rows(fused_init, tmp_path):
+    from pipeline.layout import RunLayout
+    from pipeline.train.fuse import FusionPaths, train_fusion
+
+    paths = FusionPaths.for_run(RunLayout.at(tmp_path / "run"), str(fused_init))
+    with pytest.raises(ValueError, match="fusion training data .*: 0 rows"):
+        train_fusion(load_config("tiny"), paths, rows=[])
+    assert not torch.distributed.is_initialized()
+    assert_no_outputs(tmp_path / "run")
+
+
+def test_fuse_resume_without_checkpoint(fused_init, tmp_path, capsys):
+    rc, out = run_cli(capsys, "fuse", "--run-dir", str(tmp_path / "run"), "--init", str(fused_init),
+                      "--resume")
+    assert_one_error(rc, out, "fuse", "--resume: no DeepSpeed checkpoint")
+    (tmp_path / "run" / "fused_ds").mkdir(parents=True)
+    (tmp_path / "run" / "fused_ds" / "latest").write_text("step0000004")
+    rc, out = run_cli(capsys, "fuse", "--run-dir", str(tmp_path / "run"), "--init", str(fused_init))
+    assert_one_error(rc, out, "fuse", "no intact checkpoint to resume from",
+                     "step0000004: no such checkpoint directory")
+
+
+def test_json_config_of_fused_init_is_checked(tmp_path, capsys):
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps({"model_type": "h3fusion"}) [:-3])
+    rc, out = run_cli(capsys, "fuse", "--run-dir", str(tmp_path / "run"), "--init", str(init))
+    assert_one_error(rc, out, "fuse", str(init / "config.json"))

@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Where one training step of stage 1 (expert, ZeRO-3) and stage 2 (fusion) spends its time,
+against the machine's dense-matmul rate measured in the same run.
+
+One process (world size 1, gloo; CPU unless CUDA is present), random weights at the preset's
+model shape, the stage's real DeepSpeed config and loss (stage 1: causal-LM CE with the FFN
+trainable; stage 2: `FusionTask.loss`, i.e. CE + gating + drift as configured). Per stage it
+times, round-robin over `--steps` steps after `--warmup`:
+
+- data: collating a micro batch (rows are pre-tokenized, as in the pipeline);
+- forward / backward / optimizer: `engine(...)` + loss, `engine.backward`, `engine.step`;
+- the same model, batch and loss on a plain PyTorch engine (`train.loop.TorchEngine`, AdamW),
+  so "DeepSpeed overhead" = DeepSpeed step - plain step (ZeRO hooks, partitioning, gathers);
+- time inside torch.distributed collectives (a subset of that overhead).
+
+Model FLOPs per step: the matmuls of forward, input gradients and the weight gradients of the
+trainable matmuls only (`step_flops`). The dense-matmul rate is timed in the same round-robin
+as the steps, so load from other processes hits both alike.
+
+  python tools/profiling/train_step.py --preset tiny --json /tmp/train_step.json
+  python tools/profiling/train_step.py --preset tiny --stages fusion --micro-batch 4 --seq-len 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
+
+import torch  # noqa: E402
+
+PHASES = ("data", "forward", "backward", "optimizer")
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
+               "all_gather", "reduce_scatter", "all_to_all_single", "barrier")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--preset", default="tiny", help="config preset or YAML (model shape, DS configs)")
+    p.add_argument("--stages", nargs="+", choices=("expert", "fusion"), default=["expert", "fusion"])
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the stage's micro_batch_size")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the stage's max_seq_len")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--json", default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_shape(cfg) -> dict:
+    t = cfg.base.tiny
+    return dict(vocab_size=cfg.tokenizer.vocab_size, hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                max_position_embeddings=t.max_position_embeddings)
+
+
+def build_expert_model(shape: dict, ds: dict | None):
+    """The stage-1 model (Llama, FFN trainable); inside zero.Init when `ds` is given (ZeRO-3)."""
+    from contextlib import nullcontext
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.backends.deepspeed_engine import zero3_init_context
+    from pipeline.train.expert import mark_ffn_trainable
+    torch.manual_seed(0)
+    with zero3_init_context(ds) if ds is not None else nullcontext():
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    mark_ffn_trainable(model)
+    return model
+
+
+def build_fusion_model(shape: dict, fcfg, num_experts: int):
+    """The stage-2 model (E experts, top-k, the preset's trainable set and backend)."""
+    from pipeline.model import H3FusionConfig, H3FusionForCausalLM, set_moe_backend, set_trainable
+    torch.manual_seed(0)
+    model = H3FusionForCausalLM(H3FusionConfig(**shape, num_experts=num_experts,
+                                               num_experts_per_tok=fcfg.top_k))
+    set_moe_backend(model, fcfg.moe_backend)
+    return set_trainable(model, fcfg.trainable, fcfg.lora.r, fcfg.lora.alpha, fcfg.lora.dropout)
+
+
+def step_flops(shape: dict, tokens: int, seq: int, trainable: str, experts_per_token: int = 1
+               ) -> float:
+    """Matmul FLOPs of one training step over `tokens` tokens (sequences of `seq`): forward,
+    input gradients (as many as the forward) and weight gradients of the `trainable` matmuls
+    only ("ffn": the (active) GLU FFNs; "none"); attention scores/values (two activations)
+    count twice in backward."""
+    h, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    attn_w = 2 * (2 * h * h + 2 * h * kv)          # q, o and k, v projections
+    ffn_w = 2 * 3 * h * f * experts_per_token      # gate, up, down of the active experts
+    head_w = 2 * h * shape["vocab_size"]
+    scores = 2 * 2 * seq * h                       # QK^T and PV (full, unmasked)
+    weights = layers * (attn_w + ffn_w) + head_w
+    weight_grads = layers * ffn_w if trainable == "ffn" else 0
+    return float(tokens * (weights + layers * scores            # forward
+                           + weights + 2 * layers * scores      # input gradients
+                           + weight_grads))
+
+
+# ----------------------------------------------------------------------------- timing
+
+class CollectiveTimer:
+    """Seconds spent inside torch.distributed collectives (patched while active)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist, self.seconds, self._saved = dist, 0.0, {}
+
+    def __enter__(self):
+        for name in COLLECTIVES:
+            fn = getattr(self.dist, name, None)
+            if fn is not None:
+                self._saved[name] = fn
+                setattr(self.dist, name, self._wrap(fn))
+        return self
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(self.dist, name, fn)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(engine, loss_fn, make_batch, collectives: CollectiveTimer) -> dict:
+    """One optimizer step (one micro batch): seconds per phase and inside collectives."""
+    out, device = {}, engine.device
+    before = collectives.seconds
+    for phase in PHASES:
+        _sync(device)
+        start = time.perf_counter()
+        if phase == "data":
+            batch = make_batch()
+        elif phase == "forward":
+            loss = loss_fn(engine, batch)
+        elif phase == "backward":
+            engine.backward(loss)
+        else:
+            engine.step()
+        _sync(device)
+        out[phase] = time.perf_counter() - start
+    out["collectives"] = collectives.seconds - before
+    return out
+
+
+def dense_matmul(device: torch.device, dtype: torch.dtype):
+    """(FLOPs, fn) of a [2048, 1024] @ [1024, 2048] matmul: the machine's GEMM rate, timed in
+    the same rounds as the steps; the yardstick for their achieved FLOP/s."""
+    a = torch.randn(2048, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 2048, device=device, dtype=dtype)
+
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        return time.perf_counter() - start
+    return 2.0 * 2048 * 1024 * 2048, run
+
+
+# ----------------------------------------------------------------------------- stages
+
+def synthetic_rows(n: int, seq: int, vocab: int, num_experts: int) -> list[dict]:
+    """Pre-tokenized SFT rows: a prompt half (labels -100) and a response half; one-hot task."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(3, vocab, (seq,), generator=gen).tolist()
+        labels = [-100] * (seq // 2) + ids[seq // 2:]
+        rows.append({"input_ids": ids, "labels": labels,
+                     "task_label": [float(e == i % num_experts) for e in range(num_experts)]})
+    return rows
+
+
+def _train_settings(args, train) -> tuple[int, int]:
+    return args.micro_batch or train.micro_batch_size, args.seq_len or train.max_seq_len
+
+
+def _resolve_ds(path: str, train, micro: int, require_stage):
+    from pipeline.backends import deepspeed_engine as dse
+    return dse.resolve_ds_config(dse.load_ds_config(path, require_stage=require_stage),
+                                 dse.DsTrainSettings(micro, 1, train.grad_clip, train.lr,
+                                                     train.weight_decay, 1))
+
+
+def _plain_engine(model, train):
+    from pipeline.train.loop import TorchEngine
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    return TorchEngine(model, opt, lambda step: train.lr, 1, train.grad_clip)
+
+
+def causal_lm_loss(engine, batch: dict) -> torch.Tensor:
+    """Stage 1's loss (as `train.expert.ExpertTask.loss`): the causal-LM CE."""
+    return engine(**{k: batch[k].to(engine.device)
+                     for k in ("input_ids", "attention_mask", "labels")}).loss
+
+
+def expert_stage(cfg, args, shape):
+    """(engines by name, loss fn, rows, FLOPs/step, tokens/step) of stage 1."""
+    from pipeline.backends import deepspeed_engine as dse
+    train = cfg.expert.train
+    micro, seq = _train_settings(args, train)
+    ds = _resolve_ds(cfg.expert.ds_config, train, micro, 3)
+    model = build_expert_model(shape, ds)
+    engine = dse.build_engine(model, ds, [p for p in model.parameters() if p.requires_grad],
+                              lr=train.lr, weight_decay=train.weight_decay)
+    engines = {"deepspeed": engine, "plain": _plain_engine(build_expert_model(shape, None), train)}
+    loss_fn = causal_lm_loss
+    rows = synthetic_rows(micro, seq, shape["vocab_size"], len(cfg.dimensions))
+    return engines, loss_fn, rows, step_flops(shape, micro * seq, seq, "ffn"), micro * seq
+
+
+def fusion_stage(cfg, args, shape):
+    """(engines by name, loss fn, rows, FLOPs/step, tokens/step) of stage 2."""
+    from pipeline.backends import deepspeed_engine as dse
+    from pipeline.losses import move_snapshot, snapshot_expert_params
+    from pipeline.model.trainable import trainable_param_groups
+    from pipeline.train.fusion_loop import FusionTask
+    fcfg, num_experts = cfg.fusion, len(cfg.dimensions)
+    train = fcfg.train
+    micro, seq = _train_settings(args, train)
+    ds = _resolve_ds(fcfg.ds_config, train, micro, None)
+    if ds["zero_optimization"]["stage"] == 3:
+        raise SystemExit(f"{fcfg.ds_config}: this tool builds stage 2 with ZeRO-2 configs only")
+    model = build_fusion_model(shape, fcfg, num_experts)
+    drift_ref = snapshot_expert_params(model) if fcfg.trainable == "router+experts" else []
+    engine = dse.build_engine(model, ds, trainable_param_groups(model, fcfg.router_lr),
+                              lr=train.lr, weight_decay=train.weight_decay)
+    task = FusionTask(fcfg, None, model.config, move_snapshot(drift_ref, engine.device))
+    plain = _plain_engine(build_fusion_model(shape, fcfg, num_experts), train)
+    plain_task = FusionTask(fcfg, None, model.config, list(drift_ref))
+    tasks = {id(engine): task, id(plain): plain_task}
+    loss_fn = lambda eng, batch: tasks[id(eng)].loss(eng, batch)[0]   # noqa: E731
+    rows = synthetic_rows(micro, seq, shape["vocab_size"], num_experts)
+    trains_ffn = "ffn" if fcfg.trainable == "router+experts" else "none"   # LoRA/router: ~0
+    flops = step_flops(shape, micro * seq, seq, trains_ffn, experts_per_token=fcfg.top_k)
+    return {"deepspeed": engine, "plain": plain}, loss_fn, rows, flops, micro * seq
+
+
+def run_stage(name: str, cfg, args, shape, device) -> dict:
+    from pipeline.data.collate import SFTCollator
+    engines, loss_fn, rows, flops, tokens = (expert_stage if name == "expert" else fusion_stage)(
+        cfg, args, shape)
+    collate = SFTCollator(0, max_len=None)
+    peak_flops, peak_fn = dense_matmul(device, torch.float32)
+    times, peak_s = {k: [] for k in engines}, []
+    with CollectiveTimer() as coll:
+        for i in range(args.warmup + args.steps):   # round-robin: load drift hits all alike
+            peak = peak_fn()
+            steps = {key: timed_step(engine, loss_fn, lambda: collate(rows), coll)
+                     for key, engine in engines.items()}
+            if i >= args.warmup:
+                peak_s.append(peak)
+                for key, step in steps.items():
+                    times[key].append(step)
+    peak_rate = peak_flops / statistics.median(peak_s)
+    report = {"stage": name, "tokens_per_step": tokens, "model_flops_per_step": flops,
+              "dense_peak_flop_per_s": peak_rate}
+    for key, steps in times.items():
+        med = {k: statistics.median(s[k] for s in steps) for k in (*PHASES, "collectives")}
+        step_s = statistics.median(sum(s[p] for p in PHASES) for s in steps)
+        report[key] = {**{f"{k}_s": v for k, v in med.items()}, "step_s": step_s,
+                       "achieved_flop_per_s": flops / step_s,
+                       "fraction_of_dense_peak": flops / step_s / peak_rate}
+    report["deepspeed_overhead_s"] = report["deepspeed"]["step_s"] - report["plain"]["step_s"]
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"device={report['device']} threads={report['threads']} steps={report['steps']} "
+             f"load_avg_1m(before,after)={report['load_avg_1m']}"]
+    head = f"{'stage':<8}{'engine':<11}" + "".join(f"{p + ' ms':>13}" for p in
+                                                  (*PHASES, "collectives", "step")) \
+        + f"{'GFLOP/s':>9}{'of peak':>9}"
+    lines += [head, "-" * len(head)]
+    for st in report["stages"]:
+        for key in ("deepspeed", "plain"):
+            r = st[key]
+            cells = "".join(f"{r[p + '_s'] * 1e3:>13.1f}" for p in (*PHASES, "collectives", "step"))
+            lines.append(f"{st['stage']:<8}{key:<11}{cells}{r['achieved_flop_per_s'] / 1e9:>9.2f}"
+                         f"{r['fraction_of_dense_peak']:>9.3f}")
+        lines.append(f"{st['stage']:<8}model FLOPs/step {st['model_flops_per_step'] / 1e9:.3f} G, "
+                     f"{st['tokens_per_step']} tokens; dense matmul peak "
+                     f"{st['dense_peak_flop_per_s'] / 1e9:.1f} GFLOP/s; DeepSpeed overhead "
+                     f"{st['deepspeed_overhead_s'] * 1e3:.1f} ms/step")
+    return "\n".join(lines)
+
+
+def _init_single_process() -> None:
+    from pipeline.env import DistEnv, export_dist_env
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    export_dist_env(DistEnv(0, 1, 0, "127.0.0.1", port))
+    from pipeline.backends import deepspeed_engine as dse
+    dse.init_distributed()
+
+
+def main(argv=None) -> int:
+    from pipeline.config import load_config
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.preset)
+    load_before = os.getloadavg()[0]
+    _init_single_process()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = model_shape(cfg)
+    stages = [run_stage(name, cfg, args, shape, device) for name in args.stages]
+    report = {"preset": args.preset, "shape": shape, "device": str(device),
+              "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+              "load_avg_1m": [load_before, os.getloadavg()[0]], "stages": stages}
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
