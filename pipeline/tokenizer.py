@@ -36,12 +36,19 @@ def train_sentencepiece(texts: Iterator[str], vocab_size: int, prefix: Path) -> 
     import sentencepiece as spm
     if vocab_size < 300:
         raise ValueError(f"tokenizer.vocab_size must be >= 300 (256 byte pieces + specials), got {vocab_size}")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=(t for t in texts if t.strip()), model_prefix=str(prefix), vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        pad_piece="<pad>", hard_vocab_limit=False, num_threads=1, minloglevel=2, max_sentence_length=16384)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(t for t in texts if t.strip()), model_prefix=str(prefix),
+            vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
+            character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", pad_piece="<pad>",
+            hard_vocab_limit=False, num_threads=1, minloglevel=2, max_sentence_length=16384)
+    except RuntimeError as exc:
+        # e.g. fewer pieces than the corpus has characters: sentencepiece's own check, raised
+        # as a bare RuntimeError; say which key to change
+        raise ValueError(f"tokenizer.vocab_size={vocab_size}: sentencepiece cannot train on this "
+                         f"corpus ({str(exc).strip().splitlines()[-1]}); raise tokenizer.vocab_size") from None
     return prefix.with_suffix(".model")
 
 

@@ -53,3 +53,14 @@ def test_needs_data_and_sane_vocab(tmp_path, tiny_run):
     with pytest.raises(ValueError, match="vocab_size must be >= 300"):
         run_tokenizer_stage(TokenizerConfig(vocab_size=100), run)
     assert not (run / "tokenizer").exists()
+
+
+def test_vocab_smaller_than_the_corpus_alphabet_is_a_named_error(tmp_path, tiny_run):
+    # 320 pieces pass the >= 300 check but are fewer than the built-in corpus's characters
+    # need: sentencepiece's bare RuntimeError becomes one error naming the key
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data").symlink_to(tiny_run.data)
+    with pytest.raises(ValueError, match=r"tokenizer.vocab_size=320: sentencepiece cannot train"):
+        run_tokenizer_stage(TokenizerConfig(vocab_size=320), run)
+    assert not (run / "tokenizer").exists() and not list(run.glob(".tokenizer.*"))
