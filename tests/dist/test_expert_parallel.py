@@ -115,7 +115,10 @@ def _train(rank, seed, ep_group, steps):
     apply_expert_parallel(model, ep_group)
     start = snapshot_expert_params(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in params], lr=0.02)
+    # SGD, not Adam: Adam turns float-noise-sized gradient differences (an entry ~1e-9 in one run,
+    # -1e-9 in the other) into full ±lr steps, so final weights would differ by far more than the
+    # gradients do; with SGD a weight differs by at most lr x the gradient difference
+    opt = torch.optim.SGD([p for _, p in params], lr=0.1)
     record = []
     for batch in _rank_batches(rank, seed, steps):
         opt.zero_grad()
