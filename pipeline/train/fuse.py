@@ -53,8 +53,8 @@ class FusionPaths:
 
 def read_fused_config(init_dir: Path) -> dict:
     """The init dir's config.json, which must describe an H3Fusion MoE."""
-    hint = (f"build one with `h3fusion surgery build_moe --base <run>/base --experts "
-            f"helpful=... harmless=... honest=... --out <run>/fused_init` (or pass --init DIR)")
+    hint = ("build one with `h3fusion surgery build_moe --base <run>/base --experts "
+            "<dimension>=<expert dir> ... --out <run>/fused_init` (or pass --init DIR)")
     cfg_file = init_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{init_dir}: no H3Fusion MoE here (missing config.json); {hint}")
