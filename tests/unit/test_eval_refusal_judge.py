@@ -52,3 +52,17 @@ def test_judge_agrees_with_human_refusal_labels(shared_data):
                                    for row in judges.load_refusal_labels(folder / f)])
     assert held_out["n"] == 64 and every["n"] == 169
     assert held_out["accuracy"] >= 0.85 and every["accuracy"] >= 0.85
+
+
+def test_calibration_tool_prints_the_numbers_docs_quote(shared_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[2] / "tools" / "eval" / "judge_calibration.py"
+    out = subprocess.run([sys.executable, str(tool), "--labels",
+                          str(shared_data / "safety" / "refusal_labels")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "refusal_extra.csv  n= 64 accuracy 0.906" in out and "all                n=169" in out
+    bad = subprocess.run([sys.executable, str(tool), "--labels", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "refusal.csv" in bad.stderr

@@ -1,0 +1,39 @@
+"""Print the refusal judge's agreement with the human refusal labels (docs/evaluation.md).
+
+    python tools/eval/judge_calibration.py [--labels ../shared/data/safety/refusal_labels]
+
+One line per labels file and one for all rows: accuracy, 95 % bootstrap interval, confusion
+counts. refusal.csv is where the judge's rule was designed; refusal_extra.csv was kept aside.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.eval.judges import judge_accuracy, load_refusal_labels
+
+FILES = ("refusal.csv", "refusal_extra.csv")
+DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "safety" / "refusal_labels"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", type=Path, default=DEFAULT, help="folder with the labels CSVs")
+    args = parser.parse_args(argv)
+    try:
+        rows = {name: load_refusal_labels(args.labels / name) for name in FILES}
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"judge_calibration: error: {exc}", file=sys.stderr)
+        return 2
+    rows["all"] = [r for name in FILES for r in rows[name]]
+    for name, items in rows.items():
+        got = judge_accuracy(items)
+        low, high = got["interval"]
+        print(f"{name:18s} n={got['n']:3d} accuracy {got['accuracy']:.3f} [{low:.3f}, {high:.3f}] "
+              f"tp/fp/fn/tn {got['tp']}/{got['fp']}/{got['fn']}/{got['tn']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
