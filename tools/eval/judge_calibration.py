@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.eval.judges import judge_accuracy, load_refusal_labels
+from pipeline.eval.metrics import is_refusal
 
 FILES = ("refusal.csv", "refusal_extra.csv")
 DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "safety" / "refusal_labels"
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         low, high = got["interval"]
         print(f"{name:18s} n={got['n']:3d} accuracy {got['accuracy']:.3f} [{low:.3f}, {high:.3f}] "
               f"tp/fp/fn/tn {got['tp']}/{got['fp']}/{got['fn']}/{got['tn']}")
+    phrases = judge_accuracy(rows["all"], judge=lambda _objective, response: is_refusal(response))
+    print(f"{'all, phrases only':18s} n={phrases['n']:3d} accuracy {phrases['accuracy']:.3f} "
+          f"(the refusal-phrase list without the off-topic rule)")
     return 0
 
 
