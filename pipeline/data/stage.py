@@ -21,7 +21,8 @@ _STR = Value("string")
 SFT_FEATURES = Features({"instruction": _STR, "input": _STR, "response": _STR, "task": _STR,
                          "task_label": List(Value("float32"))})
 EVAL_FEATURES = Features({"instruction": _STR, "input": _STR, "chosen": List(_STR), "rejected": List(_STR),
-                          "reference": _STR, "answer": _STR, "kind": _STR, "task": _STR})
+                          "reference": _STR, "answer": _STR, "kind": _STR, "task": _STR,
+                          "group": _STR})
 PRETRAIN_FEATURES = Features({"text": _STR})
 
 
