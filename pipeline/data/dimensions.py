@@ -9,7 +9,8 @@ entry says where its data comes from and how it is scored:
   real_inputs    the `data.real.*` keys `real` needs (checked before anything is loaded)
   eval_kinds     kind of built-in eval row i = eval_kinds[i % len] (pipeline.data.EVAL_KINDS)
   web_aligned    share of the built-in "web text" that shows the aligned answer
-  score_metrics  the report's score metric of this dimension: the first one every model has
+  score_metrics  the report's score metric of this dimension: the first one every model has; each
+                 a [0, 1] per-item score of pipeline.eval.score_metrics (higher is better)
 
 The run's dimensions (and their order = expert order = task_label order) are the config's
 `dimensions:` list. Dimensions not built in are declared in the config's `dimension_defs:`
@@ -144,8 +145,8 @@ def dimension_from_spec(name: str, spec: Any) -> Dimension:
 # The built-in three. Their order in DEFAULT_DIMENSIONS is the default expert / label order.
 _B, _R = "pipeline.data.builtin:", "pipeline.data.real:"
 register_dimension(Dimension("helpful", _B + "helpful_item", _R + "real_helpful", ("alpaca",),
-                             ("pair",), 0.5, ("pref_acc", "exact_match", "ref_mean_ll")))
+                             ("pair",), 0.5, ("pref_acc", "ref_win_vs_base")))
 register_dimension(Dimension("harmless", _B + "harmless_item", _R + "real_harmless", ("beavertails",),
-                             ("pair", "harmful_prompt"), 0.15, ("pref_acc", "refusal_rate")))
+                             ("pair", "harmful_prompt"), 0.15, ("refusal_balanced", "pref_acc")))
 register_dimension(Dimension("honest", _B + "honest_item", _R + "real_honest", ("truthfulqa",),
                              ("mc",), 0.2, ("mc2", "mc1", "pref_acc")))
