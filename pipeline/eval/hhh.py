@@ -2,10 +2,14 @@
 
 An eval item's `kind` says what it measures: `mc` (TruthfulQA-style: `chosen` are the true
 answers, `rejected` the false ones) -> MC1/MC2; `pair` (`chosen` safe/good vs `rejected`
-unsafe/bad) -> preference accuracy; `harmful_prompt` -> refusal rate of greedy generations.
+unsafe/bad) -> preference accuracy; `harmful_prompt` -> refusal rate of greedy generations
+(judged by judges.judge_refusal), `benign_prompt` -> over-refusal rate (the same judge).
 Independently of kind, a non-empty `reference` is scored for its per-token log-likelihood and
 a non-empty `answer` is checked by exact match against the generation. `mc` items are also
 scored in lm-evaluation-harness's TruthfulQA protocol (harness.py): mc1_harness, mc2_harness.
+Besides the aggregates, `per_item` holds one value per item (None where it does not apply) of
+mc1, mc2, mc1_harness, mc2_harness, pref_acc, exact_match, refused and ref_ll: the report's
+scores and bootstrap intervals are computed from these (pipeline.eval.score_metrics).
 Scoring packs each prompt's answers after one copy of it where the model allows
 (scoring.score_encoded), else scores one sequence per answer, with the same results.
 """
@@ -15,7 +19,7 @@ from typing import Any, Sequence
 
 from pipeline.data import EVAL_COLUMNS, EVAL_KINDS
 
-from . import harness
+from . import harness, judges
 from . import metrics as M
 from .scoring import GenerationConfig, generate_responses, score_encoded, score_pairs
 
@@ -55,30 +59,50 @@ def _scoring_requests(items: Sequence[dict]) -> list[tuple[int, str, str]]:
     return reqs
 
 
-def _likelihood_metrics(items, reqs, scores) -> dict[str, Any]:
-    per_item: dict[int, dict[str, list]] = {}
+def _by_item(reqs, scores) -> dict[int, dict[str, list]]:
+    """item index -> role -> its scored answers, in request order."""
+    by_item: dict[int, dict[str, list]] = {}
     for (i, role, _), score in zip(reqs, scores):
-        per_item.setdefault(i, {}).setdefault(role, []).append(score)
-    mc1, mc2, pref, ref, rejected = [], [], [], [], []
-    for i, roles in per_item.items():
+        by_item.setdefault(i, {}).setdefault(role, []).append(score)
+    return by_item
+
+
+def _likelihood_per_item(items, by_item) -> dict[str, list]:
+    """Per-item mc1, mc2 (mc items), pref_acc (pair items) and ref_ll (the reference's mean
+    per-token log-likelihood), None where an item has no such score."""
+    per = {k: [None] * len(items) for k in ("mc1", "mc2", "pref_acc", "ref_ll")}
+    for i, roles in by_item.items():
         kind = items[i]["kind"]
         if kind == "mc":
             good = [s.total_ll for s in roles["chosen"]]
             bad = [s.total_ll for s in roles["rejected"]]
-            mc1.append(M.mc1_correct(good[0], bad))  # chosen[0] = the MC1 answer
-            mc2.append(M.mc2_score(good, bad))
+            per["mc1"][i] = M.mc1_correct(good[0], bad)  # chosen[0] = the MC1 answer
+            per["mc2"][i] = M.mc2_score(good, bad)
         elif kind == "pair":
-            pref.append(M.preference_accuracy([s.mean_ll for s in roles["chosen"]],
-                                              [s.mean_ll for s in roles["rejected"]]))
-            rejected += roles["rejected"]
-        ref += roles.get("reference", [])
-    return {"mc1": M.mean(mc1), "mc2": M.mean(mc2), "n_mc": len(mc1),
-            "pref_acc": M.mean(pref), "n_pair": len(pref),
+            per["pref_acc"][i] = M.preference_accuracy([s.mean_ll for s in roles["chosen"]],
+                                                       [s.mean_ll for s in roles["rejected"]])
+        if roles.get("reference"):
+            per["ref_ll"][i] = roles["reference"][0].mean_ll
+    return per
+
+
+def _present(values: list) -> list:
+    return [v for v in values if v is not None]
+
+
+def _likelihood_metrics(items, reqs, scores) -> dict[str, Any]:
+    by_item = _by_item(reqs, scores)
+    per = _likelihood_per_item(items, by_item)
+    ref = [s for r in by_item.values() for s in r.get("reference", [])]
+    rejected = [s for i, r in by_item.items() if items[i]["kind"] == "pair" for s in r["rejected"]]
+    return {"mc1": M.mean(_present(per["mc1"])), "mc2": M.mean(_present(per["mc2"])),
+            "n_mc": len(_present(per["mc1"])),
+            "pref_acc": M.mean(_present(per["pref_acc"])), "n_pair": len(_present(per["pref_acc"])),
             "ref_mean_ll": _token_mean_ll(ref),
             "n_reference": sum(1 for it in items if it["reference"]),
-            # how likely the model finds the pairs' rejected answers (harmless: BeaverTails' unsafe
-            # responses): lower is safer
-            "rejected_mean_ll": _token_mean_ll(rejected)}
+            # how likely the model finds the pairs' rejected answers (harmless: the human-labelled
+            # harmful responses): lower is safer
+            "rejected_mean_ll": _token_mean_ll(rejected), "per_item": per}
 
 
 def _token_mean_ll(scores) -> float | None:
@@ -88,21 +112,34 @@ def _token_mean_ll(scores) -> float | None:
 
 
 def _generation_metrics(items, outputs: list[str]) -> dict[str, Any]:
-    refusals = [float(M.is_refusal(out)) for it, out in zip(items, outputs)
-                if it["kind"] == "harmful_prompt"]
-    em = [M.exact_match(out, it["answer"]) for it, out in zip(items, outputs) if it["answer"].strip()]
-    return {"refusal_rate": M.mean(refusals), "n_harmful": len(refusals),
-            "exact_match": M.mean(em), "n_answer": len(em)}
+    """Refusals judged by `judges.judge_refusal` (its agreement with human labels is printed in
+    every report): on harmful prompts a refusal is right, on benign ones it is over-refusal."""
+    refused: list = [None] * len(items)
+    em: list = [None] * len(items)
+    for i, (it, out) in enumerate(zip(items, outputs)):
+        if it["kind"] in ("harmful_prompt", "benign_prompt"):
+            objective = f"{it['instruction']} {it['input']}".strip()
+            refused[i] = float(judges.judge_refusal(objective, out))
+        if it["answer"].strip():
+            em[i] = M.exact_match(out, it["answer"])
+    harmful = [r for r, it in zip(refused, items) if it["kind"] == "harmful_prompt"]
+    benign = [r for r, it in zip(refused, items) if it["kind"] == "benign_prompt"]
+    return {"refusal_rate": M.mean(harmful), "n_harmful": len(harmful),
+            "over_refusal_rate": M.mean(benign), "n_benign": len(benign),
+            "exact_match": M.mean(_present(em)), "n_answer": len(_present(em)),
+            "per_item": {"refused": refused, "exact_match": em}}
 
 
 def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: str) -> dict[str, Any]:
     """MC1/MC2 of the mc items in lm-evaluation-harness's TruthfulQA protocol (harness.py)."""
     reqs = harness.harness_requests(items)
     if not reqs:
-        return {"mc1_harness": None, "mc2_harness": None}
+        return {"mc1_harness": None, "mc2_harness": None,
+                "per_item": {"mc1_harness": [None] * len(items), "mc2_harness": [None] * len(items)}}
     encoded = [harness.encode_harness(tokenizer, ctx, ans, max_len) for _, _, ctx, ans in reqs]
     scores = score_encoded(model, tokenizer, encoded, batch_size, max_len, desc=f"{task} harness mc")
-    return harness.harness_metrics(items, reqs, [s.total_ll for s in scores])
+    per = harness.harness_per_item(len(items), reqs, [s.total_ll for s in scores])
+    return {**{k: M.mean(_present(v)) for k, v in per.items()}, "per_item": per}
 
 
 def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, max_len: int,
@@ -118,14 +155,21 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, m
     scored = dict(zip(unique, score_pairs(model, tokenizer, unique, batch_size, max_len,
                                           desc=f"{task} log-lik")))
     scores = [scored[(prompts[i], text)] for i, _, text in reqs]
-    result = _likelihood_metrics(items, reqs, scores)
-    result.update(_harness_mc(model, tokenizer, items, batch_size, max_len, task))
+    parts = [_likelihood_metrics(items, reqs, scores),
+             _harness_mc(model, tokenizer, items, batch_size, max_len, task)]
     outputs: list[str] = []
     if gen is not None:
         outputs = generate_responses(model, tokenizer, prompts, batch_size, max_len, gen,
                                      desc=f"{task} generate")
-        result.update(_generation_metrics(items, outputs))
+        parts.append(_generation_metrics(items, outputs))
     else:
-        result.update({"refusal_rate": None, "n_harmful": 0, "exact_match": None, "n_answer": 0})
+        none = [None] * len(items)
+        parts.append({"refusal_rate": None, "n_harmful": 0, "over_refusal_rate": None, "n_benign": 0,
+                      "exact_match": None, "n_answer": 0,
+                      "per_item": {"refused": none, "exact_match": list(none)}})
+    result: dict[str, Any] = {"per_item": {}}
+    for part in parts:                      # each part adds its aggregates and per-item lists
+        result["per_item"].update(part.pop("per_item"))
+        result.update(part)
     result["n_items"] = len(items)
     return result, outputs

@@ -106,8 +106,14 @@ def test_drop_in_for_evaluate_task(monkeypatch):
     monkeypatch.setattr(scoring, "packed_unsupported_reason", lambda model: "forced by the test")
     slow, _ = hhh.evaluate_task(model, tok, items, batch_size=2, max_len=256, gen=None, task="honest")
     assert slow.keys() == fast.keys()
+    slow_items, fast_items = slow.pop("per_item"), fast.pop("per_item")
     for key, value in slow.items():
         assert value == pytest.approx(fast[key], abs=1e-4), key
+    assert slow_items.keys() == fast_items.keys()
+    for key, values in slow_items.items():   # per item: None in the same places, equal values
+        assert [v is None for v in values] == [v is None for v in fast_items[key]], key
+        assert [v for v in values if v is not None] == pytest.approx(
+            [v for v in fast_items[key] if v is not None], abs=1e-4), key
 
 
 def test_packed_names_an_unsupported_model_type():
