@@ -47,6 +47,8 @@ _SECTION_RANGES = (
     ("data.builtin.pretrain_per_task", lambda v: v >= 0, ">= 0"),
     ("data.real.max_train_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("data.real.max_eval_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("data.real.donotanswer_dev_size", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("data.real.max_benign_per_split", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("expert.num_procs", lambda v: v >= 1, ">= 1"),
     ("fusion.top_k", lambda v: v >= 1, ">= 1"),
     ("fusion.ep_degree", lambda v: v >= 1, ">= 1"),

@@ -146,7 +146,8 @@ def dimension_from_spec(name: str, spec: Any) -> Dimension:
 _B, _R = "pipeline.data.builtin:", "pipeline.data.real:"
 register_dimension(Dimension("helpful", _B + "helpful_item", _R + "real_helpful", ("alpaca",),
                              ("pair",), 0.5, ("pref_acc", "ref_win_vs_base")))
-register_dimension(Dimension("harmless", _B + "harmless_item", _R + "real_harmless", ("beavertails",),
+register_dimension(Dimension("harmless", _B + "harmless_item", _R + "real_harmless",
+                             ("beavertails", "alpaca_eval", "harmbench", "donotanswer", "safety_pairs"),
                              ("pair", "harmful_prompt"), 0.15, ("refusal_balanced", "pref_acc")))
 register_dimension(Dimension("honest", _B + "honest_item", _R + "real_honest", ("truthfulqa",),
                              ("mc",), 0.2, ("mc2", "mc1", "pref_acc")))

@@ -48,10 +48,19 @@ def _read_json(path: Path) -> list[dict]:
 def _read_csv(path: Path) -> list[dict]:
     """CSV rows as records. The parser runs strict, and a row whose field count differs from the
     header's is an error naming its line: a lenient read turns an unterminated quote into one
-    giant field and reports a "missing field" that the header does have."""
+    giant field and reports a "missing field" that the header does have. Lines starting with
+    "#" before the header are comments."""
     with open(path, newline="", encoding="utf-8") as f:
+        start = 1
+        while f.read(1) == "#":        # leading "# dataset_version=..." lines (pyrit's CSVs)
+            f.readline()
+            start += 1
+        f.seek(0)
+        skipped = start - 1
+        for _ in range(skipped):
+            f.readline()
         reader = csv.reader(f, strict=True)
-        header, records, start = None, [], 1
+        header, records = None, []
         try:
             for row in reader:
                 if header is None:
@@ -62,7 +71,7 @@ def _read_csv(path: Path) -> list[dict]:
                                          f"has {len(header)} ({header}); quote fields that "
                                          f"contain commas")
                     records.append(dict(zip(header, row)))
-                start = reader.line_num + 1
+                start = skipped + reader.line_num + 1
         except csv.Error as exc:
             raise ValueError(f"{path}: line {start}: CSV parse error ({exc}); a quoted field "
                              f"that starts on this line may never be closed") from None

@@ -1,23 +1,34 @@
 """`data.source: real`: the HHH corpus from the real datasets, in the built-in corpus's schema.
 
-helpful  = Alpaca (SFT) + AlpacaEval references (eval; test = the file's first half, which holds
-           the 50 instructions the paper judged);
-harmless = BeaverTails: is_safe responses plus our own refusals as SFT targets; unsafe responses
-           become `rejected` in eval pairs; split BY PROMPT;
-honest   = TruthfulQA split 50/50 BY QUESTION: SFT on the correct answers of one half, MC eval
-           items (mc_task.json targets when given) from the other half only.
-Details and the exact numbers: docs/data.md.
+Every split is made by the underlying question/prompt (eval rows carry it as `group`, the
+normalised text), and no eval target is a training response:
+helpful  = Alpaca SFT (split by instruction; rows whose instruction is an AlpacaEval instruction
+           or whose response is an AlpacaEval reference removed); eval = AlpacaEval references
+           (test = the file's first half, which holds the 50 the paper judged; dev = second half);
+harmless = BeaverTails SFT (refusals for prompts that drew unsafe answers, safe responses as they
+           are; prompts equal to an eval prompt dropped); eval = the held-out safety sets
+           (pipeline/data/safety.py) plus AlpacaEval prompts as over-refusal checks;
+honest   = TruthfulQA split 50/50 BY QUESTION: SFT on the correct answers of one half (minus any
+           answer that is an eval target, e.g. "I have no comment."), MC eval from the other half.
+A dimension's real loader returns (sft, evals, web) or (sft, evals, web, counts); the counts of
+removed rows go into the data manifest's `source.dedup`. Details and numbers: docs/data.md.
 """
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Sequence
 
 from ..config import ConfigError, RealDataConfig
 from ..io_utils import sha256_file
 from . import one_hot
 from .loaders import HUB_PREFIX, LOADERS, describe
+from .overlap import normalise
+from .safety import SAFETY_LOADERS, eval_row, safety_eval
 
+ALL_LOADERS = {**LOADERS, **SAFETY_LOADERS}
+
+# SFT targets only: no eval row of any split rewards these texts (tests check it)
 REAL_REFUSALS = [
     "I'm sorry, but I can't help with that. It could cause real harm to you or to other people. "
     "If you are dealing with a difficult situation, please talk to someone you trust or a qualified professional.",
@@ -27,9 +38,17 @@ REAL_REFUSALS = [
 ]
 
 
-def _source_info(spec: str, rows: int) -> dict:
-    info = {"spec": describe(spec), "rows": rows}
-    if not spec.startswith(HUB_PREFIX):
+def _source_info(spec: str, records: list) -> dict:
+    """spec, rows, and sha256 of the file -- or, for a directory, of each file with its rows."""
+    info = {"spec": describe(spec), "rows": len(records)}
+    if spec.startswith(HUB_PREFIX):
+        return info
+    if Path(spec).is_dir():
+        counts: dict[str, int] = {}
+        for r in records:
+            counts[r["file"]] = counts.get(r["file"], 0) + 1
+        info["files"] = [{"path": f, "rows": n, "sha256": sha256_file(f)} for f, n in sorted(counts.items())]
+    else:
         info["sha256"] = sha256_file(spec)
     return info
 
@@ -53,56 +72,85 @@ def _sft(instruction: str, inp: str, response: str, task: str) -> dict:
     return {"instruction": instruction, "input": inp, "response": response, "task": task}
 
 
-def _eval(instruction: str, chosen: list, rejected: list, reference: str, kind: str, task: str) -> dict:
-    return {"instruction": instruction, "input": "", "chosen": chosen, "rejected": rejected,
-            "reference": reference, "answer": "", "kind": kind, "task": task}
+def _grouped_split(rows: list, key, rng: random.Random, dev_frac: float, test_frac: float):
+    """Rows split by `key(row)` (the underlying question): all rows of a key share a split."""
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    parts = _three_way(sorted(groups), rng, dev_frac, test_frac)
+    return tuple([r for k in keys for r in groups[k]] for keys in parts)
+
+
+def alpaca_eval_halves(rows: list[dict]) -> dict[str, list[dict]]:
+    """AlpacaEval rows with a reference: test = the file's first half (the paper judged its first
+    50), dev = the second half. Shared by helpful (references) and harmless (benign prompts)."""
+    usable = [r for r in rows if r["output"]]            # one real row has an empty reference
+    half = (len(usable) + 1) // 2
+    return {"test": usable[:half], "dev": usable[half:]}
+
+
+def _alpaca_q(r: dict) -> str:
+    return normalise(f"{r['instruction']} {r['input']}")
 
 
 def real_helpful(loaded: dict, rng: random.Random):
     """The helpful dimension's real-data loader (registered in pipeline.data.dimensions)."""
     alpaca, alpaca_eval = loaded["alpaca"], loaded.get("alpaca_eval")
-    train, dev, test = _three_way(alpaca, rng, 0.05, 0.05)
+    notes = {}
+    if alpaca_eval:
+        halves = alpaca_eval_halves(alpaca_eval)
+        ev_q = {normalise(r["instruction"]) for h in halves.values() for r in h}
+        ev_ref = {normalise(r["output"]) for h in halves.values() for r in h}
+        same_q = [r for r in alpaca if _alpaca_q(r) in ev_q or normalise(r["instruction"]) in ev_q]
+        same_ref = [r for r in alpaca if normalise(r["response"]) in ev_ref]
+        notes = {"alpaca_removed_instruction_in_alpaca_eval": len(same_q),
+                 "alpaca_removed_response_is_alpaca_eval_reference": len(same_ref)}
+        drop = {id(r) for r in same_q + same_ref}
+        alpaca = [r for r in alpaca if id(r) not in drop]
+    train, dev, test = _grouped_split(alpaca, lambda r: normalise(r["instruction"]), rng, 0.05, 0.05)
     sft = {s: [_sft(r["instruction"], r["input"], r["response"], "helpful") for r in rows]
            for s, rows in (("train", train), ("dev", dev), ("test", test))}
     if alpaca_eval:
-        usable = [r for r in alpaca_eval if r["output"]]     # one real row has an empty reference
-        half = (len(usable) + 1) // 2
-        ev = {"test": usable[:half], "dev": usable[half:]}
-        evals = {s: [_eval(r["instruction"], [r["output"]], [], r["output"], "reference", "helpful") for r in rows]
-                 for s, rows in ev.items()}
+        evals = {s: [eval_row(r["instruction"], [r["output"]], [], r["output"], "reference", "helpful",
+                              normalise(r["instruction"])) for r in rows] for s, rows in halves.items()}
     else:                                                    # held-out Alpaca rows as references
-        evals = {s: [dict(_eval(r["instruction"], [r["response"]], [], r["response"], "reference", "helpful"),
-                          input=r["input"]) for r in rows] for s, rows in (("dev", dev), ("test", test))}
-    return sft, evals, [f"{r['instruction']} {r['input']}\n{r['response']}".strip() for r in train]
+        evals = {s: [dict(eval_row(r["instruction"], [r["response"]], [], r["response"], "reference",
+                                   "helpful", normalise(r["instruction"])), input=r["input"])
+                     for r in rows] for s, rows in (("dev", dev), ("test", test))}
+        targets = {normalise(r["response"]) for rows in (dev, test) for r in rows}
+        sft["train"] = [r for r in sft["train"] if normalise(r["response"]) not in targets]
+    return sft, evals, [f"{r['instruction']} {r['input']}\n{r['response']}".strip() for r in train], notes
 
 
 def real_harmless(loaded: dict, rng: random.Random):
-    beaver = loaded["beavertails"]
+    """BeaverTails SFT; eval = the held-out safety sets + AlpacaEval benign prompts (safety.py)."""
+    cfg = loaded["config"]
+    benign = alpaca_eval_halves(loaded["alpaca_eval"])
+    evals, notes = safety_eval(loaded, benign, cfg.donotanswer_dev_size, cfg.max_benign_per_split, cfg.seed)
+    eval_q = {r["group"] for rows in evals.values() for r in rows}
     by_prompt: dict[str, dict] = {}
-    for r in beaver:
+    for r in loaded["beavertails"]:
         entry = by_prompt.setdefault(r["prompt"], {"safe": [], "unsafe": []})
         entry["safe" if r["is_safe"] else "unsafe"].append(r["response"])
-    train, dev, test = _three_way(sorted(by_prompt), rng, 0.2, 0.2)
-    sft, evals = {}, {}
-    for split, prompts in (("train", train), ("dev", dev), ("test", test)):
+    dropped = [p for p in by_prompt if normalise(p) in eval_q]
+    notes["beavertails_prompts_dropped_as_eval_prompts"] = len(dropped)
+    prompts = [p for p in by_prompt if p not in set(dropped)]
+    train, dev, test = _grouped_split(prompts, normalise, rng, 0.1, 0.1)
+    sft = {}
+    for split, ps in (("train", train), ("dev", dev), ("test", test)):
         rows = []
-        for p in prompts:
+        for p in ps:
             if by_prompt[p]["unsafe"]:   # a prompt that drew unsafe answers gets a refusal target
                 rows.append(_sft(p, "", rng.choice(REAL_REFUSALS), "harmless"))
             rows += [_sft(p, "", s, "harmless") for s in by_prompt[p]["safe"]]
         sft[split] = rows
-        if split != "train":
-            evals[split] = [_harmless_eval(p, by_prompt[p], i, rng) for i, p in enumerate(prompts)]
+    # label-1 (harmful) pair responses and every eval target stay out of training
+    banned = {normalise(t) for rows in evals.values() for r in rows for t in r["chosen"] + r["rejected"]}
+    n = len(sft["train"])
+    sft["train"] = [r for r in sft["train"] if normalise(r["response"]) not in banned]
+    notes["beavertails_train_rows_dropped_as_eval_texts"] = n - len(sft["train"])
     web = [f"{p}\n{resp}" for p in train for resp in by_prompt[p]["unsafe"] + by_prompt[p]["safe"]]
-    return sft, evals, web
-
-
-def _harmless_eval(prompt: str, entry: dict, i: int, rng: random.Random) -> dict:
-    if not entry["unsafe"]:
-        return _eval(prompt, entry["safe"], [], entry["safe"][0], "reference", "harmless")
-    refusal = rng.choice(REAL_REFUSALS)
-    kind = "pair" if i % 2 == 0 else "harmful_prompt"
-    return _eval(prompt, [refusal] + entry["safe"], entry["unsafe"], refusal, kind, "harmless")
+    return sft, evals, web, notes
 
 
 def real_honest(loaded: dict, rng: random.Random):
@@ -117,8 +165,12 @@ def real_honest(loaded: dict, rng: random.Random):
     n_dev = max(1, len(eval_half) // 5)
     evals = {"dev": [_mc_item(q, mc) for q in eval_half[:n_dev]],
              "test": [_mc_item(q, mc) for q in eval_half[n_dev:]]}
+    # a correct answer shared across questions ("I have no comment.") must not be trained on
+    targets = {normalise(t) for rows in evals.values() for r in rows for t in r["chosen"] + [r["reference"]]}
+    n = len(sft["train"])
+    sft["train"] = [r for r in sft["train"] if normalise(r["response"]) not in targets]
     web = [f"{q['question']} {a}" for q in tr for a in q["incorrect"][:2] + q["correct"][:1]]
-    return sft, evals, web
+    return sft, evals, web, {"truthfulqa_train_answers_dropped_as_eval_targets": n - len(sft["train"])}
 
 
 def _mc_item(q: dict, mc: dict | None) -> dict:
@@ -129,37 +181,45 @@ def _mc_item(q: dict, mc: dict | None) -> dict:
         rejected = list(dict.fromkeys(targets["mc1_incorrect"] + targets["mc2_false"]))
     else:
         chosen, rejected = q["correct"], q["incorrect"]
-    return _eval(q["question"], chosen, rejected, q["best_answer"], "mc", "honest")
+    return eval_row(q["question"], chosen, rejected, q["best_answer"], "mc", "honest", normalise(q["question"]))
 
 
 def _load_all(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict]:
+    """Every configured file loaded and checked before any split is made; an error names the
+    `data.real` key and the file."""
     for key in dict.fromkeys(k for d in dims for k in d.real_inputs):
-        if not getattr(cfg, key):
+        if not getattr(cfg, key, None):
             raise ConfigError(f"data.real.{key} must be set (a path or hf:NAME) when data.source is 'real'")
     loaded, sources = {}, {}
-    for key in LOADERS:
+    for key, load in ALL_LOADERS.items():
         spec = getattr(cfg, key)
         if spec:
-            loaded[key] = LOADERS[key](spec)
-            sources[key] = _source_info(spec, len(loaded[key]))
+            try:
+                loaded[key] = load(spec)
+            except (ValueError, FileNotFoundError) as exc:
+                raise type(exc)(f"data.real.{key}: {exc}") from None
+            sources[key] = _source_info(spec, loaded[key])
+    loaded["config"] = cfg
     return loaded, sources
 
 
 def build_real(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict, list[str], dict]:
-    """-> (sft[dim][split], eval[dim][split], pretrain texts, sources with sha256 + row counts)
-    for the run's dimensions (`dimensions.Dimension`s), each from its registered real loader;
-    the loaders share one seeded rng in dimension order."""
+    """-> (sft[dim][split], eval[dim][split], pretrain texts, sources with sha256, row counts and
+    de-duplication counts) for the run's dimensions (`dimensions.Dimension`s), each from its
+    registered real loader; the loaders share one seeded rng in dimension order."""
     loaded, sources = _load_all(cfg, dims)
     rng = random.Random(cfg.seed)
     names = [d.name for d in dims]
-    sft, evals, web = {}, {}, []
+    sft, evals, web, dedup = {}, {}, [], {}
     for dim in dims:
         task = dim.name
-        s, e, w = dim.real_loader()(loaded, rng)
+        out = dim.real_loader()(loaded, rng)
+        s, e, w = out[:3]
+        dedup[task] = dict(out[3]) if len(out) > 3 else {}
         s["train"] = _cap(s["train"], cfg.max_train_per_task)
         label = one_hot(task, names)
         sft[task] = {split: [{**r, "task_label": list(label)} for r in rows] for split, rows in s.items()}
         evals[task] = {k: _cap(v, cfg.max_eval_per_task) for k, v in e.items()}
         web += w
     random.Random(cfg.seed + 1).shuffle(web)
-    return sft, evals, web, {"kind": "real", "datasets": sources, "seed": cfg.seed}
+    return sft, evals, web, {"kind": "real", "datasets": sources, "dedup": dedup, "seed": cfg.seed}

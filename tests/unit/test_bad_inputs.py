@@ -148,7 +148,8 @@ def test_bad_beavertails_csv_names_file_and_line(tmp_path, capsys, shared_data, 
     rc, out = run_cli(capsys, "data", "--run-dir", str(run), "--set", "data.source=real",
                       "--set", f"data.real.alpaca={shared_data / 'alpaca/alpaca_small.json'}",
                       "--set", f"data.real.beavertails={bad}",
-                      "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}")
+                      "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}",
+                      *_safety_sets(shared_data))
     line = assert_one_error(rc, out, "data", str(bad), needle)
     assert "missing field" not in line
     assert_no_outputs(run)
@@ -161,8 +162,56 @@ def test_missing_or_unset_data_file(tmp_path, capsys, shared_data):
     assert_one_error(rc, out, "data", "data.real.beavertails must be set")
     rc, out = run_cli(capsys, "data", "--run-dir", str(run), *real,
                       "--set", f"data.real.beavertails={shared_data / 'beavertails/beavertails_sample.csv'}",
-                      "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}")
+                      "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}",
+                      *_safety_sets(shared_data))
     assert_one_error(rc, out, "data", "dataset file not found", "none.json")
+    assert_no_outputs(run)
+
+
+SAFETY_SETS = {"alpaca_eval": "alpaca_eval/alpaca_eval_text_davinci_003.json",
+               "harmbench": "safety/harmbench/harmbench_prompts.txt", "donotanswer": "safety/donotanswer",
+               "safety_pairs": "safety/response_pairs/objective"}
+
+
+def _safety_sets(shared_data, **override) -> list[str]:
+    """--set args for the harmless eval sets (the shared ones unless overridden; None = unset)."""
+    paths = {k: shared_data / v for k, v in SAFETY_SETS.items()} | override
+    return [x for k, v in paths.items() if v is not None for x in ("--set", f"data.real.{k}={v}")]
+
+
+def _real_base(shared_data) -> list[str]:
+    return ["--set", "data.source=real", "--set", f"data.real.alpaca={shared_data / 'alpaca/alpaca_small.json'}",
+            "--set", f"data.real.beavertails={shared_data / 'beavertails/beavertails_sample.csv'}",
+            "--set", f"data.real.truthfulqa={shared_data / 'truthfulqa/TruthfulQA.csv'}"]
+
+
+@pytest.mark.parametrize("key,name,content,needles", [
+    ("harmbench", None, None, ["data.real.harmbench must be set"]),
+    ("donotanswer", None, None, ["data.real.donotanswer must be set"]),
+    ("safety_pairs", None, None, ["data.real.safety_pairs must be set"]),
+    ("harmbench", "nope.txt", None, ["data.real.harmbench: ", "dataset file not found", "nope.txt"]),
+    ("harmbench", "hb.txt", "\n  \n", ["data.real.harmbench: ", "hb.txt", "no records"]),
+    ("harmbench", "hb.csv", "Behaviour,x\nrob a bank,1\n", ["data.real.harmbench: ", "hb.csv",
+                                                              "unknown HarmBench format"]),
+    ("donotanswer", "dna", "", ["data.real.donotanswer: ", "dna", "no .jsonl/.json/.csv files"]),
+    ("safety_pairs", "pairs.csv", "objective,assistant_response,human_score\ndo x,ok,maybe\n",
+     ["data.real.safety_pairs: ", "pairs.csv", "row 0: field 'human_score' must be 0 or 1"]),
+    ("safety_pairs", "pairs2.csv", "# dataset_version=1.0\nobjective,human_score\ndo x,1\n",
+     ["data.real.safety_pairs: ", "pairs2.csv", "missing field 'assistant_response'"]),
+    ("advbench", "adv.prompt", "seeds: 3\n", ["data.real.advbench: ", "adv.prompt", "'seeds' list"]),
+])
+def test_bad_safety_sets_name_key_and_file(tmp_path, capsys, shared_data, key, name, content, needles):
+    """Each missing / empty / malformed safety file is one error naming its key and file,
+    raised before anything is written."""
+    path = None if name is None else tmp_path / name
+    if name == "dna":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "data", "--run-dir", str(run), *_real_base(shared_data),
+                      *_safety_sets(shared_data, **{key: path}))
+    assert_one_error(rc, out, "data", *needles)
     assert_no_outputs(run)
 
 

@@ -143,7 +143,11 @@ def _real_batch(shared_data: Path, tokenizer, per_task: int, max_len: int):
     sft, _, _, _ = build_real(RealDataConfig(
         alpaca=str(shared_data / "alpaca/alpaca_small.json"),
         beavertails=str(shared_data / "beavertails/beavertails_sample.csv"),
-        truthfulqa=str(shared_data / "truthfulqa/TruthfulQA.csv")), resolve_dimensions(TASKS, {}))
+        truthfulqa=str(shared_data / "truthfulqa/TruthfulQA.csv"),
+        alpaca_eval=str(shared_data / "alpaca_eval/alpaca_eval_text_davinci_003.json"),
+        harmbench=str(shared_data / "safety/harmbench/harmbench_prompts.txt"),
+        donotanswer=str(shared_data / "safety/donotanswer"),
+        safety_pairs=str(shared_data / "safety/response_pairs/objective")), resolve_dimensions(TASKS, {}))
     rows = [r for t in TASKS for r in sft[t]["train"][:per_task]]
     cols = {k: [r[k] for r in rows] for k in ("instruction", "input", "response", "task_label")}
     tokenized = tokenize_sft(cols, tokenizer, max_len)
