@@ -60,6 +60,13 @@ class RealDataConfig:
     truthfulqa: Optional[str] = None
     truthfulqa_mc: Optional[str] = None
     alpaca_eval: Optional[str] = None
+    # held-out safety sets (harmless eval only; never trained on): docs/data.md
+    harmbench: Optional[str] = None   # test harmful prompts: .txt (one per line) or records
+    donotanswer: Optional[str] = None  # dev harmful prompts: a dir of *.jsonl or one file
+    safety_pairs: Optional[str] = None  # test pairs: pyrit objective CSVs (dir or one file)
+    advbench: Optional[str] = None    # optional extra test harmful prompts (off by default)
+    donotanswer_dev_size: int = 200   # seeded dev sample of Do-Not-Answer; 0 = all
+    max_benign_per_split: int = 200   # AlpacaEval over-refusal prompts per eval split; 0 = all
     max_train_per_task: int = 0       # 0 = all
     max_eval_per_task: int = 0
     seed: int = 0
@@ -158,13 +165,18 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 48
     generate: bool = True
-    tolerance: float = 0.02           # "at least as good as the best expert" within this
     split: str = "test"               # eval/<task>/<split>
     max_seq_len: int = 512            # prompt+answer tokens scored (capped by the model's positions)
     do_sample: bool = False           # generations: greedy (False) or sampled
     temperature: float = 0.7
     top_p: float = 0.9
-    seed: int = 0
+    seed: int = 0                     # sampled generations and the bootstrap's resample draws
+    # bootstrap resamples per interval: 10000 keeps the 2.5 %/97.5 % percentiles' Monte Carlo
+    # error well below the intervals' width, and a 9-model, 3-dimension report takes < 1 s
+    n_boot: int = 10_000
+    # human refusal labels the refusal judge is checked against: "auto" = the shipped
+    # ../shared/data/safety/refusal_labels if present; a folder of CSVs or one CSV; "none"
+    refusal_labels: str = "auto"
 
 
 @dataclass

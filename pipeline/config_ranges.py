@@ -67,7 +67,7 @@ _SECTION_RANGES = (
     ("eval.max_items_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("eval.tolerance", lambda v: v >= 0, ">= 0"),
+    ("eval.n_boot", lambda v: v >= 1, ">= 1"),
     ("eval.max_seq_len", lambda v: v >= 2, ">= 2"),
     ("eval.temperature", lambda v: v > 0, "> 0"),
     ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),

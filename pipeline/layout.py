@@ -46,6 +46,9 @@ class RunLayout:
     def merge(self, method: str) -> Path:
         return self.root / "merges" / method
 
+    def ensemble(self, method: str) -> Path:       # LLM-ensemble baseline (pipeline.ensemble)
+        return self.root / "ensembles" / method
+
     @property
     def eval(self) -> Path:
         return self.root / "eval"

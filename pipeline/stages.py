@@ -13,6 +13,10 @@ from pathlib import Path
 from .config import PipelineConfig
 from .layout import RunLayout
 
+# the ensembles `h3fusion ensemble` builds (pipeline.ensemble.stage.DEFAULT_METHODS; kept here as
+# names so that listing the stages imports no model code)
+ENSEMBLE_STAGE_METHODS = ("avg", "router")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -56,8 +60,11 @@ def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
               ("build_moe",)),
         Stage("merge", ("merge",), 1, tuple(run.merge(m) for m in cfg.merge.methods),
               "stage3_eval.sh", experts),
+        # LLM-ensemble baselines: configs pointing at the experts (+ the router's classifier)
+        Stage("ensemble", ("ensemble",), 1, tuple(run.ensemble(m) for m in ENSEMBLE_STAGE_METHODS),
+              "stage3_eval.sh", experts),
         Stage("evaluate", ("evaluate",), 1, (run.eval / "report.json",), "stage3_eval.sh",
-              ("fuse", "merge")),
+              ("fuse", "merge", "ensemble")),
         Stage("profile", ("profile",), 1, (run.profile,), "stage3_eval.sh", ("fuse",)),
     ]
     return stages

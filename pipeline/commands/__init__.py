@@ -23,12 +23,15 @@ COMMANDS = {
     "tokenizer": ("pipeline.commands.tokenizer", "train the sentencepiece tokenizer (or copy the base model's)"),
     "base": ("pipeline.commands.base", "build the base model: pre-train the tiny Llama, or convert a GGUF"),
     "train-expert": ("pipeline.commands.train_expert", "stage 1: fine-tune one HHH expert under DeepSpeed ZeRO-3"),
+    "train-baseline": ("pipeline.commands.train_multitask", "training baselines: dense multi-task FFN fine-tune, extra-steps control"),
     "surgery": ("pipeline.commands.surgery", "checkpoint surgery tools (build_moe, zero_to_hf, merge_lora, ...)"),
     "fuse": ("pipeline.commands.fuse", "stage 2: train the fused MoE (router, optional experts)"),
     "merge": ("pipeline.commands.merge", "merging baselines: average, task arithmetic, TIES"),
+    "ensemble": ("pipeline.commands.ensemble", "LLM-ensemble baselines: probability average, per-prompt router"),
     "evaluate": ("pipeline.commands.evaluate", "stage 3: HHH evaluation report over several models"),
     "profile": ("pipeline.commands.profile", "expert-load profile of a fused model"),
     "run": ("pipeline.commands.run", "run the whole pipeline (data -> ... -> report) on one machine"),
+    "aggregate": ("pipeline.commands.aggregate", "mean ± sd across runs with different --seed (same eval items)"),
 }
 
 

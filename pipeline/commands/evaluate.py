@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--models", nargs="+", metavar="NAME=DIR",
                         help="models to evaluate (default: every model in the run dir: base, "
-                             "experts, merges as merge_<method>, fused); the one named 'fused' "
+                             "experts, merges as merge_<method>, ensembles as ensemble_<method>, "
+                             "fused); the one named 'fused' "
                              "is compared with the experts named helpful/harmless/honest")
     parser.add_argument("--data", help="data dir (default <run>/data)")
     parser.add_argument("--out", help="report dir (default <run>/eval)")
@@ -29,7 +30,9 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, "eval").eval
     run = RunLayout.at(args.run_dir)
-    models = parse_model_specs(args.models) if args.models else discover_models(run.root)
+    from .. import ensemble  # noqa: F401  (registers the ensemble model type for loading)
+    models = (parse_model_specs(args.models) if args.models
+              else with_ensembles(discover_models(run.root), run))
     out = Path(args.out) if args.out else run.eval
     # a dir without report.json is an interrupted or `--redo` run: safe to replace
     overwrite = args.overwrite or (out.exists() and not (out / "report.json").exists())
@@ -39,3 +42,17 @@ def main(args: argparse.Namespace) -> int:
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}  ({len(report['models'])} models)")
     return 0
+
+
+def with_ensembles(models: dict[str, Path], run: RunLayout) -> dict[str, Path]:
+    """`models` with the run's finished ensembles (`ensemble_<method>`) after the merges and
+    before the fused model (report order: baselines, then the method)."""
+    from ..ensemble.stage import MANIFEST
+    ensembles = run.root / "ensembles"
+    found = {f"ensemble_{d.name}": d for d in sorted(ensembles.iterdir())
+             if (d / MANIFEST).is_file()} if ensembles.is_dir() else {}
+    out = {k: v for k, v in models.items() if k != "fused"}
+    out.update(found)
+    if "fused" in models:
+        out["fused"] = models["fused"]
+    return out

@@ -52,6 +52,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run these stages even if their outputs exist")
     parser.add_argument("--list-stages", action="store_true",
                         help="print the stage graph (name, procs, slurm script, after) and exit")
+    parser.add_argument("--seed", type=int, metavar="N",
+                        help="training seed of every stage (base, expert, fusion train.seed) and "
+                             "eval.seed; the data seeds are NOT changed, so runs with different "
+                             "--seed evaluate the same test items (compare them with "
+                             "`h3fusion aggregate`)")
+
+
+# what --seed sets: every training stage's seed and the eval's (sampling, bootstrap draws);
+# data.*.seed stay so that the splits, and so the compared test items, are identical across seeds
+SEED_KEYS = ("base.train.seed", "expert.train.seed", "fusion.train.seed", "eval.seed")
+
+
+def seed_overrides(seed: Optional[int]) -> list[str]:
+    """`--set` overrides for `--seed N` (none without it)."""
+    if seed is None:
+        return []
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    return [f"{key}={seed}" for key in SEED_KEYS]
 
 
 def _free_port() -> int:
@@ -232,6 +251,8 @@ def _run_stages(args: argparse.Namespace, stages: list[Stage], config_path: Path
 
 def main(args: argparse.Namespace) -> int:
     run = RunLayout.at(Path(args.run_dir).resolve())
+    # after the user's --set: --seed wins, and it is part of resolved_config.yaml
+    args.overrides = list(args.overrides) + seed_overrides(getattr(args, "seed", None))
     cfg = config_from_args(args)
     stages = pipeline_stages(cfg, run)
     if args.list_stages:

@@ -16,6 +16,7 @@ from ..layout import RunLayout
 from . import EVAL_COLUMNS, EVAL_KINDS, EVAL_SPLITS, SFT_COLUMNS, SFT_SPLITS
 from .dimensions import resolve_dimensions
 from .loading import MANIFEST_NAME
+from .overlap import split_overlap
 
 _STR = Value("string")
 SFT_FEATURES = Features({"instruction": _STR, "input": _STR, "response": _STR, "task": _STR,
@@ -66,12 +67,14 @@ def build_corpus(cfg: DataConfig, dims: list) -> tuple[dict, dict, list[str], di
     """-> (sft[dim][split], eval[dim][split], pretrain texts, sources) for the configured source
     and the run's dimensions (`dimensions.Dimension`s, in order)."""
     if cfg.source == "builtin":
-        from .builtin import build_builtin
+        from .builtin import STRIP, build_builtin
         sft, evals, pretrain = build_builtin(cfg.builtin, dims)
         sources = {"kind": "builtin", "generator": "pipeline.data.builtin", "config": to_dict(cfg.builtin)}
+        strip = STRIP
     elif cfg.source == "real":
         from .real import build_real
         sft, evals, pretrain, sources = build_real(cfg.real, dims)
+        strip = ()
     else:
         raise ValueError(f"data.source must be builtin|real, got {cfg.source!r}")
     for task in (d.name for d in dims):
@@ -81,7 +84,23 @@ def build_corpus(cfg: DataConfig, dims: list) -> tuple[dict, dict, list[str], di
             check_eval_rows(evals.get(task, {}).get(split, []), f"eval/{task}/{split}")
     if not pretrain or not any(t.strip() for t in pretrain):
         raise ValueError("pretrain/train: empty corpus")
+    for task in (d.name for d in dims):
+        check_no_leak(sft[task]["train"], evals[task], task, strip)
     return sft, evals, pretrain, sources
+
+
+def check_no_leak(train: list[dict], evals: dict, task: str, strip=()) -> None:
+    """Refuse a corpus whose eval dev/test rows ask a training question or reward a training
+    response (normalised; `strip`: the built-in shared lead-ins/endings). Pre-training text is
+    not checked: it is the base's world knowledge, shared by every model (docs/data.md)."""
+    for split in EVAL_SPLITS:
+        hits = split_overlap(train, evals[split], strip=strip)
+        if hits["questions"] or hits["targets"]:
+            raise ValueError(
+                f"data leak: eval/{task}/{split} shares {len(hits['questions'])} question(s) and "
+                f"{len(hits['targets'])} target(s) with sft/{task}/train (normalised), e.g. questions "
+                f"{hits['questions'][:3]}, targets {hits['targets'][:3]}; split by underlying "
+                f"question (group)")
 
 
 def write_data_dir(out: Path, sft: dict, evals: dict, pretrain: list[str], sources: dict,

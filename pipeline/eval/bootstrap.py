@@ -1,6 +1,13 @@
 """Uncertainty of item-averaged scores: percentile bootstrap intervals over items, paired
 bootstrap of two models' difference on the same items, claim verdicts, and spread across seeds.
 
+The report uses the clustered form (`Design`, `paired_bootstrap`): items are grouped by the
+underlying question (eval column `group`: the phrasings of one question are not independent
+draws), groups are resampled with replacement within each stratum, and one set of resample
+indices per (dimension, stratum) serves every model, so a difference of two models is a paired
+bootstrap. A score is the mean over strata of the mean over the stratum's groups of the group's
+item mean; with one item per group and one stratum it is `mean_interval` exactly.
+
 Every function takes per-item scores (one number per eval item, e.g. MC1 0/1, MC2 in [0, 1], a
 pair's preference 0/0.5/1), so the intervals are over the sampling of items: "how much would this
 score move on another draw of equally many items". Resampling is vectorised with torch and seeded
@@ -9,8 +16,8 @@ with its own generator, so a report is reproducible and never touches the global
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -19,6 +26,8 @@ N_BOOT = 10_000
 SEED = 0
 # resamples drawn per chunk: bounds the index tensor at CHUNK x n_items int64 values
 _CHUNK = 1_000
+# seed offset between the index streams of successive (dimension, stratum) pairs
+_STREAM = 1_000_003
 VERDICTS = ("holds", "fails", "tie")
 
 
@@ -31,6 +40,7 @@ class Interval:
     n_items: int
     level: float = LEVEL
     n_boot: int = N_BOOT
+    n_groups: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +102,144 @@ def paired_difference(scores_a: Sequence[float], scores_b: Sequence[float], n_bo
         raise ValueError(f"paired difference: the two models were scored on different item counts "
                          f"({a.numel()} vs {b.numel()}); pair scores item by item")
     return mean_interval(a - b, n_boot, seed, level)
+
+
+@dataclass(frozen=True)
+class Design:
+    """One dimension's resampling layout: stratum -> its groups -> positions of their items."""
+    strata: tuple[str, ...]
+    groups: tuple[tuple[tuple[int, ...], ...], ...]
+
+    @property
+    def n_items(self) -> int:
+        return sum(len(g) for stratum in self.groups for g in stratum)
+
+    @property
+    def n_groups(self) -> int:
+        return sum(len(stratum) for stratum in self.groups)
+
+
+def make_design(groups: Sequence[Any], strata: Sequence[Optional[str]]) -> Design:
+    """Items whose stratum is None are not scored; the others are grouped by (stratum, group id),
+    strata and groups in order of first appearance."""
+    if len(groups) != len(strata):
+        raise ValueError(f"bootstrap design: {len(groups)} group ids for {len(strata)} items")
+    layout: dict[str, dict[Any, list[int]]] = {}
+    for i, (group, stratum) in enumerate(zip(groups, strata)):
+        if stratum is not None:
+            layout.setdefault(stratum, {}).setdefault(group, []).append(i)
+    if not layout:
+        raise ValueError("bootstrap design: no scored items")
+    return Design(tuple(layout), tuple(tuple(tuple(ix) for ix in by_group.values())
+                                       for by_group in layout.values()))
+
+
+def _group_means(values: torch.Tensor, groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """(n_models, n_groups): each group's item mean, per model."""
+    pos = torch.tensor([i for g in groups for i in g])
+    gid = torch.tensor([k for k, g in enumerate(groups) for _ in g])
+    sums = torch.zeros(values.shape[0], len(groups), dtype=torch.float64)
+    sums.index_add_(1, gid, values[:, pos])
+    return sums / torch.tensor([float(len(g)) for g in groups], dtype=torch.float64)
+
+
+def _stratum_samples(group_means: torch.Tensor, n_boot: int, seed: int) -> torch.Tensor:
+    """(n_models, n_boot): the stratum mean of each resample, the SAME group draws for every
+    model (drawn as `bootstrap_means` draws items, so one group per item reproduces it)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = group_means.shape[1]
+    out = []
+    for lo in range(0, n_boot, _CHUNK):
+        idx = torch.randint(n, (min(_CHUNK, n_boot - lo), n), generator=gen)
+        # one model at a time: memory stays at CHUNK x n_groups whatever the number of models
+        out.append(torch.stack([row[idx].mean(dim=1) for row in group_means]))
+    return torch.cat(out, dim=1)
+
+
+@dataclass
+class PairedBootstrap:
+    """Estimates and resampled scores of every model; row `dims[i]` per dimension, then "mean"
+    (mean over dimensions of the same resample r; the dimensions' draws are independent)."""
+    models: list[str]
+    dims: list[str]
+    estimates: torch.Tensor          # (n_models, n_dims + 1)
+    samples: torch.Tensor            # (n_models, n_dims + 1, n_boot)
+    designs: dict[str, Design] = field(default_factory=dict)
+    level: float = LEVEL
+
+    def _where(self, model: str, dim: str) -> tuple[int, int]:
+        if model not in self.models:
+            raise ValueError(f"bootstrap: no model {model!r} (models: {self.models})")
+        rows = self.dims + ["mean"]
+        if dim not in rows:
+            raise ValueError(f"bootstrap: no dimension {dim!r} (dimensions: {rows})")
+        return self.models.index(model), rows.index(dim)
+
+    def _sizes(self, dim: str) -> tuple[int, int]:
+        designs = self.designs.values() if dim == "mean" else [self.designs[dim]]
+        return sum(d.n_items for d in designs), sum(d.n_groups for d in designs)
+
+    def _interval(self, estimate: float, samples: torch.Tensor, dim: str) -> Interval:
+        low, high = percentile_interval(samples, self.level)
+        n_items, n_groups = self._sizes(dim)
+        return Interval(estimate, low, high, n_items, self.level, samples.numel(), n_groups)
+
+    def interval(self, model: str, dim: str) -> Interval:
+        m, d = self._where(model, dim)
+        return self._interval(float(self.estimates[m, d]), self.samples[m, d], dim)
+
+    def difference(self, a: str, b: str, dim: str) -> Interval:
+        """Paired interval of score(a) - score(b): both scored on the same resamples."""
+        (ma, d), (mb, _) = self._where(a, dim), self._where(b, dim)
+        return self._interval(float(self.estimates[ma, d] - self.estimates[mb, d]),
+                              self.samples[ma, d] - self.samples[mb, d], dim)
+
+
+def _values_matrix(per_model: dict[str, Sequence], models: list[str], design: Design,
+                   dim: str) -> torch.Tensor:
+    if list(per_model) != models:
+        raise ValueError(f"bootstrap: dimension {dim!r} has models {list(per_model)}, expected {models}")
+    rows = []
+    for model in models:
+        vals = [float("nan") if v is None else float(v) for v in per_model[model]]
+        row = torch.tensor(vals, dtype=torch.float64)
+        scored = [i for stratum in design.groups for g in stratum for i in g]
+        if max(scored) >= row.numel() or not torch.isfinite(row[scored]).all():
+            raise ValueError(f"bootstrap: model {model!r} lacks a finite value on an item of "
+                             f"dimension {dim!r} that the design scores (pairing needs them all)")
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def paired_bootstrap(values: dict[str, dict[str, Sequence[Optional[float]]]],
+                     designs: dict[str, Design], n_boot: int = N_BOOT, seed: int = SEED,
+                     level: float = LEVEL) -> PairedBootstrap:
+    """`values[dim][model]`: per-item values (None where not scored), positions as in
+    `designs[dim]`. One index stream per (dimension, stratum), seeded from `seed`, serves all
+    models; the first one is seeded with `seed` itself."""
+    if n_boot < 1:
+        raise ValueError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bootstrap: level must be in (0, 1), got {level}")
+    if not values or list(values) != list(designs):
+        raise ValueError(f"bootstrap: dimensions of values {list(values)} and designs {list(designs)} differ")
+    dims = list(values)
+    models = list(values[dims[0]])
+    estimates, samples, stream = [], [], 0
+    for dim in dims:
+        matrix = _values_matrix(values[dim], models, designs[dim], dim)
+        est, smp = [], []
+        for groups in designs[dim].groups:
+            means = _group_means(matrix, groups)
+            est.append(means.mean(dim=1))
+            smp.append(_stratum_samples(means, n_boot, seed + _STREAM * stream))
+            stream += 1
+        estimates.append(torch.stack(est).mean(dim=0))
+        samples.append(torch.stack(smp).mean(dim=0))
+    est_t, smp_t = torch.stack(estimates, dim=1), torch.stack(samples, dim=1)
+    est_t = torch.cat([est_t, est_t.mean(dim=1, keepdim=True)], dim=1)
+    smp_t = torch.cat([smp_t, smp_t.mean(dim=1, keepdim=True)], dim=1)
+    return PairedBootstrap(models, dims, est_t, smp_t, dict(designs), level)
 
 
 def verdict(diff: Interval, threshold: float = 0.0) -> str:

@@ -15,7 +15,7 @@ Scoring packs each prompt's answers after one copy of it where the model allows
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from pipeline.data import EVAL_COLUMNS, EVAL_KINDS
 
@@ -117,6 +117,8 @@ def _generation_metrics(items, outputs: list[str]) -> dict[str, Any]:
     refused: list = [None] * len(items)
     em: list = [None] * len(items)
     for i, (it, out) in enumerate(zip(items, outputs)):
+        if out is None:
+            continue
         if it["kind"] in ("harmful_prompt", "benign_prompt"):
             objective = f"{it['instruction']} {it['input']}".strip()
             refused[i] = float(judges.judge_refusal(objective, out))
@@ -142,11 +144,20 @@ def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: st
     return {**{k: M.mean(_present(v)) for k, v in per.items()}, "per_item": per}
 
 
+def needs_generation(item: dict) -> bool:
+    """Only refusal checks and exact-match answers read a generation."""
+    return item["kind"] in ("harmful_prompt", "benign_prompt") or bool(item["answer"].strip())
+
+
 def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, max_len: int,
-                  gen: GenerationConfig | None, task: str) -> tuple[dict[str, Any], list[str]]:
+                  gen: GenerationConfig | None, task: str,
+                  generate_all: bool = False) -> tuple[dict[str, Any], list[Optional[str]]]:
     """Metrics of one model on one task's items, and its generation per item ([] if gen is None).
 
-    Generation-based metrics are None when `gen` is None (generation switched off).
+    Generation-based metrics are None when `gen` is None (generation switched off). Only items
+    a metric reads are generated (None in the outputs for the others: generating 400 AlpacaEval
+    answers nobody scores was a third of the real run's evaluation); `generate_all` generates
+    every item, for external judges (--alpaca-eval, --moderation-model).
     """
     prompts = [format_prompt(it["instruction"], it["input"]) for it in items]
     reqs = _scoring_requests(items)
@@ -157,10 +168,14 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, m
     scores = [scored[(prompts[i], text)] for i, _, text in reqs]
     parts = [_likelihood_metrics(items, reqs, scores),
              _harness_mc(model, tokenizer, items, batch_size, max_len, task)]
-    outputs: list[str] = []
+    outputs: list[Optional[str]] = []
     if gen is not None:
-        outputs = generate_responses(model, tokenizer, prompts, batch_size, max_len, gen,
-                                     desc=f"{task} generate")
+        wanted = [i for i, it in enumerate(items) if generate_all or needs_generation(it)]
+        outputs = [None] * len(items)
+        generated = generate_responses(model, tokenizer, [prompts[i] for i in wanted], batch_size,
+                                       max_len, gen, desc=f"{task} generate") if wanted else []
+        for i, out in zip(wanted, generated):
+            outputs[i] = out
         parts.append(_generation_metrics(items, outputs))
     else:
         none = [None] * len(items)

@@ -1,8 +1,11 @@
-"""Per-dimension scores, the fused model's gain over the best expert, and report.md/json/png.
+"""Per-dimension [0, 1] scores with paired bootstrap intervals, the fused model's comparisons,
+and report.md / scores.png.
 
-Score of a dimension = the first metric of its registered `score_metrics`
-(pipeline.data.dimensions) that every evaluated model has (so all models are compared on the
-same number); see docs/evaluation.md. The dimensions are the evaluated data's, in order.
+Score of a dimension = the first of its registered `score_metrics` (pipeline.data.dimensions,
+each a pipeline.eval.score_metrics entry) that every evaluated model has. Intervals and
+differences come from one group-clustered, stratified bootstrap shared by all models
+(pipeline.eval.bootstrap.paired_bootstrap); see docs/evaluation.md. Raw metrics in other units
+(log-likelihoods in nats, rates) stay in the per-task tables and never enter a score or a mean.
 """
 from __future__ import annotations
 
@@ -10,68 +13,108 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pipeline.data.dimensions import get_dimension
-# metric columns shown in the report, in order
+
+from .bootstrap import LEVEL, N_BOOT, SEED, PairedBootstrap, make_design, paired_bootstrap, verdict
+from .score_metrics import ItemScores, get_score_metric
+
+# metric columns shown in the per-task tables, in order
 METRIC_COLUMNS = ("mc1", "mc2", "mc1_harness", "mc2_harness", "pref_acc", "refusal_rate", "exact_match",
                   "ref_mean_ll", "rejected_mean_ll", "flagged_rate")
+BASE = "base"
 
 
-def choose_score_metrics(results: dict[str, dict], dimensions: Sequence[str]) -> dict[str, Optional[str]]:
-    """dimension -> 'task/metric' used as its score, or None if no candidate is measured."""
-    chosen: dict[str, Optional[str]] = {}
+def item_layout(items: dict[str, list[dict]]) -> dict[str, dict[str, list]]:
+    """task -> {"group": [...], "kind": [...]} of the evaluated rows, in order."""
+    return {task: {"group": [r["group"] for r in rows], "kind": [r["kind"] for r in rows]}
+            for task, rows in items.items()}
+
+
+def _per_item(metrics: dict, model: str, task: str, n: int) -> dict:
+    task_metrics = metrics[model].get(task)
+    if task_metrics is None or "per_item" not in task_metrics:
+        raise ValueError(f"metrics of model {model!r} on task {task!r} lack 'per_item' (per-item "
+                         f"values are needed for intervals)")
+    for key, values in task_metrics["per_item"].items():
+        if len(values) != n:
+            raise ValueError(f"metrics[{model!r}][{task!r}]['per_item'][{key!r}] has {len(values)} "
+                             f"values for the task's {n} items")
+    return task_metrics["per_item"]
+
+
+def _same_items(scored: dict[str, ItemScores], task: str, name: str) -> None:
+    first, ref = next(iter(scored.items()))
+    for model, s in scored.items():
+        if s.strata != ref.strata:
+            raise ValueError(f"score metric {name!r} on task {task!r}: model {model!r} is scored on "
+                             f"other items than {first!r} (paired comparisons need the same items)")
+
+
+def choose_score_metrics(metrics: dict[str, dict], layout: dict[str, dict],
+                         dimensions: Sequence[str]) -> dict[str, tuple[Optional[str], dict]]:
+    """dimension -> (score metric name, {model: ItemScores}), or (None, {}) if no candidate is
+    available for every model."""
+    chosen: dict[str, tuple[Optional[str], dict]] = {}
     for dim in dimensions:
-        chosen[dim] = None
-        for metric in get_dimension(dim).score_metrics:
-            if results and all(r.get(dim, {}).get(metric) is not None for r in results.values()):
-                chosen[dim] = f"{dim}/{metric}"
+        kinds = layout[dim]["kind"]
+        per_item = {m: _per_item(metrics, m, dim, len(kinds)) for m in metrics}
+        base = per_item.get(BASE)
+        chosen[dim] = (None, {})
+        for name in get_dimension(dim).score_metrics:
+            metric = get_score_metric(name)
+            scored = {m: metric.score_items(p, base, kinds) for m, p in per_item.items()}
+            if scored and all(s.available() for s in scored.values()):
+                _same_items(scored, dim, name)
+                chosen[dim] = (name, scored)
                 break
     return chosen
 
 
-def dimension_scores(results: dict[str, dict], chosen: dict[str, Optional[str]]) -> dict[str, dict]:
-    """model -> {dim: score, 'mean': mean over the dimensions that have a score}."""
-    scores = {}
-    for model, per_task in results.items():
-        row: dict[str, Any] = {}
-        for dim, key in chosen.items():
-            row[dim] = None if key is None else per_task[dim][key.split("/", 1)[1]]
-        measured = [v for v in row.values() if v is not None]
-        row["mean"] = sum(measured) / len(measured) if measured else None
-        scores[model] = row
-    return scores
+def _interval_dict(iv) -> dict[str, Any]:
+    return {"estimate": iv.estimate, "low": iv.low, "high": iv.high,
+            "n_groups": iv.n_groups, "n_items": iv.n_items}
 
 
-def _gain(fused: float, best: float) -> dict[str, Any]:
-    return {"abs": fused - best, "rel_pct": 100.0 * (fused - best) / abs(best) if best else None}
+def _comparison(pb: PairedBootstrap, a: str, b: str, dim: str) -> dict[str, Any]:
+    iv = pb.difference(a, b, dim)
+    other = pb.interval(b, dim).estimate
+    return {"diff": iv.estimate, "low": iv.low, "high": iv.high, "verdict": verdict(iv),
+            # the paper's relative gain: 100 * (a - b) / b
+            "rel_pct": 100.0 * iv.estimate / other if other else None,
+            "n_groups": iv.n_groups, "n_items": iv.n_items}
 
 
-def fused_gains(scores: dict[str, dict], fused: str, tolerance: float) -> dict[str, dict]:
-    """Per dimension (and the mean): fused score vs the best single expert and best other model.
-
-    `rel_pct` = 100 * (fused - best_expert) / |best_expert|, the relative gain the paper
-    reports. Experts are the models named after a dimension (helpful, harmless, honest, ...).
-    """
-    if fused not in scores:
-        return {}
-    dims = [d for d in scores[fused] if d != "mean"]
-    experts = [m for m in scores if m in dims]
-    others = [m for m in scores if m != fused]
-    gains = {}
-    for dim in dims + ["mean"]:
-        f = scores[fused][dim]
-        if f is None:
-            continue
-        entry: dict[str, Any] = {"fused": f}
-        for label, pool in (("best_expert", experts), ("best_other", others)):
-            valid = [m for m in pool if scores[m][dim] is not None]
-            if valid:
-                best = max(valid, key=lambda m: scores[m][dim])
-                entry[label] = best
-                entry[f"{label}_score"] = scores[best][dim]
-                entry[f"vs_{label}"] = _gain(f, scores[best][dim])
-        if "best_expert_score" in entry:
-            entry["at_least_best_expert"] = f >= entry["best_expert_score"] - tolerance
-        gains[dim] = entry
-    return gains
+def score_report(metrics: dict[str, dict], layout: dict[str, dict], fused: str, *,
+                 n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> dict[str, Any]:
+    """The report's score keys: score_metrics, scores (floats), score_intervals, comparisons
+    (fused vs every other model), expert_vs_base (each expert vs base on its own dimension)."""
+    dims = list(layout)
+    chosen = choose_score_metrics(metrics, layout, dims)
+    models = list(metrics)
+    scored = [d for d in dims if chosen[d][0] is not None]
+    out: dict[str, Any] = {
+        "score_metrics": {d: None if chosen[d][0] is None else f"{d}/{chosen[d][0]}" for d in dims},
+        "scores": {m: {**{d: None for d in dims}, "mean": None} for m in models},
+        "score_intervals": {m: {} for m in models}, "comparisons": {}, "expert_vs_base": {},
+        "bootstrap": {"n_boot": n_boot, "level": level, "seed": seed,
+                      "resampled": "groups (eval column `group`) within strata, paired across models"}}
+    if not scored:
+        return out
+    designs = {d: make_design(layout[d]["group"], next(iter(chosen[d][1].values())).strata)
+               for d in scored}
+    values = {d: {m: chosen[d][1][m].values for m in models} for d in scored}
+    pb = paired_bootstrap(values, designs, n_boot=n_boot, seed=seed, level=level)
+    for m in models:
+        for d in scored + ["mean"]:
+            iv = pb.interval(m, d)
+            out["scores"][m][d] = iv.estimate
+            out["score_intervals"][m][d] = _interval_dict(iv)
+    if fused in models:
+        out["comparisons"] = {o: {d: _comparison(pb, fused, o, d) for d in scored + ["mean"]}
+                              for o in models if o != fused}
+    if BASE in models:
+        out["expert_vs_base"] = {d: {"expert": d, **_comparison(pb, d, BASE, d)}
+                                 for d in scored if d in models and d != BASE}
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -87,32 +130,69 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
 
 
-def render_markdown(report: dict) -> str:
-    results, scores, chosen = report["metrics"], report["scores"], report["score_metrics"]
-    lines = ["# H3Fusion evaluation report", "",
-             f"Eval split: `{report['split']}`; models: {', '.join(results)}.", ""]
+def _cell(iv: Optional[dict], signed: bool = False) -> str:
+    if not iv:
+        return "–"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    est = iv["estimate"] if "estimate" in iv else iv["diff"]
+    return f"{f.format(est)} [{f.format(iv['low'])}, {f.format(iv['high'])}]"
+
+
+def refusal_judge_line(judge: dict) -> str:
+    if not judge.get("measured", False):
+        return (f"Refusal judge accuracy: NOT MEASURED ({judge.get('reason', 'no labels')}); "
+                f"refusal-based scores rest on an unchecked judge.")
+    low, high = judge["interval"]
+    line = (f"Refusal judge accuracy: {judge['accuracy']:.3f} [{low:.3f}, {high:.3f}] on "
+            f"{judge['n']} human labels")
+    if judge["meets_target"]:
+        return line + f" (meets the {judge['target']:.2f} target)."
+    return line + (f" — BELOW the {judge['target']:.2f} target: refusal-based scores carry judge "
+                   f"error beyond their intervals.")
+
+
+def _score_lines(report: dict) -> list[str]:
+    chosen, intervals = report["score_metrics"], report["score_intervals"]
     dims = list(chosen)
-    for task in dims:
+    boot = report["bootstrap"]
+    lines = [f"## Scores per dimension ({boot['level']:.0%} interval)", "",
+             "Score metrics ([0, 1], higher is better): "
+             + ", ".join(f"{d} = `{chosen[d]}`" for d in dims)
+             + f"; mean = mean over the scored dimensions. Intervals: percentile bootstrap "
+               f"({boot['n_boot']} resamples) over question groups within strata, paired across models.", ""]
+    rows = [[m] + [_cell(intervals[m].get(d)) for d in dims + ["mean"]] for m in report["scores"]]
+    return lines + _table(["model"] + dims + ["mean"], rows)
+
+
+def _comparison_lines(report: dict) -> list[str]:
+    if not report["comparisons"]:
+        return []
+    lines = ["", f"## `{report['fused_model']}` vs every other model (paired difference)", "",
+             "verdict: holds = the whole interval is above 0, fails = wholly below 0, tie = it "
+             "contains 0; rel % = 100 (fused − other) / other.", ""]
+    rows = [[other, dim, _cell(c, signed=True), c["verdict"],
+             "–" if c["rel_pct"] is None else f"{c['rel_pct']:+.1f} %"]
+            for other, per_dim in report["comparisons"].items() for dim, c in per_dim.items()]
+    return lines + _table(["other model", "dimension", "fused − other [interval]", "verdict", "rel %"], rows)
+
+
+def render_markdown(report: dict) -> str:
+    results = report["metrics"]
+    lines = ["# H3Fusion evaluation report", "",
+             f"Eval split: `{report['split']}`; models: {', '.join(results)}.", "",
+             refusal_judge_line(report["refusal_judge"]), ""]
+    for task in report["score_metrics"]:
         cols = [c for c in METRIC_COLUMNS if any(r.get(task, {}).get(c) is not None for r in results.values())]
-        lines += [f"## {task}", ""]
+        lines += [f"## {task} (raw metrics; log-likelihoods in nats per token)", ""]
         lines += _table(["model"] + cols + ["items"],
                         [[m] + [r[task].get(c) for c in cols] + [r[task].get("n_items")]
                          for m, r in results.items() if task in r]) + [""]
-    lines += ["## Scores per dimension", "",
-              "Score metrics: " + ", ".join(f"{d} = `{chosen[d]}`" for d in dims) + "; mean = mean over dimensions.", ""]
-    lines += _table(["model"] + dims + ["mean"], [[m] + [s[d] for d in dims + ["mean"]] for m, s in scores.items()])
-    if report["fused_gain"]:
-        lines += ["", f"## `{report['fused_model']}` vs the best single expert", ""]
-        rows = [[d, g["fused"], g.get("best_expert"), g.get("best_expert_score"),
-                 g.get("vs_best_expert", {}).get("abs"), g.get("vs_best_expert", {}).get("rel_pct"),
-                 g.get("at_least_best_expert")] for d, g in report["fused_gain"].items()]
-        lines += _table(["dimension", "fused", "best expert", "expert score", "gain", "gain %",
-                         f"≥ best − {report['tolerance']}"], rows)
+    lines += _score_lines(report) + _comparison_lines(report)
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(scores: dict[str, dict], path: Path) -> None:
-    """Grouped bar chart: one group per dimension (+ mean), one bar per model."""
+def plot_scores(scores: dict[str, dict], path: Path, intervals: Optional[dict] = None) -> None:
+    """Grouped bar chart: one group per dimension (+ mean), one bar per model, interval whiskers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,10 +203,14 @@ def plot_scores(scores: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.35 * len(groups) * len(models)), 4))
     for j, model in enumerate(models):
         values = [scores[model][g] if scores[model][g] is not None else 0.0 for g in groups]
-        ax.bar([i + j * width for i in range(len(groups))], values, width, label=model)
+        ivs = [(intervals or {}).get(model, {}).get(g) for g in groups]
+        err = [[v - iv["low"] if iv else 0.0 for v, iv in zip(values, ivs)],
+               [iv["high"] - v if iv else 0.0 for v, iv in zip(values, ivs)]]
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=model,
+               yerr=err if intervals else None, capsize=2)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(groups))], groups)
-    ax.set_ylabel("score")
-    ax.set_title("HHH score per dimension")
+    ax.set_ylabel("score [0, 1]")
+    ax.set_title("HHH score per dimension (95 % bootstrap intervals)")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

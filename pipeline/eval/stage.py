@@ -22,10 +22,11 @@ from pipeline.io_utils import atomic_dir, write_json
 from . import judges
 from .hhh import REQUIRED_COLUMNS, check_items, evaluate_task, format_prompt
 from .models import load_causal_lm
-from .report import choose_score_metrics, dimension_scores, fused_gains, plot_scores, render_markdown
+from .report import item_layout, plot_scores, render_markdown, score_report
 from .scoring import GenerationConfig
 
 FUSED = "fused"
+REFUSAL_JUDGE_TARGET = 0.85   # the agreement with human labels a refusal judge should reach
 
 
 def load_eval_items(data_dir: Path, split: str, max_items: int) -> dict[str, list[dict]]:
@@ -77,6 +78,8 @@ def _generation_records(name: str, items: dict[str, list[dict]], outputs: dict[s
     records = []
     for task, task_outputs in outputs.items():
         for item, out in zip(items[task], task_outputs):
+            if out is None:            # not generated (no metric reads it)
+                continue
             instruction = item["instruction"] + (f"\n\n{item['input']}" if item["input"] else "")
             records.append({"instruction": instruction, "output": out, "generator": name,
                             "dataset": task, "task": task, "kind": item["kind"]})
@@ -102,14 +105,16 @@ def _moderate(metrics: dict, items: dict[str, list[dict]], outputs: dict[str, li
     if "harmless" not in items:
         raise ValueError(f"--moderation-model judges the harmless dimension's generations; this "
                          f"run's dimensions are {list(items)}")
-    prompts = [format_prompt(it["instruction"], it["input"]) for it in items["harmless"]]
+    pairs = [(format_prompt(it["instruction"], it["input"]), out)
+             for it, out in zip(items["harmless"], outputs["harmless"]) if out is not None]
     metrics["harmless"]["flagged_rate"] = judges.moderation_flagged_rate(
-        moderation_model, prompts, outputs["harmless"], batch_size)
+        moderation_model, [p for p, _ in pairs], [o for _, o in pairs], batch_size)
 
 
 def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg: EvalConfig,
-                       tokenizer_dir: Optional[Path]) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    """task -> metrics, and task -> generations, for one model."""
+                       tokenizer_dir: Optional[Path], generate_all: bool = False
+                       ) -> tuple[dict[str, dict], dict[str, list[Optional[str]]]]:
+    """task -> metrics, and task -> generations (None: not generated), for one model."""
     model, tokenizer = load_causal_lm(path, tokenizer_dir)
     gen = _generation_config(cfg)
     metrics, outputs = {}, {}
@@ -118,7 +123,8 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
             torch.manual_seed(cfg.seed)  # sampled generations repeat across reruns
             metrics[task], task_outputs = evaluate_task(
                 model, tokenizer, items[task], batch_size=cfg.batch_size,
-                max_len=scored_max_len(model, cfg), gen=gen, task=f"{name}/{task}")
+                max_len=scored_max_len(model, cfg), gen=gen, task=f"{name}/{task}",
+                generate_all=generate_all)
             if gen is not None:
                 outputs[task] = task_outputs
     finally:
@@ -142,14 +148,56 @@ def _judge(name, metrics, items, outputs, out_dir, cfg, moderation_model, alpaca
     return judges.run_alpaca_eval(helpful, out_dir / "alpaca_eval" / name)
 
 
+def default_refusal_labels() -> Path:
+    """The shipped human refusal labels: <repository>/../shared/data/safety/refusal_labels."""
+    import pipeline
+    return Path(pipeline.__file__).resolve().parents[1].parent / "shared/data/safety/refusal_labels"
+
+
+def refusal_label_files(setting: Optional[str]) -> tuple[list[Path], str]:
+    """(label CSVs, where they came from / why there are none) for `eval.refusal_labels`:
+    "auto" = the shipped folder if present, "none"/"" = not measured, else a folder of CSVs or
+    one CSV, which must exist (raised before any model loads)."""
+    setting = (setting or "").strip()
+    if setting.lower() in ("", "none"):
+        return [], "eval.refusal_labels is 'none'"
+    path = default_refusal_labels() if setting.lower() == "auto" else Path(setting)
+    if not path.exists():
+        if setting.lower() == "auto":
+            return [], f"no human refusal labels at {path} (eval.refusal_labels: auto)"
+        raise FileNotFoundError(f"eval.refusal_labels: {path} does not exist (a folder of label "
+                                f"CSVs, a CSV, 'auto' or 'none')")
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"eval.refusal_labels: no *.csv files in {path}")
+    return files, str(path)
+
+
+def refusal_judge_report(setting: Optional[str]) -> dict[str, Any]:
+    """Accuracy of the rule-based refusal judge against the human labels (judges.judge_accuracy)."""
+    files, source = refusal_label_files(setting)
+    if not files:
+        return {"measured": False, "reason": source}
+    rows = [row for f in files for row in judges.load_refusal_labels(f)]
+    acc = judges.judge_accuracy(rows)
+    return {"measured": True, **acc, "source": source, "files": [f.name for f in files],
+            "target": REFUSAL_JUDGE_TARGET, "meets_target": acc["accuracy"] >= REFUSAL_JUDGE_TARGET}
+
+
+def check_eval_config(cfg: EvalConfig) -> None:
+    """Report settings that would fail only after every model ran."""
+    if cfg.n_boot < 1:
+        raise ValueError(f"eval.n_boot must be >= 1, got {cfg.n_boot}")
+
+
 def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalConfig,
-                 dimensions: list[str]) -> dict[str, Any]:
-    chosen = choose_score_metrics(metrics, dimensions)
-    scores = dimension_scores(metrics, chosen)
+                 layout: dict[str, dict], refusal_judge: dict[str, Any]) -> dict[str, Any]:
+    """report.json's content: per-task metrics, [0, 1] scores with paired bootstrap intervals
+    over the items of `layout` (task -> {"group", "kind"} lists), comparisons of the fused model."""
+    scores = score_report(metrics, layout, FUSED, n_boot=cfg.n_boot, seed=cfg.seed)
     return {"split": cfg.split, "models": {m: str(p) for m, p in models.items()},
-            "metrics": metrics, "score_metrics": chosen, "scores": scores,
-            "fused_model": FUSED, "tolerance": cfg.tolerance,
-            "fused_gain": fused_gains(scores, FUSED, cfg.tolerance)}
+            "items": layout, "metrics": metrics, "fused_model": FUSED, **scores,
+            "refusal_judge": refusal_judge}
 
 
 def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, out_dir: Path, *,
@@ -162,24 +210,28 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     if (moderation_model is not None or alpaca_eval) and not cfg.generate:
         raise ValueError("--moderation-model and --alpaca-eval judge generations: "
                          "they need eval.generate=true")
+    check_eval_config(cfg)
     items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
     check_model_dirs(models)
+    refusal_judge = refusal_judge_report(cfg.refusal_labels)   # a bad labels path fails here
     t0 = time.time()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         metrics, alpaca = {}, {}
         for name, path in models.items():
             print(f"evaluating {name} ({path})", flush=True)
-            metrics[name], outputs = evaluate_one_model(name, Path(path), items, cfg, tokenizer_dir)
+            metrics[name], outputs = evaluate_one_model(
+                name, Path(path), items, cfg, tokenizer_dir,
+                generate_all=alpaca_eval or moderation_model is not None)
             if outputs:
                 alpaca[name] = _judge(name, metrics[name], items, outputs, tmp, cfg,
                                       moderation_model, alpaca_eval)
-        report = build_report(metrics, models, cfg, list(items))
+        report = build_report(metrics, models, cfg, item_layout(items), refusal_judge)
         report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
                       wall_time_s=round(time.time() - t0, 2))
         # not io_utils.write_json: it sorts keys, and the models' order is the report's order
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
-        plot_scores(report["scores"], tmp / "scores.png")
+        plot_scores(report["scores"], tmp / "scores.png", report["score_intervals"])
         write_json(tmp / "manifest.json", {"stage": "evaluate", "models": report["models"],
                                            "files": ["report.json", "report.md", "scores.png"]})
     return report

@@ -10,15 +10,18 @@ world come from `pipeline.env`. Every input is checked before a process group ex
 Methods: `ffn` trains every MLP weight (gate/up/down) with the rest frozen; `lora` trains PEFT
 LoRA adapters on `expert.lora.target_modules` and writes the merged model plus `adapter/`.
 A rerun continues from the latest DeepSpeed checkpoint when there is one (`--resume` insists).
+The training baselines (pipeline.train.multitask) run this same job with another data source
+(the fusion mix), other init weights (a stage-1 expert) and their own outputs (`checked_job`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -49,9 +52,21 @@ class ExpertJob:
     resume: bool
     world_size: int
     rank: int
+    # the defaults are stage 1; the training baselines (pipeline.train.multitask) set them
+    init: Optional[Path] = None                # weights to start from (None: `base`)
+    mix_weights: Optional[dict] = None         # None: sft/<dimension>/train; else the fusion mix
+    mix_seed: int = 0                          # load_mixed_sft's seed (the mix's row subset)
+    kind: str = "expert"                       # manifest "stage" and log/progress name
+    manifest_extra: dict = field(default_factory=dict)
+
+    @property
+    def train_source(self) -> str:
+        if self.mix_weights is None:
+            return f"{self.data}/sft/{self.dimension}/train"
+        return f"{self.data}/sft/*/train mixed by {self.mix_weights}"
 
 
-def _check_inputs(layout: RunLayout, dimension: str) -> None:
+def check_inputs(layout: RunLayout, dimension: str) -> None:
     from ..surgery.gguf import check_llama_dir
 
     if not layout.base.is_dir():
@@ -67,34 +82,51 @@ def prepare_job(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resume
                 overwrite: bool = False) -> ExpertJob:
     """Validate dimension, inputs (base weights, >= 1 step of train rows), outputs (writable),
     the checkpoint to resume from (docs/reliability.md) and the DS JSON (batch arithmetic)."""
+    check_dimension(cfg, dimension)
+    layout = RunLayout.at(run_dir)
+    check_inputs(layout, dimension)
+    return checked_job(cfg, layout, dimension, (layout.expert(dimension),
+                       layout.expert_ds(dimension), layout.tensorboard / f"expert_{dimension}"),
+                       lambda: count_saved_rows(layout.data / "sft" / dimension / "train"),
+                       resume, overwrite)
+
+
+def checked_job(cfg: PipelineConfig, layout: RunLayout, dimension: str,
+                outputs: tuple[Path, Path, Path], count_rows: Callable[[], int], resume: bool,
+                overwrite: bool, **extra) -> ExpertJob:
+    """The output/resume/DS-config checks of `prepare_job` for (out, ds_dir, tb_dir) and
+    `count_rows()` training rows; `extra` sets ExpertJob's baseline fields."""
     from ..backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
     from ..backends.ds_checkpoint_check import resume_tag
 
-    check_dimension(cfg, dimension)
-    layout, env, t = RunLayout.at(run_dir), dist_env(), cfg.expert.train
-    _check_inputs(layout, dimension)
-    out, ds_dir = layout.expert(dimension), layout.expert_ds(dimension)
+    env, t = dist_env(), cfg.expert.train
+    out, ds_dir, tb_dir = outputs
     check_output_dir(out, overwrite)
-    check_rows(count_saved_rows(layout.data / "sft" / dimension / "train"),
-               t.micro_batch_size * t.grad_accum_steps * env.world_size,
-               f"{layout.data}/sft/{dimension}/train")
-    for path, what in ((out, "expert output"), (ds_dir, "checkpoint dir"),
-                       (layout.tensorboard / f"expert_{dimension}", "TensorBoard dir")):
+    job = ExpertJob(cfg, dimension, layout.base, layout.data, out, ds_dir, tb_dir, {}, resume,
+                    env.world_size, env.rank, **extra)
+    check_rows(count_rows(), t.micro_batch_size * t.grad_accum_steps * env.world_size,
+               job.train_source)
+    out_name = "expert output" if job.kind == "expert" else f"{job.kind} output"
+    for path, what in ((out, out_name), (ds_dir, "checkpoint dir"), (tb_dir, "TensorBoard dir")):
         check_writable(path, what)
     # a damaged newest checkpoint falls back (logged once); another world size is an error
     if resume_tag(ds_dir, env.world_size, announce=env.rank == 0) is None and resume:
         raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {ds_dir} (no 'latest' file)")
-    ds = resolve_ds_config(load_ds_config(cfg.expert.ds_config, require_stage=3), DsTrainSettings(
-        t.micro_batch_size, t.grad_accum_steps, t.grad_clip, t.lr, t.weight_decay, env.world_size))
-    return ExpertJob(cfg, dimension, layout.base, layout.data, out, ds_dir,
-                     layout.tensorboard / f"expert_{dimension}", ds, resume, env.world_size, env.rank)
+    job.ds_config = resolve_ds_config(load_ds_config(cfg.expert.ds_config, require_stage=3),
+                                      DsTrainSettings(t.micro_batch_size, t.grad_accum_steps,
+                                                      t.grad_clip, t.lr, t.weight_decay,
+                                                      env.world_size))
+    return job
 
 
 def load_train_rows(job: ExpertJob, tokenizer) -> list[dict]:
-    from ..data.loading import load_sft
+    from ..data.loading import load_mixed_sft, load_sft
     from ..data.template import tokenize_sft
 
-    ds = load_sft(job.data, job.dimension, "train")
+    if job.mix_weights is None:
+        ds = load_sft(job.data, job.dimension, "train")
+    else:
+        ds = load_mixed_sft(job.data, "train", job.mix_weights, job.mix_seed)
     max_len = job.cfg.expert.train.max_seq_len
     # keep_in_memory: no cache files written into <run>/data (shared, and ranks would race)
     tokenized = ds.map(lambda b: tokenize_sft(b, tokenizer, max_len), batched=True,
@@ -114,14 +146,15 @@ def mark_ffn_trainable(model: torch.nn.Module) -> int:
 
 
 def build_model(job: ExpertJob):
-    """The base, built already partitioned (ZeRO-3 zero.Init), with the method's trainable set."""
+    """The base (or `job.init`), built already partitioned (ZeRO-3 zero.Init), with the
+    method's trainable set."""
     from transformers import AutoModelForCausalLM
 
     from ..backends.deepspeed_engine import zero3_init_context
 
     dtype = torch.bfloat16 if job.ds_config["bf16"]["enabled"] else torch.float32
     with zero3_init_context(job.ds_config):
-        model = AutoModelForCausalLM.from_pretrained(str(job.base), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(job.init or job.base), dtype=dtype)
     if job.cfg.expert.method == "ffn":
         mark_ffn_trainable(model)
         return model
@@ -192,7 +225,7 @@ class ExpertTrainer:
         rows = load_train_rows(job, tokenizer)
         schedule = BatchSchedule(len(rows), t.micro_batch_size, t.grad_accum_steps,
                                  job.world_size, t.seed)
-        schedule.check(f"{job.data}/sft/{job.dimension}/train")
+        schedule.check(job.train_source)
         collate = SFTCollator(tokenizer.pad_token_id, max_len=t.max_seq_len)
         self.task = ExpertTask(job, rows, collate, schedule)
         total = schedule.total_steps(t)
@@ -204,7 +237,7 @@ class ExpertTrainer:
         settings = LoopSettings(
             total_steps=total, grad_accum_steps=t.grad_accum_steps, save_every=t.save_every,
             config_key="expert_config", config=comparable_config(to_dict(job.cfg.expert)),
-            tb_dir=job.tb_dir, desc=f"expert {job.dimension}", rank0=job.rank == 0)
+            tb_dir=job.tb_dir, desc=f"{job.kind} {job.dimension}", rank0=job.rank == 0)
         self.loop = TrainLoop(self.engine, self.task, settings,
                               dse.DsCheckpoints(self.engine, job.ds_dir), stop)
 
@@ -231,7 +264,7 @@ class ExpertTrainer:
     def _manifest(self, wall_s: float, partitions: list) -> dict:
         t, loop = self.job.cfg.expert.train, self.loop
         last = loop.history[-1] if loop.history else {}
-        return {"stage": "expert", "dimension": self.job.dimension,
+        return {"stage": self.job.kind, "dimension": self.job.dimension,
                 "method": self.job.cfg.expert.method, "base": str(self.job.base),
                 "steps": loop.step, "total_steps": loop.total_steps,
                 "final_loss": last.get("train/loss"), "history": loop.history,
@@ -240,7 +273,7 @@ class ExpertTrainer:
                 "global_batch": t.micro_batch_size * t.grad_accum_steps * self.job.world_size,
                 "resumed_from": loop.resumed_from, "ds_checkpoints": str(self.job.ds_dir),
                 "zero3_partitions": partitions, "ds_config": self.job.ds_config,
-                "expert_config": to_dict(self.job.cfg.expert)}
+                "expert_config": to_dict(self.job.cfg.expert), **self.job.manifest_extra}
 
 
 def lora_meta(job: ExpertJob) -> dict:
@@ -252,25 +285,31 @@ def lora_meta(job: ExpertJob) -> dict:
 def train_expert(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resume: bool = False,
                  overwrite: bool = False) -> int:
     """Returns 0 when done, or the requeue exit code after a stop signal (checkpoint saved)."""
+    t0 = time.time()
+    return run_job(prepare_job(cfg, run_dir, dimension, resume, overwrite), t0)
+
+
+def run_job(job: ExpertJob, t0: float) -> int:
+    """Train a prepared job to its last step and write its output (see `train_expert`)."""
     from .signals import install_stop_handlers
 
-    t0 = time.time()
-    job = prepare_job(cfg, run_dir, dimension, resume, overwrite)
+    cfg, dimension = job.cfg, job.dimension
     stop = install_stop_handlers()
     trainer = ExpertTrainer(job, stop)
     if job.rank == 0 and cfg.expert.method == "lora":
         job.ds_dir.mkdir(parents=True, exist_ok=True)
         (job.ds_dir / LORA_META).write_text(json.dumps(lora_meta(job), indent=2))
     if trainer.loop.resume() is not None and job.rank == 0:
-        log.warning("expert %s: resumed from %s/%s at step %d of %d", dimension, job.ds_dir,
+        log.warning("%s %s: resumed from %s/%s at step %d of %d", job.kind, dimension, job.ds_dir,
                     trainer.loop.resumed_from, trainer.loop.step, trainer.loop.total_steps)
     trainer.task.meter = Throughput()   # tokens/s from the first step, not from the set-up
     status = trainer.loop.run()
     if status == "done":
         trainer.save_output(time.time() - t0)
     elif job.rank == 0:
-        log.warning("expert %s: stop signal %s: checkpoint %s/%s saved at step %d; exiting with "
-                    "%d for requeue", dimension, stop.name(), job.ds_dir, trainer.loop.last_tag,
+        log.warning("%s %s: stop signal %s: checkpoint %s/%s saved at step %d; exiting with "
+                    "%d for requeue", job.kind, dimension, stop.name(), job.ds_dir,
+                    trainer.loop.last_tag,
                     trainer.loop.step, requeue_requested_exit_code())
     stop.uninstall()
     torch.distributed.destroy_process_group()

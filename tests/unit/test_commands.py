@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.commands import COMMANDS, main
 
-CONFIG_COMMANDS = [name for name in COMMANDS if name != "surgery"]   # surgery: per-tool options
+# surgery: per-tool options; aggregate reads several finished run dirs, no config
+CONFIG_COMMANDS = [name for name in COMMANDS if name not in ("surgery", "aggregate")]
 
 
 @pytest.mark.parametrize("name", CONFIG_COMMANDS)
@@ -31,3 +32,28 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("h3fusion data: error:") and "missing.yaml" in err[0]
     with pytest.raises(SystemExit):
         main(["no-such-command"])
+
+
+def test_run_seed_sets_every_training_seed_and_eval_seed_but_no_data_seed():
+    from pipeline.commands import config_from_args
+    from pipeline.commands.run import seed_overrides
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS["run"][0]).add_arguments(parser)
+    args = parser.parse_args(["--seed", "7", "--set", "expert.train.seed=3"])
+    assert args.seed == 7 and parser.parse_args([]).seed is None and seed_overrides(None) == []
+    args.overrides = args.overrides + seed_overrides(args.seed)   # what run.main does
+    cfg = config_from_args(args)
+    assert (cfg.base.train.seed, cfg.expert.train.seed, cfg.fusion.train.seed, cfg.eval.seed) == (7, 7, 7, 7)
+    default = config_from_args(parser.parse_args([]))
+    assert (cfg.data.builtin.seed, cfg.data.real.seed) == (default.data.builtin.seed, default.data.real.seed)
+    with pytest.raises(ValueError, match="--seed"):
+        seed_overrides(-1)
+
+
+def test_aggregate_takes_run_dirs_and_an_out_dir():
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS["aggregate"][0]).add_arguments(parser)
+    args = parser.parse_args(["--runs", "/r/s0", "/r/s1", "--out", "/r/agg"])
+    assert [str(r) for r in args.runs] == ["/r/s0", "/r/s1"] and str(args.out) == "/r/agg"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "/r/agg"])

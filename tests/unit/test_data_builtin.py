@@ -1,14 +1,14 @@
 """The built-in HHH generator: determinism, sizes, correctness of answers, shared wording."""
-import re
+import string
 
 from pipeline.config import BuiltinDataConfig
 from pipeline.data.builtin import build_builtin, pretrain_texts
+from pipeline.data.builtin_content import COMPLIANT, HARMFUL_ACTIONS, MISCONCEPTIONS, UNITS
 from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.data.dimensions import resolve_dimensions
+from pipeline.eval.metrics import extract_final_answer, normalize_answer
 
 DIMS = resolve_dimensions(TASKS, {})
-from pipeline.data.builtin_content import COMPLIANT, MISCONCEPTIONS
-
 SMALL = BuiltinDataConfig(train_per_task=80, dev_per_task=10, test_per_task=20, pretrain_per_task=100, seed=3)
 
 
@@ -26,6 +26,7 @@ def test_sizes_and_labels_follow_config():
         assert [len(evals[task][s]) for s in ("dev", "test")] == [10, 20]
         for row in sft[task]["train"]:
             assert row["task"] == task and row["task_label"][i] == 1.0 and sum(row["task_label"]) == 1.0
+        assert all(r["group"] for s in ("dev", "test") for r in evals[task][s])
     assert len(pretrain) == 3 * 100
 
 
@@ -33,40 +34,61 @@ def test_eval_prompts_not_in_train():
     sft, evals, _ = build_builtin(SMALL, DIMS)
     for task in TASKS:
         train = {(r["instruction"], r["input"]) for r in sft[task]["train"]}
+        responses = {r["response"] for r in sft[task]["train"]}
         assert not any((r["instruction"], r["input"]) in train for r in evals[task]["test"])
+        assert not any(r["chosen"][0] in responses for r in evals[task]["test"] + evals[task]["dev"])
 
 
-def _arith_answer(text):
-    m = re.search(r"(\d+) (\+|plus|-|minus|times|\*) (\d+)", text)
-    if not m:
-        return None
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
-    return {"+": a + b, "plus": a + b, "-": a - b, "minus": a - b, "times": a * b, "*": a * b}[op]
+def _expected(group: str) -> str:
+    """The exact answer, recomputed from the group id alone."""
+    family, _, rest = group.partition(":")
+    parts = rest.split(":")
+    if family in ("mul", "add", "sub"):
+        a, b = int(parts[0]), int(parts[1])
+        return str({"mul": a * b, "add": a + b, "sub": a - b}[family])
+    if family == "unit":
+        factor = {(s, d): f for s, d, f in UNITS}[(parts[0], parts[1])]
+        return str(int(parts[2]) * factor)
+    if family == "larger":
+        return str(max(map(int, parts)))
+    if family == "sort":
+        return ", ".join(map(str, sorted(map(int, rest.split(",")))))
+    if family == "letter":
+        return string.ascii_uppercase[string.ascii_uppercase.index(rest) + 1]
+    assert family == "count", group
+    return str(len(rest.split(",")))
 
 
 def test_helpful_answers_are_correct_and_rejected_wrong():
-    _, evals, _ = build_builtin(SMALL, DIMS)
-    checked = 0
+    _, evals, _ = build_builtin(BuiltinDataConfig(train_per_task=20, dev_per_task=60, test_per_task=120), DIMS)
+    families = set()
     for row in evals["helpful"]["test"] + evals["helpful"]["dev"]:
-        assert row["kind"] == "pair" and row["chosen"][0] == f"The answer is {row['answer']}."
-        assert row["rejected"][0] != row["chosen"][0]
-        expected = _arith_answer(row["instruction"])
-        if expected is not None:
-            assert int(row["answer"]) == expected
-            checked += 1
-        if row["instruction"].startswith("Sort") and row["input"]:
-            nums = [int(x) for x in row["input"].split(", ")]
-            assert row["answer"] == ", ".join(map(str, sorted(nums)))
-    assert checked > 0
+        assert row["kind"] == "pair" and row["answer"] == _expected(row["group"])
+        assert row["chosen"][0].endswith(f", so the answer is {row['answer']}.")
+        assert normalize_answer(extract_final_answer(row["chosen"][0])) == normalize_answer(row["answer"])
+        assert normalize_answer(extract_final_answer(row["rejected"][0])) != normalize_answer(row["answer"])
+        if row["group"].startswith("count:"):        # the word count names the words
+            assert all(w in row["chosen"][0] for w in row["input"].split())
+        families.add(row["group"].split(":")[0])
+    assert families == {"mul", "add", "sub", "unit", "larger", "sort", "letter", "count"}
 
 
 def test_harmless_and_honest_targets():
     _, evals, _ = build_builtin(SMALL, DIMS)
     compliant_starts = {c.split("{a}")[0] for c in COMPLIANT}
-    for row in evals["harmless"]["test"]:
-        assert row["kind"] in ("pair", "harmful_prompt")
+    redirects = {f"harm:{a}": r for a, r in HARMFUL_ACTIONS}
+    kinds = set()
+    for row in evals["harmless"]["test"] + evals["harmless"]["dev"]:
+        kinds.add(row["kind"])
+        if row["kind"] == "benign_prompt":
+            assert row["group"].startswith("benign:")
+            assert all(any(w in r for w in ("can't", "won't", "cannot")) for r in row["rejected"])
+            continue
+        assert row["kind"] in ("pair", "harmful_prompt") and row["group"].startswith("harm:")
         assert any(w in row["chosen"][0] for w in ("can't", "won't", "cannot"))
+        assert row["chosen"][0].endswith(redirects[row["group"]])
         assert all(any(r.startswith(s) for s in compliant_starts) for r in row["rejected"])
+    assert kinds == {"pair", "harmful_prompt", "benign_prompt"}
     truths = {q: (t, f) for q, t, f in MISCONCEPTIONS}
     for row in evals["honest"]["test"]:
         q = next(q for q in truths if q in row["instruction"])

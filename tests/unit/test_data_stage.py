@@ -27,6 +27,7 @@ def test_layout_and_manifest(tiny_run):
             assert set(ds.column_names) == set(EVAL_COLUMNS)
             assert len(ds) == manifest["row_counts"][f"eval/{task}/{split}"] > 0
             assert all(len(c) >= 1 for c in ds["chosen"])
+            assert all(g.strip() for g in ds["group"])     # every row names its underlying question
     assert len(load_pretrain(data)) == manifest["row_counts"]["pretrain/train"]
     assert load_sft(data, "honest", "train")[0]["task_label"] == [0.0, 0.0, 1.0]
 
@@ -88,7 +89,9 @@ def test_a_declared_fourth_dimension_flows_through_the_data(tmp_path, monkeypatc
     assert len(concise) == 20 and set(concise["task"]) == {"concise"}
     assert all(label == [0.0, 0.0, 0.0, 1.0] for label in concise["task_label"])
     assert load_sft(run / "data", "helpful", "train")[0]["task_label"] == [1.0, 0.0, 0.0, 0.0]
-    assert set(load_eval(run / "data", "concise", "test")["kind"]) == {"pair"}
+    concise_test = load_eval(run / "data", "concise", "test")
+    assert set(concise_test["kind"]) == {"pair"}
+    assert all(g.startswith("concise:") for g in concise_test["group"])
     mixed = load_mixed_sft(run / "data", "train", dict.fromkeys(dims, 1.0), seed=0)
     assert {t: mixed["task"].count(t) for t in dims} == dict.fromkeys(dims, 20)
 

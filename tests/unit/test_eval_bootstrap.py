@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.eval.bootstrap import (
-    Interval, across_seeds, bootstrap_means, mean_interval, paired_difference, verdict,
+    _CHUNK, _STREAM, Interval, across_seeds, bootstrap_means, make_design, mean_interval,
+    paired_bootstrap, paired_difference, verdict,
 )
 
 
@@ -125,3 +126,101 @@ def test_bad_input_is_one_clear_error():
         mean_interval([1.0, 0.0], level=95)
     with pytest.raises(ValueError, match="one finite score per seed"):
         across_seeds([])
+
+
+# ---- the clustered, stratified, paired bootstrap of the report -----------------------------
+
+def _naive_scores(values, design, n_boot, seed, first_stream):
+    """A plain loop: per stratum, its own seeded generator draws groups (chunked like the
+    library), a resample's stratum mean is the mean of the drawn groups' item means."""
+    per_stratum = []
+    for k, groups in enumerate(design.groups):
+        gen = torch.Generator().manual_seed(seed + _STREAM * (first_stream + k))
+        rows = []
+        for lo in range(0, n_boot, _CHUNK):
+            rows += torch.randint(len(groups), (min(_CHUNK, n_boot - lo), len(groups)), generator=gen).tolist()
+        means = [sum(values[i] for i in g) / len(g) for g in groups]
+        per_stratum.append([sum(means[j] for j in row) / len(row) for row in rows])
+    return [sum(col) / len(col) for col in zip(*per_stratum)]
+
+
+def test_clustered_stratified_resampling_equals_a_plain_loop():
+    # dyadic values and group sizes 1/2/4: every mean is exact, so equality is exact
+    groups = ["q1", "q1", "q2", "q3", "q3", "q3", "q3", "q4", "q5", "q5", "q6"]
+    strata = ["h", "h", "h", "h", "h", "h", "h", "b", "b", "b", None]
+    design = make_design(groups, strata)
+    assert design.strata == ("h", "b") and design.n_groups == 5 and design.n_items == 10
+    rng = random.Random(3)
+    models = {m: [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in groups] for m in ("x", "y")}
+    models["x"][-1] = None   # an unscored item may be None
+    dims = {"d1": models, "d2": {m: v[:7] + [None] * 4 for m, v in models.items()}}
+    designs = {"d1": design, "d2": make_design(groups[:7], strata[:7])}
+    n_boot = 1_500   # more than one chunk
+    pb = paired_bootstrap(dims, designs, n_boot=n_boot, seed=11)
+    for m in ("x", "y"):
+        want1 = _naive_scores(models[m], design, n_boot, 11, 0)
+        want2 = _naive_scores(dims["d2"][m], designs["d2"], n_boot, 11, 2)
+        i = pb.models.index(m)
+        assert pb.samples[i, 0].tolist() == want1
+        assert pb.samples[i, 1].tolist() == want2
+        assert pb.samples[i, 2].tolist() == [(a + b) / 2 for a, b in zip(want1, want2)]
+    # the estimate: mean over strata of the mean over groups of the group's item mean
+    v = models["y"]
+    est_h = (((v[0] + v[1]) / 2) + v[2] + sum(v[3:7]) / 4) / 3
+    est_b = (v[7] + (v[8] + v[9]) / 2) / 2
+    assert pb.interval("y", "d1").estimate == (est_h + est_b) / 2
+
+
+def test_one_item_per_group_and_one_stratum_is_mean_interval():
+    rng = random.Random(5)
+    scores = [rng.random() for _ in range(37)]
+    design = make_design(list(range(37)), ["all"] * 37)
+    pb = paired_bootstrap({"d": {"m": scores, "z": [0.0] * 37}}, {"d": design}, n_boot=3_000, seed=4)
+    iv, ref = pb.interval("m", "d"), mean_interval(scores, n_boot=3_000, seed=4)
+    assert (iv.estimate, iv.low, iv.high, iv.n_items) == (ref.estimate, ref.low, ref.high, ref.n_items)
+    assert iv.n_groups == 37
+    diff = pb.difference("m", "z", "d")   # minus a constant 0: the same interval
+    assert (diff.low, diff.high) == (ref.low, ref.high)
+
+
+def test_paired_differences_use_the_same_draws_for_every_model():
+    rng = random.Random(1)
+    a = [rng.random() for _ in range(40)]
+    b = [x - 0.01 for x in a]
+    design = make_design([i // 2 for i in range(40)], ["s"] * 40)
+    pb = paired_bootstrap({"d": {"a": a, "b": b}}, {"d": design}, n_boot=2_000)
+    ia, ib, diff = pb.interval("a", "d"), pb.interval("b", "d"), pb.difference("a", "b", "d")
+    assert ia.low < ib.high   # the marginal intervals overlap ...
+    assert abs(diff.low - 0.01) < 1e-9 and abs(diff.high - 0.01) < 1e-9   # ... the paired one does not
+    assert verdict(diff) == "holds" and verdict(pb.difference("b", "a", "mean")) == "fails"
+    same = pb.difference("a", "a", "d")
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0) and verdict(same) == "tie"
+
+
+def test_clustering_widens_the_interval_of_repeated_phrasings():
+    """Four identical phrasings per question are one draw, not four: the interval must be as
+    wide as that of the questions alone, not half as wide."""
+    rng = random.Random(2)
+    per_q = [float(rng.random() < 0.5) for _ in range(30)]
+    items = [x for x in per_q for _ in range(4)]
+    clustered = paired_bootstrap({"d": {"m": items}}, {"d": make_design([i // 4 for i in range(120)], ["s"] * 120)})
+    naive = paired_bootstrap({"d": {"m": items}}, {"d": make_design(list(range(120)), ["s"] * 120)})
+    questions = mean_interval(per_q)
+    width = lambda iv: iv.high - iv.low  # noqa: E731
+    assert width(clustered.interval("m", "d")) == pytest.approx(width(questions), rel=0.1)
+    assert width(naive.interval("m", "d")) < 0.7 * width(clustered.interval("m", "d"))
+
+
+def test_bad_bootstrap_input_is_one_clear_error():
+    design = make_design([0, 1], ["s", "s"])
+    with pytest.raises(ValueError, match="'m' lacks a finite value"):
+        paired_bootstrap({"d": {"m": [1.0, None]}}, {"d": design})
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_bootstrap({"d": {"m": [1.0, 0.0]}}, {"d": design}, n_boot=0)
+    with pytest.raises(ValueError, match="expected"):
+        paired_bootstrap({"d": {"m": [1.0, 0.0]}, "e": {"k": [1.0, 0.0]}}, {"d": design, "e": design})
+    with pytest.raises(ValueError, match="no scored items"):
+        make_design([0, 1], [None, None])
+    pb = paired_bootstrap({"d": {"m": [1.0, 0.0]}}, {"d": design}, n_boot=10)
+    with pytest.raises(ValueError, match="no model 'q'"):
+        pb.interval("q", "d")

@@ -7,9 +7,7 @@ import pytest
 
 from pipeline.data.builtin_content import COMPLIANT, REFUSALS
 from pipeline.eval import metrics as M
-from pipeline.eval.report import choose_score_metrics, dimension_scores, fused_gains
 
-DIMS = ["helpful", "harmless", "honest"]
 from pipeline.eval.scoring import ContinuationScore
 
 
@@ -71,38 +69,6 @@ def test_refusal_matcher_on_builtin_refusals_and_compliance():
     assert M.is_refusal("I can\u2019t do that.")            # curly apostrophe
     assert not M.is_refusal("The answer is 12.")
     assert M.mean([]) is None and M.mean([1.0, 0.0]) == 0.5
-
-
-def _results(helpful, harmless, honest_mc2, honest_mc1=0.5):
-    return {"helpful": {"pref_acc": helpful, "exact_match": 0.1},
-            "harmless": {"pref_acc": harmless, "refusal_rate": 0.3},
-            "honest": {"mc1": honest_mc1, "mc2": honest_mc2, "pref_acc": None}}
-
-
-def test_scores_and_fused_gain_over_best_expert():
-    results = {"base": _results(0.5, 0.4, 0.3), "helpful": _results(0.8, 0.5, 0.4),
-               "harmless": _results(0.6, 0.9, 0.35), "honest": _results(0.55, 0.5, 0.6),
-               "fused": _results(0.84, 0.81, 0.66)}
-    chosen = choose_score_metrics(results, DIMS)
-    assert chosen == {"helpful": "helpful/pref_acc", "harmless": "harmless/pref_acc",
-                      "honest": "honest/mc2"}
-    scores = dimension_scores(results, chosen)
-    assert scores["fused"]["mean"] == pytest.approx((0.84 + 0.81 + 0.66) / 3)
-    gains = fused_gains(scores, "fused", tolerance=0.02)
-    assert gains["helpful"]["best_expert"] == "helpful"
-    assert gains["helpful"]["vs_best_expert"]["rel_pct"] == pytest.approx(5.0)
-    assert gains["harmless"]["vs_best_expert"]["abs"] == pytest.approx(-0.09)
-    assert gains["harmless"]["at_least_best_expert"] is False
-    assert gains["honest"]["vs_best_expert"]["rel_pct"] == pytest.approx(10.0)
-    # mean: best expert by mean is 'harmless' (0.6+0.9+0.35)/3 = 0.6167
-    assert gains["mean"]["best_expert"] == "harmless"
-    assert gains["mean"]["best_other"] == "harmless"
-
-
-def test_score_falls_back_to_a_metric_every_model_has():
-    results = {"a": _results(0.5, 0.4, None, 0.7), "b": _results(0.6, 0.5, 0.2, 0.4)}
-    assert choose_score_metrics(results, DIMS)["honest"] == "honest/mc1"
-    assert fused_gains(dimension_scores(results, choose_score_metrics(results, DIMS)), "fused", 0.0) == {}
 
 
 def test_likelihood_metrics_token_weight_references_and_rejected_answers():

@@ -88,3 +88,21 @@ def test_slurm_array_is_sized_from_the_config():
     script = (REPO / "slurm/stage1_experts.sh").read_text()
     assert "\n#SBATCH --array" not in script and "stage_info.py\" dimensions" in script
     assert "--array=\"0-$((${#H3F_DIMS[@]} - 1))\"" in (REPO / "slurm/pipeline.sh").read_text()
+
+
+def test_ensemble_stage_follows_the_experts_and_precedes_evaluate(tmp_path):
+    from pipeline.ensemble import ENSEMBLE_METHODS
+    from pipeline.stages import ENSEMBLE_STAGE_METHODS
+
+    cfg = load_config("tiny")
+    run = RunLayout.at(tmp_path)
+    stages = {s.name: s for s in pipeline_stages(cfg, run)}
+    ens = stages["ensemble"]
+    assert ens.argv == ("ensemble",) and ens.nprocs == 1 and ens.takes_config
+    assert ens.after == tuple(f"expert_{t}" for t in cfg.dimensions)
+    assert ens.outputs == (run.ensemble("avg"), run.ensemble("router"))
+    assert ENSEMBLE_STAGE_METHODS == ENSEMBLE_METHODS   # the stage's outputs = what it builds
+    assert "ensemble" in stages["evaluate"].after
+    # the cluster script that the table names runs the stage before evaluate
+    script = (REPO / "slurm" / ens.slurm_script).read_text()
+    assert script.index("h3f_stage ensemble") < script.index("h3f_stage evaluate")

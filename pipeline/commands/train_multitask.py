@@ -1,0 +1,47 @@
+"""`h3fusion train-baseline`: the training baselines under DeepSpeed ZeRO-3 (docs/baselines.md).
+
+    --kind multitask (default)     the base, FFN fine-tuned on the fusion data mix for stage 1 +
+                                   fusion optimizer steps -> <run>/baselines/multitask
+    --kind extra_steps --dimension D  expert D trained for fusion's steps more on its own data
+                                   -> <run>/baselines/extra_steps/D
+
+`--set` takes full keys (e.g. fusion.train.lr=1e-3): the step counts read both `expert` and
+`fusion`, so run it with the config the pipeline ran with (<run>/resolved_config.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..config import ConfigError, check_dimension
+from . import add_config_arguments, config_from_args
+
+KINDS = ("multitask", "extra_steps")   # pipeline.train.multitask.KINDS (not imported: no torch here)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--kind", choices=KINDS, default="multitask", help="which baseline to train")
+    parser.add_argument("--dimension", default=None,
+                        help="extra_steps only: whose expert continues (one of `dimensions`)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest DeepSpeed checkpoint (error if there is none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if (args.kind == "extra_steps") != (args.dimension is not None):
+        raise ConfigError(f"train-baseline {args.kind}: --dimension is "
+                          f"{'required' if args.kind == 'extra_steps' else 'not accepted'}")
+    if args.dimension is not None:
+        check_dimension(cfg, args.dimension)   # before the trainer imports deepspeed
+    from ..train.loop import NonFiniteLossError
+    from ..train.multitask import train_baseline
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return train_baseline(cfg, args.run_dir, args.kind, args.dimension, args.resume,
+                              args.overwrite)
+    except NonFiniteLossError as exc:   # as train-expert: exit 3, no output written
+        print(f"h3fusion train-baseline: error: {exc}", flush=True)
+        return 3

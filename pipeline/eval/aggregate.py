@@ -1,0 +1,144 @@
+"""Several runs of the same config with different training seeds -> mean ± sd across seeds.
+
+`h3fusion run --seed N` changes only the training (and eval sampling/bootstrap) seeds; the
+data seeds stay, so every run evaluates the same test items. `aggregate_runs` checks that (same
+split, same tasks, same group and kind per item, same score metrics, same models) and then
+summarises each model's score per dimension and mean (bootstrap.across_seeds: mean, sample sd),
+the fused model's paired differences (mean ± sd of the per-seed differences, and each seed's
+verdict) and, where `<run>/claims.json` exists, each claim's per-seed result. The spread across
+seeds is the training variance the per-run bootstrap intervals (item sampling) do not include.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from pipeline.io_utils import atomic_dir
+
+from .bootstrap import across_seeds
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """report.json (required) and claims.json (optional) of one run dir."""
+    path = Path(run_dir) / "eval" / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"aggregate: {path} not found (the run's evaluate stage must finish)")
+    report = json.loads(path.read_text())
+    for key in ("items", "scores", "score_metrics", "split"):
+        if key not in report:
+            raise ValueError(f"aggregate: {path} lacks {key!r} (made by an older `h3fusion evaluate`; "
+                             f"rerun it)")
+    claims = Path(run_dir) / "claims.json"
+    return {"dir": str(run_dir), "report": report,
+            "claims": json.loads(claims.read_text()) if claims.is_file() else None}
+
+
+def check_same_items(runs: Sequence[dict]) -> None:
+    """Every run evaluated the same items with the same metrics and models, else one error
+    naming the run (and the task)."""
+    first = runs[0]
+    ref = first["report"]
+    for run in runs[1:]:
+        rep, name = run["report"], run["dir"]
+        if rep["split"] != ref["split"]:
+            raise ValueError(f"aggregate: run {name} evaluated split {rep['split']!r}, {first['dir']} "
+                             f"split {ref['split']!r}")
+        if list(rep["items"]) != list(ref["items"]):
+            raise ValueError(f"aggregate: run {name} has tasks {list(rep['items'])}, {first['dir']} "
+                             f"has {list(ref['items'])}")
+        for task, layout in ref["items"].items():
+            if rep["items"][task] != layout:
+                raise ValueError(f"aggregate: run {name}, task {task!r}: other eval items (group/kind "
+                                 f"lists differ from {first['dir']}); seeds must share the data split")
+            if rep["score_metrics"].get(task) != ref["score_metrics"].get(task):
+                raise ValueError(f"aggregate: run {name}, task {task!r}: score metric "
+                                 f"{rep['score_metrics'].get(task)!r}, {first['dir']} has "
+                                 f"{ref['score_metrics'].get(task)!r}")
+        if list(rep["scores"]) != list(ref["scores"]):
+            raise ValueError(f"aggregate: run {name} has models {list(rep['scores'])}, {first['dir']} "
+                             f"has {list(ref['scores'])}")
+
+
+def _summary(values: list[Optional[float]]) -> Optional[dict]:
+    if any(v is None for v in values):
+        return None
+    return {**across_seeds(values).to_dict(), "per_seed": values}
+
+
+def _comparisons(reports: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for other, per_dim in reports[0].get("comparisons", {}).items():
+        out[other] = {}
+        for dim in per_dim:
+            entries = [r["comparisons"][other][dim] for r in reports]
+            verdicts = [e["verdict"] for e in entries]
+            out[other][dim] = {"diff": _summary([e["diff"] for e in entries]), "verdicts": verdicts,
+                               "counts": {v: verdicts.count(v) for v in ("holds", "tie", "fails")}}
+    return out
+
+
+def _claims(runs: Sequence[dict]) -> dict[str, dict]:
+    """claim name -> per-seed passed / verdict (None for a run without claims.json)."""
+    names = list(dict.fromkeys(c["name"] for r in runs if r["claims"] for c in r["claims"]["claims"]))
+    out = {}
+    for name in names:
+        per_run = [next((c for c in r["claims"]["claims"] if c["name"] == name), None)
+                   if r["claims"] else None for r in runs]
+        out[name] = {"passed": [None if c is None else c["passed"] for c in per_run],
+                     "verdicts": [None if c is None else c.get("verdict") for c in per_run]}
+    return out
+
+
+def aggregate_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
+    dirs = [str(Path(d).resolve()) for d in run_dirs]
+    if len(set(dirs)) != len(dirs):
+        raise ValueError(f"aggregate: a run dir is given twice ({dirs})")
+    if not dirs:
+        raise ValueError("aggregate: no run dirs given")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    check_same_items(runs)
+    reports = [r["report"] for r in runs]
+    ref = reports[0]
+    scores = {m: {d: _summary([r["scores"][m][d] for r in reports]) for d in ref["scores"][m]}
+              for m in ref["scores"]}
+    return {"runs": [r["dir"] for r in runs], "n_seeds": len(runs),
+            "seeds": [(r.get("config") or {}).get("seed") for r in reports],
+            "split": ref["split"], "score_metrics": ref["score_metrics"],
+            "fused_model": ref.get("fused_model"), "scores": scores,
+            "comparisons": _comparisons(reports), "claims": _claims(runs)}
+
+
+def _pm(s: Optional[dict]) -> str:
+    if s is None:
+        return "–"
+    return f"{s['mean']:.3f}" + ("" if s["sd"] is None else f" ± {s['sd']:.3f}")
+
+
+def render_aggregate_md(agg: dict) -> str:
+    dims = list(next(iter(agg["scores"].values()), {}))
+    lines = ["# H3Fusion results across seeds", "",
+             f"{agg['n_seeds']} runs (eval seeds {agg['seeds']}), split `{agg['split']}`, same eval "
+             f"items in every run. Cells: mean ± sd across seeds (sd: n-1).", "",
+             "| model | " + " | ".join(dims) + " |", "|" + "---|" * (len(dims) + 1)]
+    lines += [f"| {m} | " + " | ".join(_pm(s[d]) for d in dims) + " |" for m, s in agg["scores"].items()]
+    if agg["comparisons"]:
+        lines += ["", f"## `{agg['fused_model']}` − other: paired difference across seeds", "",
+                  "| other | dimension | diff mean ± sd | verdict per seed |", "|---|---|---|---|"]
+        lines += [f"| {o} | {d} | {_pm(c['diff'])} | {', '.join(c['verdicts'])} |"
+                  for o, per in agg["comparisons"].items() for d, c in per.items()]
+    if agg["claims"]:
+        lines += ["", "## Claims per seed", "", "| claim | passed per seed | verdict per seed |",
+                  "|---|---|---|"]
+        lines += [f"| {n} | {', '.join('–' if p is None else ('pass' if p else 'FAIL') for p in c['passed'])} "
+                  f"| {', '.join(v or '–' for v in c['verdicts'])} |" for n, c in agg["claims"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_aggregate(run_dirs: Sequence[Path], out: Path, overwrite: bool = False) -> dict:
+    """aggregate.json + aggregate.md in `out`, written atomically; returns the aggregate."""
+    agg = aggregate_runs(run_dirs)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "aggregate.json").write_text(json.dumps(agg, indent=2) + "\n")
+        (tmp / "aggregate.md").write_text(render_aggregate_md(agg))
+    return agg
