@@ -10,3 +10,4 @@ model code in the middle of transformers' own import chain, where its modules ar
 __version__ = "0.1.0"
 
 from . import model as _model  # noqa: E402,F401  (import side effect: the Auto registration)
+from . import ensemble as _ensemble  # noqa: E402,F401  (registers model_type "h3fusion_ensemble")

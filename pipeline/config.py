@@ -160,6 +160,14 @@ class MergeConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """Training baselines (docs/baselines.md), each one more model in the report; off by default
+    (multitask costs about one stage 1 plus fusion, extra_steps one fusion length per dimension)."""
+    multitask: bool = False           # dense FFN-only fine-tune of the base on the fusion mix
+    extra_steps: bool = False         # each expert trained fusion's steps more on its own data
+
+
+@dataclass
 class EvalConfig:
     max_items_per_task: int = 0       # 0 = all
     batch_size: int = 16
@@ -215,6 +223,7 @@ class PipelineConfig:
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 

@@ -44,9 +44,26 @@ def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
     return argv
 
 
+def baseline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
+    """The enabled training baselines (docs/baselines.md). The extra-steps control runs on
+    fusion's process count, so its global batch (and so each step) is fusion's."""
+    out = []
+    if cfg.baselines.multitask:
+        out.append(Stage("baseline_multitask", ("train-baseline", "--kind", "multitask"),
+                         cfg.expert.num_procs, (run.baseline("multitask"),), "stage2_fusion.sh",
+                         ("base",)))
+    if cfg.baselines.extra_steps and cfg.fusion.trainable == "router+experts":
+        out += [Stage(f"baseline_extra_steps_{t}",
+                      ("train-baseline", "--kind", "extra_steps", "--dimension", t),
+                      cfg.fusion.num_procs, (run.baseline(f"extra_steps/{t}"),),
+                      "stage2_fusion.sh", (f"expert_{t}",)) for t in cfg.dimensions]
+    return out
+
+
 def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
     """Stages in an order that respects `after` (a valid sequential schedule)."""
     experts = tuple(f"expert_{t}" for t in cfg.dimensions)
+    baselines = baseline_stages(cfg, run)
     stages = [
         Stage("data", ("data",), 1, (run.data,), "stage0_prepare.sh"),
         # with base.gguf the tokenizer stage takes the GGUF's tokenizer (the one the base stage
@@ -58,13 +75,14 @@ def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
               experts, takes_config=False),
         Stage("fuse", ("fuse",), cfg.fusion.num_procs, (run.fused,), "stage2_fusion.sh",
               ("build_moe",)),
+        *baselines,
         Stage("merge", ("merge",), 1, tuple(run.merge(m) for m in cfg.merge.methods),
               "stage3_eval.sh", experts),
         # LLM-ensemble baselines: configs pointing at the experts (+ the router's classifier)
         Stage("ensemble", ("ensemble",), 1, tuple(run.ensemble(m) for m in ENSEMBLE_STAGE_METHODS),
               "stage3_eval.sh", experts),
         Stage("evaluate", ("evaluate",), 1, (run.eval / "report.json",), "stage3_eval.sh",
-              ("fuse", "merge", "ensemble")),
+              ("fuse", "merge", "ensemble", *(b.name for b in baselines))),
         Stage("profile", ("profile",), 1, (run.profile,), "stage3_eval.sh", ("fuse",)),
     ]
     return stages

@@ -239,7 +239,7 @@ h3f_stage() {  # h3f_stage NAME [EXTRA_ARGS...]: run a stage of pipeline/stages.
     local argv=()
     mapfile -t argv <<<"$text"
     local trainer=""  # training stages run on every node and can resume from a checkpoint
-    case "${argv[0]}" in train-expert | fuse) trainer="$name" ;; esac
+    case "${argv[0]}" in train-expert | train-baseline | fuse) trainer="$name" ;; esac
     if [ -n "$trainer" ] && [ -f "$H3F_JOB_DIR/resume.$name" ]; then argv+=(--resume); fi
     h3f_info "stage $name: h3fusion ${argv[*]} $*"
     if [ -n "$trainer" ]; then

@@ -5,7 +5,7 @@
 #   prepare (stage0: data, tokenizer, base)
 #     -> experts (stage1: array 0..E-1, one multi-node job per configured dimension)
 #     -> fusion  (stage2: build_moe, then fuse on H3F_NODES nodes)
-#     -> eval    (stage3: merge, evaluate, profile)
+#     -> eval    (stage3: merge, ensemble, evaluate, profile)
 #
 #   H3F_CONFIG=llama2-7b H3F_RUN_DIR=/scratch/h3f H3F_NODES=4 slurm/pipeline.sh --partition=gpu
 #   H3F_GPUS_PER_NODE=0 H3F_PROCS_PER_NODE=2 slurm/pipeline.sh          # CPU-only cluster

@@ -49,3 +49,7 @@ H3F_LIB="${H3F_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/lib.sh"
 h3f_init fusion
 h3f_stage build_moe
 h3f_stage fuse
+# training baselines (docs/baselines.md; off unless baselines.* is set): same nodes as fusion
+while read -r name; do
+    [ -n "$name" ] && h3f_stage "$name"
+done < <("$H3F_PYTHON" "$H3F_REPO/slurm/stage_info.py" baselines "$H3F_RESOLVED" "$H3F_RUN_DIR")

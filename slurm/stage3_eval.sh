@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage 3: `h3fusion merge` (average / task arithmetic / TIES baselines), `h3fusion evaluate`
+# Stage 3: `h3fusion merge` (average / task arithmetic / TIES baselines), `h3fusion ensemble`
+# (probability-average and per-prompt-router LLM ensembles), `h3fusion evaluate`
 # (HHH report over base, experts, merges and the fused model) and `h3fusion profile` (expert
 # load) — one process each on one node; a stage whose outputs exist is skipped.
 #
@@ -47,5 +48,6 @@ H3F_LIB="${H3F_REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/lib.sh"
 
 h3f_init eval
 h3f_stage merge
+h3f_stage ensemble
 h3f_stage evaluate
 h3f_stage profile

@@ -10,6 +10,7 @@ The batch scripts never restate stage arguments or output paths; they ask `pipel
     python slurm/stage_info.py done CONFIG RUN_DIR STAGE    # exit 0 when the outputs exist
     python slurm/stage_info.py dimensions CONFIG             # the run's dimensions, one per line
                                                              # (stage 1's array task i = line i)
+    python slurm/stage_info.py baselines CONFIG RUN_DIR      # enabled training-baseline stages
 
 Errors are one line on stderr and exit status 2.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, dump_yaml, load_config
 from pipeline.layout import RunLayout
-from pipeline.stages import Stage, is_done, pipeline_stages
+from pipeline.stages import Stage, baseline_stages, is_done, pipeline_stages
 
 
 def resolve(src: str, out: str, overrides: list[str], must_match: bool) -> None:
@@ -50,7 +51,7 @@ def stage_argv(config: str, run_dir: str, name: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 1 or argv[0] not in ("resolve", "argv", "done", "dimensions"):
+    if len(argv) < 1 or argv[0] not in ("resolve", "argv", "done", "dimensions", "baselines"):
         print(__doc__, file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
@@ -65,6 +66,11 @@ def main(argv: list[str]) -> int:
         if len(rest) != 1:
             raise ValueError(f"dimensions needs CONFIG, got {rest}")
         print("\n".join(load_config(rest[0]).dimensions))
+        return 0
+    if cmd == "baselines":
+        if len(rest) != 2:
+            raise ValueError(f"baselines needs CONFIG RUN_DIR, got {rest}")
+        print("\n".join(s.name for s in baseline_stages(load_config(rest[0]), RunLayout.at(rest[1]))))
         return 0
     if len(rest) != 3:
         raise ValueError(f"{cmd} needs CONFIG RUN_DIR STAGE, got {rest}")

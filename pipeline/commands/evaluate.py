@@ -30,7 +30,6 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, "eval").eval
     run = RunLayout.at(args.run_dir)
-    from .. import ensemble  # noqa: F401  (registers the ensemble model type for loading)
     models = (parse_model_specs(args.models) if args.models
               else with_ensembles(discover_models(run.root), run))
     out = Path(args.out) if args.out else run.eval

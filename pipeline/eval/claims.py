@@ -5,7 +5,8 @@
 (b) the fused model is at least as good as the best single expert (highest point score) on
     every dimension: passes on "holds" or "tie" (the interval contains 0: no evidence it is
     worse, which is NOT evidence it is as good), fails when the interval is wholly below 0;
-(c) the fused model's mean score beats every merge baseline's: verdict "holds" on the mean;
+(c) the fused model's mean score beats every merge baseline's (and every ensemble's and the
+    multi-task model's, when the run built them): verdict "holds" on the mean;
 (d) each task's tokens route top-1 to the task's own expert at least `routing_target` of the time
     (the expert-load profile, averaged over layers).
 
@@ -22,6 +23,8 @@ from typing import Optional
 from ..layout import RunLayout
 
 MERGE_PREFIX = "merge_"
+# the other baselines claim (c) compares with when present: ensembles, the dense multi-task model
+BASELINE_PREFIXES = ("ensemble_", "multitask")
 
 
 @dataclass
@@ -66,13 +69,16 @@ def _claim_b(report: dict, dims: list[str], fused: str) -> list[Claim]:
 
 
 def _claim_c(report: dict, fused: str) -> list[Claim]:
+    """Fused vs every merge (required), every ensemble and the multi-task baseline (when the
+    run built them) on the mean score."""
     merges = [m for m in report["scores"] if m.startswith(MERGE_PREFIX)]
     if not merges:
         raise ValueError("report.json has no merge_* models: run the merge stage first")
+    others = sorted(m for m in report["scores"] if m.startswith(BASELINE_PREFIXES))
     return [_from_comparison(f"c:{m}", report["comparisons"][m]["mean"],
                              report["comparisons"][m]["mean"]["verdict"] == "holds",
                              f"{fused} vs {m} on the mean score (passes only if it holds)")
-            for m in sorted(merges)]
+            for m in sorted(merges) + others]
 
 
 def _claim_d(profile: dict, dims: list[str], routing_target: float) -> list[Claim]:

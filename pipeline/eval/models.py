@@ -51,7 +51,8 @@ def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
 
 
 def discover_models(run_dir: str | Path) -> dict[str, Path]:
-    """Every model present in a run dir, in report order: base, experts, merges, fused.
+    """Every model present in a run dir, in report order: base, experts, merges, training
+    baselines (`multitask`, `more_<dim>`: docs/baselines.md), fused.
 
     Merges are named `merge_<method>`; a directory counts when it holds a config.json. Experts
     are looked for under the names of the run data's dimensions (`<run>/data` must exist).
@@ -69,6 +70,11 @@ def discover_models(run_dir: str | Path) -> dict[str, Path]:
         for d in sorted(merges.iterdir()):
             if (d / "config.json").is_file():
                 found[f"merge_{d.name}"] = d
+    if (run.baseline("multitask") / "config.json").is_file():
+        found["multitask"] = run.baseline("multitask")
+    for task in data_dimensions(run.data):   # experts trained as long as fusion trained them
+        if (run.baseline(f"extra_steps/{task}") / "config.json").is_file():
+            found[f"more_{task}"] = run.baseline(f"extra_steps/{task}")
     if (run.fused / "config.json").is_file():
         found["fused"] = run.fused
     if not found:

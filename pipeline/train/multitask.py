@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 def baseline_dirs(run_dir: str | Path, name: str) -> tuple[Path, Path, Path]:
     """(HF output, DeepSpeed checkpoints, TensorBoard) of baseline `name` ("multitask" or
-    "extra_steps/<dim>"). The one place these paths are spelled until RunLayout has them."""
-    root = Path(run_dir)
-    return (root / "baselines" / name, root / "baselines_ds" / name,
-            root / "tensorboard" / f"baseline_{name.replace('/', '_')}")
+    "extra_steps/<dim>")."""
+    run = RunLayout.at(run_dir)
+    return (run.baseline(name), run.baseline_ds(name),
+            run.tensorboard / f"baseline_{name.replace('/', '_')}")
 
 
 # ----------------------------------------------------------------------------- step matching
