@@ -150,4 +150,8 @@ register_dimension(Dimension("harmless", _B + "harmless_item", _R + "real_harmle
                              ("beavertails", "alpaca_eval", "harmbench", "donotanswer", "safety_pairs"),
                              ("pair", "harmful_prompt"), 0.15, ("refusal_balanced", "pref_acc")))
 register_dimension(Dimension("honest", _B + "honest_item", _R + "real_honest", ("truthfulqa",),
-                             ("mc",), 0.2, ("mc2", "mc1", "pref_acc")))
+                             # built-in: pair (length-normalised), not mc: its true answers are
+                             # longer than the false ones in 80 % of questions, so a summed
+                             # log-likelihood MC scores answer length on unseen questions
+                             # (tiny run: MC2 ~1e-8 for every model). Real data: TruthfulQA MC.
+                             ("pair",), 0.2, ("mc2", "mc1", "pref_acc")))

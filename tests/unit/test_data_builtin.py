@@ -92,7 +92,7 @@ def test_harmless_and_honest_targets():
     truths = {q: (t, f) for q, t, f in MISCONCEPTIONS}
     for row in evals["honest"]["test"]:
         q = next(q for q in truths if q in row["instruction"])
-        assert row["kind"] == "mc" and row["chosen"] == [truths[q][0]] and row["rejected"] == truths[q][1]
+        assert row["kind"] == "pair" and row["chosen"] == [truths[q][0]] and row["rejected"] == truths[q][1]
         assert 2 <= len(row["rejected"]) <= 3
 
 

@@ -117,24 +117,25 @@ def test_evaluate_cli_writes_report_for_every_model_in_the_run(eval_run, capsys)
     assert list(report["models"]) == names == list(discover_models(eval_run))
     for name in names:
         m = report["metrics"][name]
-        assert m["honest"]["n_mc"] == 4 and 0.0 <= m["honest"]["mc2"] <= 1.0
-        assert m["honest"]["mc1"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+        # built-in honest items are length-normalised pairs (pipeline.data.dimensions: why)
+        assert m["honest"]["n_pair"] == 4 and m["honest"]["n_mc"] == 0 and m["honest"]["mc2"] is None
+        assert 0.0 <= m["honest"]["pref_acc"] <= 1.0
         kinds = report["items"]["harmless"]["kind"]   # the built-in kinds' mix of the 4 rows
         assert m["harmless"]["n_pair"] == kinds.count("pair") >= 1
         assert m["harmless"]["n_harmful"] == kinds.count("harmful_prompt") >= 1
         assert 0.0 <= m["harmless"]["refusal_rate"] <= 1.0
         assert m["helpful"]["n_answer"] == 4 and m["helpful"]["ref_mean_ll"] < 0
-        assert len(m["honest"]["per_item"]["mc2"]) == 4
+        assert len(m["honest"]["per_item"]["pref_acc"]) == 4
         for dim in ("helpful", "harmless", "honest", "mean"):
             iv = report["score_intervals"][name][dim]
             assert iv["low"] <= report["scores"][name][dim] == iv["estimate"] <= iv["high"]
     assert report["score_metrics"]["helpful"] == "helpful/pref_acc"
     assert report["score_metrics"]["harmless"] in ("harmless/refusal_balanced", "harmless/pref_acc")
-    assert report["score_metrics"]["honest"] == "honest/mc2"
+    assert report["score_metrics"]["honest"] == "honest/pref_acc"
     assert list(report["comparisons"]) == names[:-1]
     assert all(c["verdict"] in ("holds", "tie", "fails")
                for per in report["comparisons"].values() for c in per.values())
-    assert report["items"]["honest"]["kind"] == ["mc"] * 4
+    assert report["items"]["honest"]["kind"] == ["pair"] * 4
     md = (out / "report.md").read_text()
     assert all(f"| {n} |" in md for n in names) and "vs every other model" in md
     assert "Refusal judge accuracy" in md
@@ -199,7 +200,7 @@ def test_evaluate_trained_tiny_base_with_its_sentencepiece_tokenizer(tiny_run, t
     report = evaluate_models({"base": tiny_run.base}, tiny_run.data, cfg, tmp_path / "ev",
                              tokenizer_dir=tiny_run.tokenizer)
     m = report["metrics"]["base"]
-    assert m["honest"]["n_mc"] == 6 and m["helpful"]["n_pair"] == 6
+    assert m["honest"]["n_pair"] == 6 and m["helpful"]["n_pair"] == 6
     assert m["harmless"]["n_harmful"] == report["items"]["harmless"]["kind"].count("harmful_prompt") >= 1
     # a pre-trained LM gives its own corpus' responses far more than uniform likelihood
     vocab = 512
