@@ -185,6 +185,11 @@ class EvalConfig:
     # human refusal labels the refusal judge is checked against: "auto" = the shipped
     # ../shared/data/safety/refusal_labels if present; a folder of CSVs or one CSV; "none"
     refusal_labels: str = "auto"
+    # dimension -> score metrics to try, in order, instead of the dimension's registered ones
+    # (pipeline.data.dimensions); {} = the registry's. E.g. the tiny preset scores harmless by
+    # pair preference: its models' generations on unseen prompts are not text a refusal judge
+    # can read (README "Latest tiny report").
+    score_metrics: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Optional
 from . import config_from_args
 from ..config import dump_yaml, load_config
 from ..env import requeue_requested_exit_code
+from ..eval.score_metrics import check_score_overrides
 from ..layout import RunLayout
 from ..io_utils import write_json
 from ..stages import Stage, format_stage_table, is_done, pipeline_stages
@@ -264,6 +265,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown stage {n!r} (stages: {[s.name for s in stages]})")
     config_path = _resolve_config(args, run)
     load_config(str(config_path))  # the file every stage reads must itself validate
+    # the evaluate stage checks this too, but only after training: fail before any stage runs
+    check_score_overrides(cfg.eval.score_metrics, cfg.dimensions, "eval.score_metrics")
     times: dict[str, Optional[float]] = {}   # None: skipped (outputs already complete)
     t_all = time.time()
     with SignalForwarder() as signals:   # also over the summary: a late signal is no failure

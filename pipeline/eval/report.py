@@ -50,16 +50,18 @@ def _same_items(scored: dict[str, ItemScores], task: str, name: str) -> None:
 
 
 def choose_score_metrics(metrics: dict[str, dict], layout: dict[str, dict],
-                         dimensions: Sequence[str]) -> dict[str, tuple[Optional[str], dict]]:
+                         dimensions: Sequence[str], overrides: Optional[dict] = None
+                         ) -> dict[str, tuple[Optional[str], dict]]:
     """dimension -> (score metric name, {model: ItemScores}), or (None, {}) if no candidate is
-    available for every model."""
+    available for every model. Candidates: `overrides[dim]` (eval.score_metrics) if given, else
+    the dimension's registered score_metrics."""
     chosen: dict[str, tuple[Optional[str], dict]] = {}
     for dim in dimensions:
         kinds = layout[dim]["kind"]
         per_item = {m: _per_item(metrics, m, dim, len(kinds)) for m in metrics}
         base = per_item.get(BASE)
         chosen[dim] = (None, {})
-        for name in get_dimension(dim).score_metrics:
+        for name in (overrides or {}).get(dim) or get_dimension(dim).score_metrics:
             metric = get_score_metric(name)
             scored = {m: metric.score_items(p, base, kinds) for m, p in per_item.items()}
             if scored and all(s.available() for s in scored.values()):
@@ -84,11 +86,12 @@ def _comparison(pb: PairedBootstrap, a: str, b: str, dim: str) -> dict[str, Any]
 
 
 def score_report(metrics: dict[str, dict], layout: dict[str, dict], fused: str, *,
-                 n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> dict[str, Any]:
+                 n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL,
+                 score_metrics: Optional[dict] = None) -> dict[str, Any]:
     """The report's score keys: score_metrics, scores (floats), score_intervals, comparisons
     (fused vs every other model), expert_vs_base (each expert vs base on its own dimension)."""
     dims = list(layout)
-    chosen = choose_score_metrics(metrics, layout, dims)
+    chosen = choose_score_metrics(metrics, layout, dims, score_metrics)
     models = list(metrics)
     scored = [d for d in dims if chosen[d][0] is not None]
     out: dict[str, Any] = {

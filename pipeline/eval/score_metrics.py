@@ -78,6 +78,16 @@ def check_score_metric_names(names: Sequence[str], where: str) -> None:
             raise ValueError(f"{where}: unknown score metric {name!r} (registered: {score_metric_names()})")
 
 
+def check_score_overrides(overrides: dict, dimensions: Sequence[str], where: str) -> None:
+    """`eval.score_metrics`: known dimensions, non-empty lists of registered score metrics."""
+    for dim, names in overrides.items():
+        if dim not in dimensions:
+            raise ValueError(f"{where}.{dim}: not a dimension of this run (dimensions: {list(dimensions)})")
+        if not names:
+            raise ValueError(f"{where}.{dim}: give at least one score metric")
+        check_score_metric_names(names, f"{where}.{dim}")
+
+
 def _column(per_item: Optional[dict], key: str, n: int) -> list[Optional[float]]:
     """The per-item list of `key` (all None when the model's results lack it)."""
     values = (per_item or {}).get(key)

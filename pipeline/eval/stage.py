@@ -23,6 +23,7 @@ from . import judges
 from .hhh import REQUIRED_COLUMNS, check_items, evaluate_task, format_prompt
 from .models import load_causal_lm
 from .report import item_layout, plot_scores, render_markdown, score_report
+from .score_metrics import check_score_overrides
 from .scoring import GenerationConfig
 
 FUSED = "fused"
@@ -184,17 +185,19 @@ def refusal_judge_report(setting: Optional[str]) -> dict[str, Any]:
             "target": REFUSAL_JUDGE_TARGET, "meets_target": acc["accuracy"] >= REFUSAL_JUDGE_TARGET}
 
 
-def check_eval_config(cfg: EvalConfig) -> None:
+def check_eval_config(cfg: EvalConfig, dimensions: list[str]) -> None:
     """Report settings that would fail only after every model ran."""
     if cfg.n_boot < 1:
         raise ValueError(f"eval.n_boot must be >= 1, got {cfg.n_boot}")
+    check_score_overrides(cfg.score_metrics, dimensions, "eval.score_metrics")
 
 
 def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalConfig,
                  layout: dict[str, dict], refusal_judge: dict[str, Any]) -> dict[str, Any]:
     """report.json's content: per-task metrics, [0, 1] scores with paired bootstrap intervals
     over the items of `layout` (task -> {"group", "kind"} lists), comparisons of the fused model."""
-    scores = score_report(metrics, layout, FUSED, n_boot=cfg.n_boot, seed=cfg.seed)
+    scores = score_report(metrics, layout, FUSED, n_boot=cfg.n_boot, seed=cfg.seed,
+                          score_metrics=cfg.score_metrics)
     return {"split": cfg.split, "models": {m: str(p) for m, p in models.items()},
             "items": layout, "metrics": metrics, "fused_model": FUSED, **scores,
             "refusal_judge": refusal_judge}
@@ -210,8 +213,8 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     if (moderation_model is not None or alpaca_eval) and not cfg.generate:
         raise ValueError("--moderation-model and --alpaca-eval judge generations: "
                          "they need eval.generate=true")
-    check_eval_config(cfg)
     items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
+    check_eval_config(cfg, list(items))
     check_model_dirs(models)
     refusal_judge = refusal_judge_report(cfg.refusal_labels)   # a bad labels path fails here
     t0 = time.time()

@@ -79,3 +79,28 @@ def test_report_scores_each_dimension_with_the_first_metric_every_model_has():
     assert set(out["comparisons"]) == {"x"} and out["expert_vs_base"] == {}
     with pytest.raises(ValueError, match="lack 'per_item'"):
         choose_score_metrics({"x": {"helpful": {"pref_acc": 0.5}}}, {"helpful": layout["helpful"]}, ["helpful"])
+
+
+def test_eval_score_metrics_override_the_registry_order():
+    """eval.score_metrics replaces a dimension's candidates (here: refusal_balanced is available,
+    but the override asks for the pair preference first)."""
+    from pipeline.eval.report import choose_score_metrics
+    kinds = ["pair", "pair", "harmful_prompt", "benign_prompt"]
+    layout = {"harmless": {"group": [0, 1, 2, 3], "kind": kinds}}
+    per = {"per_item": {"pref_acc": [1.0, 0.0, None, None], "refused": [None, None, 1.0, 0.0]}}
+    metrics = {"fused": {"harmless": per}, "x": {"harmless": per}}
+    assert choose_score_metrics(metrics, layout, ["harmless"])["harmless"][0] == "refusal_balanced"
+    chosen = choose_score_metrics(metrics, layout, ["harmless"], {"harmless": ["pref_acc"]})
+    assert chosen["harmless"][0] == "pref_acc" and chosen["harmless"][1]["fused"].values == [1.0, 0.0, None, None]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"helpfull": ["pref_acc"]}, r"eval.score_metrics.helpfull: not a dimension of this run"),
+    ({"helpful": []}, r"eval.score_metrics.helpful: give at least one"),
+    ({"helpful": ["pref_ac"]}, r"eval.score_metrics.helpful: unknown score metric 'pref_ac'"),
+])
+def test_eval_score_metrics_bad_values_are_one_error(overrides, match):
+    from pipeline.eval.score_metrics import check_score_overrides
+    with pytest.raises(ValueError, match=match):
+        check_score_overrides(overrides, ["helpful", "harmless", "honest"], "eval.score_metrics")
+    check_score_overrides({"honest": ["mc2", "pref_acc"]}, ["helpful", "harmless", "honest"], "x")
