@@ -35,7 +35,8 @@ def test_ffn_and_lora_experts_are_trained_timed_and_scored(tiny_run, tmp_path):
                       "--lora-set", "expert.lora.r=4"]) == 0
     result = json.loads((out / "expert_method.json").read_text())
     honest = result["tasks"]["honest"]
-    assert honest["base"]["metric"] == "mc2" and honest["base"]["n_items"] == 4
+    # built-in honest items are pairs (pipeline.data.dimensions): its first available score is pref_acc
+    assert honest["base"]["metric"] == "pref_acc" and honest["base"]["n_items"] == 4
     base_weights = load_file(str(tiny_run.base / "model.safetensors"))
     for method in ("ffn", "lora"):
         r = honest["methods"][method]
@@ -48,4 +49,4 @@ def test_ffn_and_lora_experts_are_trained_timed_and_scored(tiny_run, tmp_path):
         assert changed and all(".mlp." in k for k in changed), (method, changed[:4])
     assert "expert.lora.r=4" in honest["methods"]["lora"]["overrides"]
     table = (out / "expert_method.md").read_text()
-    assert "| honest | ffn | mc2 |" in table and "| honest | lora | mc2 |" in table
+    assert "| honest | ffn | pref_acc |" in table and "| honest | lora | pref_acc |" in table

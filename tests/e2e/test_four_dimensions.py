@@ -33,6 +33,8 @@ FAST = [  # a few steps of everything: shapes, not quality
     "expert.train.max_steps=2", "fusion.train.max_steps=2",
     "eval.max_items_per_task=4", "eval.generate=false", "profile.max_items_per_task=4",
     "merge.methods=[average]",
+    # the training baselines are covered by tests/e2e/test_tiny_pipeline.py and tests/dist
+    "baselines.multitask=false", "baselines.extra_steps=false",
 ]
 
 

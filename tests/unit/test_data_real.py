@@ -145,7 +145,7 @@ def test_cli_bad_real_input_exits_nonzero_and_writes_nothing(tmp_path, real_cfg,
 
 def test_cli_real_end_to_end(tmp_path, real_cfg):
     run = tmp_path / "run"
-    sets = [f"data.source=real", "data.real.max_train_per_task=50", "data.real.max_eval_per_task=10"]
+    sets = ["data.source=real", "data.real.max_train_per_task=50", "data.real.max_eval_per_task=10"]
     sets += [f"data.real.{k}={v}" for k, v in real_cfg.__dict__.items() if isinstance(v, str)]
     assert cli_main(["data", "--run-dir", str(run)] + [x for s in sets for x in ("--set", s)]) == 0
     assert len(load_sft(run / "data", "helpful", "train")) == 50

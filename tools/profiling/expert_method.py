@@ -7,7 +7,7 @@ base, with RUN's resolved config plus `expert.method=<method>` and the per-metho
 Records the stage's wall time and CPU time (user+sys of all its processes, from the children's
 rusage), then scores the base and the expert on that task's eval items (RUN's eval split and
 item cap, likelihood metrics only: no generation) with the dimension's report score metric
-(the dimension's registered score_metrics, pipeline.data.dimensions). Writes
+(`eval.score_metrics` if the config sets it, else the dimension's registered score_metrics). Writes
 OUT/expert_method.json and .md (atomically).
 
     python tools/profiling/expert_method.py --run-dir runs/smollm2 --tasks harmless honest \
@@ -79,7 +79,9 @@ def own_score(model_dir: Path, task: str, items: list[dict], tokenizer_dir: Path
     model, tokenizer = load_causal_lm(model_dir, tokenizer_dir)
     metrics, _ = evaluate_task(model, tokenizer, items, batch_size=cfg.batch_size,
                                max_len=scored_max_len(model, cfg), gen=None, task=f"{model_dir.name}/{task}")
-    metric = next(m for m in get_dimension(task).score_metrics if metrics.get(m) is not None)
+    # the report's rule: eval.score_metrics if the config sets it, else the dimension's registry
+    candidates = cfg.score_metrics.get(task) or get_dimension(task).score_metrics
+    metric = next(m for m in candidates if metrics.get(m) is not None)
     return {"metric": metric, "score": metrics[metric], "n_items": len(items)}
 
 
