@@ -49,19 +49,24 @@ def _same_items(scored: dict[str, ItemScores], task: str, name: str) -> None:
                              f"other items than {first!r} (paired comparisons need the same items)")
 
 
+def score_candidates(dim: str, overrides: Optional[dict] = None) -> Sequence[str]:
+    """The score metrics to try for `dim`, in order: `overrides[dim]` (eval.score_metrics) if
+    given, else the dimension's registered score_metrics."""
+    return (overrides or {}).get(dim) or get_dimension(dim).score_metrics
+
+
 def choose_score_metrics(metrics: dict[str, dict], layout: dict[str, dict],
                          dimensions: Sequence[str], overrides: Optional[dict] = None
                          ) -> dict[str, tuple[Optional[str], dict]]:
     """dimension -> (score metric name, {model: ItemScores}), or (None, {}) if no candidate is
-    available for every model. Candidates: `overrides[dim]` (eval.score_metrics) if given, else
-    the dimension's registered score_metrics."""
+    available for every model (candidates: `score_candidates`)."""
     chosen: dict[str, tuple[Optional[str], dict]] = {}
     for dim in dimensions:
         kinds = layout[dim]["kind"]
         per_item = {m: _per_item(metrics, m, dim, len(kinds)) for m in metrics}
         base = per_item.get(BASE)
         chosen[dim] = (None, {})
-        for name in (overrides or {}).get(dim) or get_dimension(dim).score_metrics:
+        for name in score_candidates(dim, overrides):
             metric = get_score_metric(name)
             scored = {m: metric.score_items(p, base, kinds) for m, p in per_item.items()}
             if scored and all(s.available() for s in scored.values()):

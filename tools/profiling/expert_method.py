@@ -73,15 +73,13 @@ def own_score(model_dir: Path, task: str, items: list[dict], tokenizer_dir: Path
     """The task's report score metric for one model on that task's eval `items`."""
     from pipeline.eval.hhh import evaluate_task
     from pipeline.eval.models import load_causal_lm
-    from pipeline.data.dimensions import get_dimension
+    from pipeline.eval.report import score_candidates
     from pipeline.eval.stage import scored_max_len
 
     model, tokenizer = load_causal_lm(model_dir, tokenizer_dir)
     metrics, _ = evaluate_task(model, tokenizer, items, batch_size=cfg.batch_size,
                                max_len=scored_max_len(model, cfg), gen=None, task=f"{model_dir.name}/{task}")
-    # the report's rule: eval.score_metrics if the config sets it, else the dimension's registry
-    candidates = cfg.score_metrics.get(task) or get_dimension(task).score_metrics
-    metric = next(m for m in candidates if metrics.get(m) is not None)
+    metric = next(m for m in score_candidates(task, cfg.score_metrics) if metrics.get(m) is not None)
     return {"metric": metric, "score": metrics[metric], "n_items": len(items)}
 
 
