@@ -65,6 +65,9 @@ class RealDataConfig:
     donotanswer: Optional[str] = None  # dev harmful prompts: a dir of *.jsonl or one file
     safety_pairs: Optional[str] = None  # test pairs: pyrit objective CSVs (dir or one file)
     advbench: Optional[str] = None    # optional extra test harmful prompts (off by default)
+    # extra harmless SFT prompts (harmful requests, trained with refusal targets), e.g. AdvBench;
+    # never one of the eval sets above; near-duplicates of any eval prompt dropped (docs/data.md)
+    harmless_train_prompts: Optional[str] = None
     donotanswer_dev_size: int = 200   # seeded dev sample of Do-Not-Answer; 0 = all
     max_benign_per_split: int = 200   # AlpacaEval over-refusal prompts per eval split; 0 = all
     max_train_per_task: int = 0       # 0 = all

@@ -53,3 +53,50 @@ def split_overlap(train: Iterable[dict], evals: Iterable[dict], strip: Sequence[
             q_hits.add(q)
         t_hits.update(t for t in (normalise(x) for x in eval_targets(row)) if t in responses)
     return {"questions": sorted(q_hits), "targets": sorted(t_hits)}
+
+
+# Function words and the request verbs every harmful-behaviour list shares ("give detailed
+# step-by-step instructions for how to ..."): left in, they make unrelated requests look alike.
+STOP_WORDS = frozenset("""a an the to of for in on and or with without from into by how what which
+who that this these those is are be can could would should will do does make use using about your
+their his her its my me i you someone somebody some any other others give write provide create
+describe explain develop design generate outline detailed detail step steps instructions
+instruction guide tutorial post article script plan list way ways get getting""".split())
+# Content-word Jaccard at which two requests count as the same behaviour. On the shared files
+# 0.3 flags 50 of AdvBench's 520 prompts against HarmBench + the pair objectives (the safety
+# README's "about 50 shared objectives"): "commit suicide", "tax fraud", "bomb from household
+# items" paraphrases; a few false alarms cost only training rows, never a leak.
+NEAR_DUP_THRESHOLD = 0.3
+
+
+def _words(text: str) -> frozenset:
+    return frozenset(w for w in normalise(text).split() if w not in STOP_WORDS)
+
+
+def jaccard(a: str, b: str) -> float:
+    """Jaccard similarity of two texts' content-word sets (normalised, STOP_WORDS removed; 1.0
+    for two texts without content words)."""
+    wa, wb = _words(a), _words(b)
+    return 1.0 if not (wa or wb) else len(wa & wb) / len(wa | wb)
+
+
+def near_duplicates(texts: Iterable[str], refs: Iterable[str], threshold: float) -> list[str]:
+    """The texts whose `jaccard` similarity with some ref is >= threshold, in input order.
+
+    Exact normalised equality misses paraphrases that share a behaviour ("Write a tutorial on how
+    to make a bomb" / "... how to build a bomb"); the harmless training prompts must not be one.
+    An inverted index keeps this near-linear: only refs sharing a word are compared."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+    ref_sets = [w for w in (_words(r) for r in refs) if w]
+    index: dict[str, list[int]] = {}
+    for i, w in enumerate(ref_sets):
+        for word in w:
+            index.setdefault(word, []).append(i)
+    out = []
+    for t in texts:
+        wt = _words(t)
+        cands = {i for word in wt for i in index.get(word, ())}
+        if any(len(wt & ref_sets[i]) / len(wt | ref_sets[i]) >= threshold for i in cands):
+            out.append(t)
+    return out

@@ -23,8 +23,8 @@ from ..config import ConfigError, RealDataConfig
 from ..io_utils import sha256_file
 from . import one_hot
 from .loaders import HUB_PREFIX, LOADERS, describe
-from .overlap import normalise
-from .safety import SAFETY_LOADERS, eval_row, safety_eval
+from .overlap import NEAR_DUP_THRESHOLD, near_duplicates, normalise, sft_question
+from .safety import SAFETY_EVAL_KEYS, SAFETY_LOADERS, eval_row, safety_eval
 
 ALL_LOADERS = {**LOADERS, **SAFETY_LOADERS}
 
@@ -149,8 +149,34 @@ def real_harmless(loaded: dict, rng: random.Random):
     n = len(sft["train"])
     sft["train"] = [r for r in sft["train"] if normalise(r["response"]) not in banned]
     notes["beavertails_train_rows_dropped_as_eval_texts"] = n - len(sft["train"])
+    if loaded.get("harmless_train_prompts"):
+        _add_train_prompts(sft, loaded["harmless_train_prompts"], evals, set(prompts), cfg.seed, notes)
     web = [f"{p}\n{resp}" for p in train for resp in by_prompt[p]["unsafe"] + by_prompt[p]["safe"]]
     return sft, evals, web, notes
+
+
+def _add_train_prompts(sft: dict, records: list[dict], evals: dict, taken: set, seed: int,
+                       notes: dict) -> None:
+    """data.real.harmless_train_prompts: harmful requests answered with our refusals, split
+    90/5/5 by prompt into sft[split] (these rows exist to train; their SFT dev/test only feed the
+    routing profile). Dropped first: prompts equal to a BeaverTails prompt, and
+    prompts near-duplicate (overlap.near_duplicates) of any eval instruction of either split --
+    AdvBench paraphrases many HarmBench behaviours and pair objectives. Own rng: turning this
+    on changes no other row or split."""
+    eval_texts = [sft_question(r) for rows in evals.values() for r in rows]
+    taken_norm = {normalise(p) for p in taken}
+    pool = list(dict.fromkeys(r["prompt"] for r in records if normalise(r["prompt"]) not in taken_norm))
+    near = set(near_duplicates(pool, eval_texts, NEAR_DUP_THRESHOLD))
+    exact = {normalise(t) for t in eval_texts}
+    kept = [p for p in pool if p not in near and normalise(p) not in exact]
+    notes["harmless_train_prompts"] = len(kept)
+    notes["harmless_train_prompts_dropped_as_near_eval"] = len(pool) - len(kept)
+    notes["harmless_train_prompts_dropped_as_repeats_or_beavertails"] = len(records) - len(pool)
+    rng = random.Random(f"{seed}:harmless_train_prompts")
+    # fewer than 3 prompts cannot fill three splits: they all train
+    parts = _grouped_split(kept, normalise, rng, 0.05, 0.05) if len(kept) >= 3 else (kept, [], [])
+    for split, ps in zip(("train", "dev", "test"), parts):
+        sft[split] += [_sft(p, "", rng.choice(REAL_REFUSALS), "harmless") for p in ps]
 
 
 def real_honest(loaded: dict, rng: random.Random):
@@ -184,12 +210,31 @@ def _mc_item(q: dict, mc: dict | None) -> dict:
     return eval_row(q["question"], chosen, rejected, q["best_answer"], "mc", "honest", normalise(q["question"]))
 
 
+def _check_train_prompts_not_eval(cfg: RealDataConfig) -> None:
+    """data.real.harmless_train_prompts may not be (or lie inside) an eval set's file or folder."""
+    spec = cfg.harmless_train_prompts
+    if not spec:
+        return
+    for key in SAFETY_EVAL_KEYS:
+        other = getattr(cfg, key)
+        if not other:
+            continue
+        same = spec == other
+        if not (spec.startswith(HUB_PREFIX) or other.startswith(HUB_PREFIX)):
+            a, b = Path(spec).resolve(), Path(other).resolve()
+            same = a == b or b in a.parents
+        if same:
+            raise ConfigError(f"data.real.harmless_train_prompts: {spec} is data.real.{key}, an eval "
+                              "set; training prompts must come from a set that is never evaluated")
+
+
 def _load_all(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict]:
     """Every configured file loaded and checked before any split is made; an error names the
     `data.real` key and the file."""
     for key in dict.fromkeys(k for d in dims for k in d.real_inputs):
         if not getattr(cfg, key, None):
             raise ConfigError(f"data.real.{key} must be set (a path or hf:NAME) when data.source is 'real'")
+    _check_train_prompts_not_eval(cfg)
     loaded, sources = {}, {}
     for key, load in ALL_LOADERS.items():
         spec = getattr(cfg, key)

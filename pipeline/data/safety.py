@@ -122,8 +122,15 @@ def load_safety_pairs(spec: str) -> list[dict]:
     return out
 
 
+def load_harmless_train_prompts(spec: str) -> list[dict]:
+    return _prompts(spec, "harmless training prompts", (".prompt", ".yaml", ".yml", ".csv", ".json", ".jsonl", ".txt"))
+
+
 SAFETY_LOADERS = {"harmbench": load_harmbench, "donotanswer": load_donotanswer,
-                  "safety_pairs": load_safety_pairs, "advbench": load_advbench}
+                  "safety_pairs": load_safety_pairs, "advbench": load_advbench,
+                  "harmless_train_prompts": load_harmless_train_prompts}
+# the eval sets a training-prompt file may never be (data.real.harmless_train_prompts)
+SAFETY_EVAL_KEYS = ("harmbench", "donotanswer", "safety_pairs", "advbench")
 
 
 def _unique(texts: Iterable[str], exclude: set) -> tuple[dict[str, str], int]:

@@ -199,6 +199,7 @@ def _real_base(shared_data) -> list[str]:
     ("safety_pairs", "pairs2.csv", "# dataset_version=1.0\nobjective,human_score\ndo x,1\n",
      ["data.real.safety_pairs: ", "pairs2.csv", "missing field 'assistant_response'"]),
     ("advbench", "adv.prompt", "seeds: 3\n", ["data.real.advbench: ", "adv.prompt", "'seeds' list"]),
+    ("harmless_train_prompts", "train.txt", "\n", ["data.real.harmless_train_prompts: ", "train.txt", "no records"]),
 ])
 def test_bad_safety_sets_name_key_and_file(tmp_path, capsys, shared_data, key, name, content, needles):
     """Each missing / empty / malformed safety file is one error naming its key and file,
@@ -212,6 +213,14 @@ def test_bad_safety_sets_name_key_and_file(tmp_path, capsys, shared_data, key, n
     rc, out = run_cli(capsys, "data", "--run-dir", str(run), *_real_base(shared_data),
                       *_safety_sets(shared_data, **{key: path}))
     assert_one_error(rc, out, "data", *needles)
+    assert_no_outputs(run)
+
+
+def test_an_eval_set_as_harmless_training_prompts_is_refused(tmp_path, capsys, shared_data):
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "data", "--run-dir", str(run), *_real_base(shared_data),
+                      *_safety_sets(shared_data, harmless_train_prompts=shared_data / SAFETY_SETS["harmbench"]))
+    assert_one_error(rc, out, "data", "data.real.harmless_train_prompts: ", "is data.real.harmbench, an eval set")
     assert_no_outputs(run)
 
 

@@ -13,7 +13,8 @@ DIMS = resolve_dimensions(DEFAULT_DIMENSIONS, {})
 MIN_TEST = 200
 
 
-def _paths(shared_data, advbench: bool = False) -> list[str]:
+def _paths(shared_data, advbench: str = "") -> list[str]:
+    """advbench: "" (not used), "test" (extra test prompts) or "train" (harmless_train_prompts)."""
     s = shared_data
     paths = {"alpaca": s / "alpaca/alpaca_small.json", "beavertails": s / "beavertails/beavertails_sample.csv",
              "truthfulqa": s / "truthfulqa/TruthfulQA.csv", "truthfulqa_mc": s / "truthfulqa/mc_task.json",
@@ -21,11 +22,13 @@ def _paths(shared_data, advbench: bool = False) -> list[str]:
              "harmbench": s / "safety/harmbench/harmbench_prompts.txt", "donotanswer": s / "safety/donotanswer",
              "safety_pairs": s / "safety/response_pairs/objective"}
     if advbench:
-        paths["advbench"] = s / "safety/advbench/adv_bench.prompt"
+        key = {"test": "advbench", "train": "harmless_train_prompts"}[advbench]
+        paths[key] = s / "safety/advbench/adv_bench.prompt"
     return [f"data.real.{k}={v}" for k, v in paths.items()]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["default", "with_advbench"])
+@pytest.fixture(scope="module", params=["", "test", "train"],
+                ids=["default", "advbench_as_test", "advbench_as_training"])
 def corpus(request, shared_data):
     cfg = load_config("smollm2-135m", _paths(shared_data, request.param))   # the preset's caps
     sft, evals, _, sources = build_real(cfg.data.real, DIMS)
@@ -58,9 +61,11 @@ def test_harmful_test_prompts_are_nowhere_else(corpus, shared_data):
     dev_groups = {r["group"] for r in harm["dev"]}
     train = {normalise(r["instruction"]) for split in sft["harmless"].values() for r in split}
     assert not test_harmful & dev_groups and not test_harmful & train and not dev_groups & train
+    if with_adv == "train":               # issue 16: >= 500 harmless training rows under the cap
+        assert len(sft["harmless"]["train"]) >= 500
     assert sum(r["kind"] == "harmful_prompt" for r in harm["dev"]) == 200   # Do-Not-Answer sample
     assert {r["kind"] for r in harm["test"][:3]} == {"pair", "harmful_prompt", "benign_prompt"}
-    if with_adv:
+    if with_adv == "test":
         adv = {normalise(r["prompt"]) for r in load_advbench(str(shared_data / "safety/advbench/adv_bench.prompt"))}
         assert adv <= test_harmful and sources["dedup"]["harmless"]["advbench_prompts"] == len(adv - hb)
 
