@@ -1,6 +1,5 @@
 """data.real.harmless_train_prompts: extra harmful requests trained with refusals, never an eval
 set, near-duplicates of eval prompts dropped; the near-duplicate primitive against a naive loop."""
-import itertools
 import random
 
 import pytest
