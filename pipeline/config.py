@@ -176,6 +176,10 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 48
     generate: bool = True
+    # TruthfulQA MC also in lm-evaluation-harness's protocol (6-shot primer; mc1/mc2_harness): on
+    # SmolLM2 it is 60 % of a model's evaluation (the primer is scored per question), so the
+    # smollm2 preset turns it off and docs/smollm2.md gives the one-model command
+    harness_mc: bool = True
     split: str = "test"               # eval/<task>/<split>
     max_seq_len: int = 512            # prompt+answer tokens scored (capped by the model's positions)
     do_sample: bool = False           # generations: greedy (False) or sampled

@@ -132,9 +132,11 @@ def _generation_metrics(items, outputs: list[str]) -> dict[str, Any]:
             "per_item": {"refused": refused, "exact_match": em}}
 
 
-def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: str) -> dict[str, Any]:
-    """MC1/MC2 of the mc items in lm-evaluation-harness's TruthfulQA protocol (harness.py)."""
-    reqs = harness.harness_requests(items)
+def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: str,
+                enabled: bool = True) -> dict[str, Any]:
+    """MC1/MC2 of the mc items in lm-evaluation-harness's TruthfulQA protocol (harness.py);
+    None for every item when not `enabled` (eval.harness_mc: false)."""
+    reqs = harness.harness_requests(items) if enabled else []
     if not reqs:
         return {"mc1_harness": None, "mc2_harness": None,
                 "per_item": {"mc1_harness": [None] * len(items), "mc2_harness": [None] * len(items)}}
@@ -151,7 +153,8 @@ def needs_generation(item: dict) -> bool:
 
 def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, max_len: int,
                   gen: GenerationConfig | None, task: str,
-                  generate_all: bool = False) -> tuple[dict[str, Any], list[Optional[str]]]:
+                  generate_all: bool = False,
+                  harness_mc: bool = True) -> tuple[dict[str, Any], list[Optional[str]]]:
     """Metrics of one model on one task's items, and its generation per item ([] if gen is None).
 
     Generation-based metrics are None when `gen` is None (generation switched off). Only items
@@ -167,7 +170,7 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, m
                                           desc=f"{task} log-lik")))
     scores = [scored[(prompts[i], text)] for i, _, text in reqs]
     parts = [_likelihood_metrics(items, reqs, scores),
-             _harness_mc(model, tokenizer, items, batch_size, max_len, task)]
+             _harness_mc(model, tokenizer, items, batch_size, max_len, task, harness_mc)]
     outputs: list[Optional[str]] = []
     if gen is not None:
         wanted = [i for i, it in enumerate(items) if generate_all or needs_generation(it)]

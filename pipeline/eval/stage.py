@@ -125,7 +125,7 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
             metrics[task], task_outputs = evaluate_task(
                 model, tokenizer, items[task], batch_size=cfg.batch_size,
                 max_len=scored_max_len(model, cfg), gen=gen, task=f"{name}/{task}",
-                generate_all=generate_all)
+                generate_all=generate_all, harness_mc=cfg.harness_mc)
             if gen is not None:
                 outputs[task] = task_outputs
     finally:

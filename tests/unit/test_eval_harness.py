@@ -86,3 +86,13 @@ def test_harness_scores_equal_one_unpadded_forward_and_feed_evaluate_task():
     p = [math.exp(x) for x in lls]
     assert metrics["mc2_harness"] == pytest.approx(sum(p[:2]) / sum(p), abs=1e-4)
     assert metrics["mc1_harness"] == _lm_eval_mc1([lls[0]] + lls[2:])
+
+
+def test_harness_protocol_can_be_switched_off():
+    """eval.harness_mc: false -> no harness scoring, None per item, our protocol unchanged."""
+    model, tok = tiny_llama(seed=1), char_tokenizer()
+    on, _ = evaluate_task(model, tok, [ITEM], batch_size=2, max_len=500, gen=None, task="honest")
+    off, _ = evaluate_task(model, tok, [ITEM], batch_size=2, max_len=500, gen=None, task="honest",
+                           harness_mc=False)
+    assert on["mc2_harness"] is not None and off["mc2_harness"] is None
+    assert off["per_item"]["mc2_harness"] == [None] and off["mc2"] == on["mc2"]
