@@ -63,9 +63,10 @@ their his her its my me i you someone somebody some any other others give write 
 describe explain develop design generate outline detailed detail step steps instructions
 instruction guide tutorial post article script plan list way ways get getting""".split())
 # Content-word Jaccard at which two requests count as the same behaviour. On the shared files
-# 0.3 flags 50 of AdvBench's 520 prompts against HarmBench + the pair objectives (the safety
-# README's "about 50 shared objectives"): "commit suicide", "tax fraud", "bomb from household
-# items" paraphrases; a few false alarms cost only training rows, never a leak.
+# 0.3 drops 74 of AdvBench's 520 prompts against every eval prompt (data manifest,
+# source.dedup.harmless; the safety README counts about 50 objectives shared with the pair
+# sets): "commit suicide", "tax fraud", "bomb from household items" paraphrases. A few false
+# alarms cost only training rows, never a leak.
 NEAR_DUP_THRESHOLD = 0.3
 
 
@@ -74,10 +75,10 @@ def _words(text: str) -> frozenset:
 
 
 def jaccard(a: str, b: str) -> float:
-    """Jaccard similarity of two texts' content-word sets (normalised, STOP_WORDS removed; 1.0
-    for two texts without content words)."""
+    """Jaccard similarity of two texts' content-word sets (normalised, STOP_WORDS removed); 0.0
+    when either has no content word (nothing to call the same behaviour)."""
     wa, wb = _words(a), _words(b)
-    return 1.0 if not (wa or wb) else len(wa & wb) / len(wa | wb)
+    return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
 
 
 def near_duplicates(texts: Iterable[str], refs: Iterable[str], threshold: float) -> list[str]:
