@@ -99,8 +99,12 @@ def load_harmbench(spec: str) -> list[dict]:
     return _prompts(spec, "HarmBench", (".txt", ".csv", ".json", ".jsonl"))
 
 
+# any harmful-prompt list: pyrit seed YAML, one prompt per line, or records
+_PROMPT_LIST_SUFFIXES = (".prompt", ".yaml", ".yml", ".csv", ".json", ".jsonl", ".txt")
+
+
 def load_advbench(spec: str) -> list[dict]:
-    return _prompts(spec, "AdvBench", (".prompt", ".yaml", ".yml", ".csv", ".json", ".jsonl", ".txt"))
+    return _prompts(spec, "AdvBench", _PROMPT_LIST_SUFFIXES)
 
 
 def load_donotanswer(spec: str) -> list[dict]:
@@ -123,7 +127,7 @@ def load_safety_pairs(spec: str) -> list[dict]:
 
 
 def load_harmless_train_prompts(spec: str) -> list[dict]:
-    return _prompts(spec, "harmless training prompts", (".prompt", ".yaml", ".yml", ".csv", ".json", ".jsonl", ".txt"))
+    return _prompts(spec, "harmless training prompts", _PROMPT_LIST_SUFFIXES)
 
 
 SAFETY_LOADERS = {"harmbench": load_harmbench, "donotanswer": load_donotanswer,
