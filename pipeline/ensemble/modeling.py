@@ -138,11 +138,17 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def choose_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] member index per sequence from its prompt tokens only (router)."""
+        seqs = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+        return torch.tensor(self.choose_for_sequences(seqs), dtype=torch.long, device=input_ids.device)
+
+    def choose_for_sequences(self, seqs: list[list[int]]) -> list[int]:
+        """Member index per unpadded token sequence, from its prompt tokens only (router; packed
+        scoring calls this directly on its requests)."""
+        if self.config.method != "router":
+            raise ValueError(f"choose_for_sequences: a {self.config.method!r} ensemble chooses no member")
         clf = PromptClassifier(self.router_weight.cpu(), self.router_bias.cpu())
         marker = list(self.config.response_marker_ids)
-        prompts = [prompt_tokens(row[mask.bool()].tolist(), marker, self.config.prompt_window)
-                   for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
-        return torch.tensor(clf.predict(prompts), dtype=torch.long, device=input_ids.device)
+        return clf.predict([prompt_tokens(s, marker, self.config.prompt_window) for s in seqs])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,

@@ -21,7 +21,8 @@ from pipeline.data import EVAL_COLUMNS, EVAL_KINDS
 
 from . import harness, judges
 from . import metrics as M
-from .scoring import GenerationConfig, generate_responses, score_encoded, score_pairs
+from .generation import GenerationConfig, generate_responses
+from .scoring import score_encoded, score_pairs
 
 KINDS = EVAL_KINDS                # the eval schema's one definition is pipeline.data's
 REQUIRED_COLUMNS = EVAL_COLUMNS

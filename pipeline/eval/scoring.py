@@ -1,18 +1,20 @@
-"""Batched log-likelihood scoring and generation with any Hugging Face causal LM.
+"""Batched log-likelihood scoring with any Hugging Face causal LM (generation: generation.py).
 
-`score_continuations` (one prompt+answer sequence per answer) and `generate_responses` use only
-the generic causal-LM interface: `model(input_ids=, attention_mask=).logits` and
-`model.generate(...)`, so dense Llama models, merges and the fused H3Fusion MoE are scored by
-the same code. `score_continuations_packed` gives the same scores several times faster (each
-prompt once, its answers packed after it) for the Llama-layout models (dense and H3Fusion);
-`score_pairs` / `score_encoded`, what the evaluation calls, pack when the model allows and fall
-back to one sequence per answer otherwise. Prompts use the Alpaca template the models were
-trained with; `generate_token_ids` batches greedy generation with left padding.
+`score_continuations` (one prompt+answer sequence per answer) uses only the generic causal-LM
+interface, `model(input_ids=, attention_mask=).logits`, so dense Llama models, merges, the fused
+H3Fusion MoE and the ensembles are scored by the same code. `score_continuations_packed` gives
+the same scores several times faster (each prompt once, its answers packed after it) for the
+Llama-layout models (dense and H3Fusion) and for ensembles of them (member by member, combined
+per token for "avg", per request for "router"); `score_pairs` / `score_encoded`, what the
+evaluation calls, pack when the model allows and fall back to one sequence per answer otherwise.
+Prompts use the Alpaca template the models were trained with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -236,11 +238,23 @@ PACKED_ATTENTION = ("sdpa", "eager")
 PACKED_MODEL_TYPES = ("llama", "h3fusion")
 
 
+ENSEMBLE_MODEL_TYPE = "h3fusion_ensemble"
+
+
+def _is_ensemble(model) -> bool:
+    return getattr(model.config, "model_type", None) == ENSEMBLE_MODEL_TYPE
+
+
 def packed_unsupported_reason(model) -> str | None:
-    """Why packed scoring cannot run on `model`, or None when it can."""
+    """Why packed scoring cannot run on `model`, or None when it can (an ensemble: when every
+    member can)."""
     kind = getattr(model.config, "model_type", None)
+    if kind == ENSEMBLE_MODEL_TYPE:
+        reasons = [packed_unsupported_reason(m) for m in model.members]
+        return next((f"ensemble member: {r}" for r in reasons if r is not None), None)
     if kind not in PACKED_MODEL_TYPES:
-        return f"packed scoring supports model types {PACKED_MODEL_TYPES}, got {kind!r}"
+        return (f"packed scoring supports model types {PACKED_MODEL_TYPES} and ensembles of "
+                f"them, got {kind!r}")
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in PACKED_ATTENTION:
         return (f"packed scoring needs a custom 4-D attention mask; attention implementation "
@@ -272,7 +286,8 @@ def _token_log_likelihoods(lm_head, hidden_NH: torch.Tensor, targets_N: torch.Te
 
 
 @torch.no_grad()
-def _score_packed_batch(model, rows: list[PackedRow], pad_id: int) -> dict[int, float]:
+def _packed_token_ll(model, rows: list[PackedRow], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of every scored continuation token, its request index) for one Llama-layout model."""
     device = model_device(model)
     dtype = next(model.parameters()).dtype
     shared = shared_prefix_len(rows)
@@ -285,8 +300,21 @@ def _score_packed_batch(model, rows: list[PackedRow], pad_id: int) -> dict[int, 
     hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=mask,
                          past_key_values=cache).last_hidden_state
     b_idx, src, tgt, req = (t.to(device) for t in _gather_plan(rows, ids.shape[1]))
-    token_ll = _token_log_likelihoods(model.lm_head, hidden[b_idx, src], tgt)
-    totals = torch.zeros(int(req.max()) + 1, dtype=torch.float64, device=device)
+    return _token_log_likelihoods(model.lm_head, hidden[b_idx, src], tgt), req
+
+
+@torch.no_grad()
+def _score_packed_batch(model, rows: list[PackedRow], pad_id: int) -> dict[int, float]:
+    if _is_ensemble(model):
+        # "avg": log mean_i p_i(target) per token = logsumexp_i log p_i(target) - log n, which
+        # is the averaged distribution's log-prob (each member's softmax is normalised alone)
+        per_member = [_packed_token_ll(m, rows, pad_id) for m in model.members]
+        req = per_member[0][1]
+        token_ll = torch.logsumexp(torch.stack([ll for ll, _ in per_member]), dim=0)
+        token_ll = token_ll - math.log(len(per_member))
+    else:
+        token_ll, req = _packed_token_ll(model, rows, pad_id)
+    totals = torch.zeros(int(req.max()) + 1, dtype=torch.float64, device=token_ll.device)
     totals.index_add_(0, req, token_ll.double())
     totals_list = totals.tolist()                            # one device sync per batch
     return {i: totals_list[i] for i in set(req.tolist())}
@@ -324,7 +352,7 @@ def score_continuations_packed(model, tokenizer, pairs: Sequence[tuple[str, str]
     Same tokens (and truncation) as the per-option path. A batch holds at most
     `batch_size * max_len` tokens (the per-option path's largest batch), as several packed rows.
     Model types in PACKED_MODEL_TYPES (dense Llama, H3Fusion) with attention `sdpa` or `eager`
-    (a custom 4-D mask); anything else is an error naming the type.
+    (a custom 4-D mask), and ensembles of them; anything else is an error naming the type.
     """
     if batch_size < 1:
         raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
@@ -337,6 +365,8 @@ def score_continuations_packed(model, tokenizer, pairs: Sequence[tuple[str, str]
 
 def _score_packed(model, encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int,
                   max_len: int, desc: str) -> list[ContinuationScore]:
+    if _is_ensemble(model) and model.config.method == "router":
+        return _score_packed_routed(model, encoded, pad_id, batch_size, max_len, desc)
     rows = _pack_rows(encoded, PACK_ROW_FACTOR * max_len)
     results: list[ContinuationScore | None] = [None] * len(encoded)
     for batch in tqdm(packed_batches(rows, batch_size * max_len), desc=desc, leave=False):
@@ -345,56 +375,16 @@ def _score_packed(model, encoded: list[tuple[list[int], int]], pad_id: int, batc
     return results  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    max_new_tokens: int = 48
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-
-@torch.no_grad()
-def _generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, max_len: int) -> list[list[int]]:
-    """New token ids of each prompt, cut before the first eos (the end-of-response marker)."""
-    device = model_device(model)
-    from pipeline.data.template import encode_prompt_response
-
-    room = max(max_len - gen.max_new_tokens, 2)
-    rows = [encode_prompt_response(tokenizer, p, None, room)[0] for p in prompts]
-    width = max(len(r) for r in rows)
-    pad_id = pad_token_id(tokenizer)
-    # generation pads on the left so every row's next token follows its own last prompt token;
-    # the mask hides the pads and generate() derives position ids from it, so a row's greedy
-    # tokens are those of its unpadded run up to float rounding of the padded matmuls
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
-    if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-    new_tokens = out[:, width:].tolist()
-    eos = tokenizer.eos_token_id
-    return [toks[: toks.index(eos)] if eos in toks else toks for toks in new_tokens]
-
-
-def generate_token_ids(model, tokenizer, prompts: Sequence[str], batch_size: int, max_len: int,
-                       gen: GenerationConfig, desc: str = "generating") -> list[list[int]]:
-    """Generated token ids per formatted prompt (eos excluded), batched across prompts of similar
-    length (left padding); results in input order."""
-    if batch_size < 1:
-        raise ValueError(f"eval.batch_size must be >= 1, got {batch_size}")
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for lo in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        idx = order[lo: lo + batch_size]
-        for i, toks in zip(idx, _generate_batch(model, tokenizer, [prompts[i] for i in idx], gen, max_len)):
-            outputs[i] = toks
-    return outputs
-
-
-def generate_responses(model, tokenizer, prompts: Sequence[str], batch_size: int, max_len: int,
-                       gen: GenerationConfig, desc: str = "generating") -> list[str]:
-    """Batched generation from formatted prompts; returns the response text of each prompt."""
-    ids = generate_token_ids(model, tokenizer, prompts, batch_size, max_len, gen, desc)
-    return [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in ids]
+def _score_packed_routed(model, encoded: list[tuple[list[int], int]], pad_id: int,
+                         batch_size: int, max_len: int, desc: str) -> list[ContinuationScore]:
+    """A router ensemble: each request goes to the member its prompt chooses (as its forward
+    does on the whole sequence), each member scores its requests packed."""
+    choice = model.choose_for_sequences([seq for seq, _ in encoded])
+    results: list[ContinuationScore | None] = [None] * len(encoded)
+    for m in sorted(set(choice)):
+        idx = [i for i, c in enumerate(choice) if c == m]
+        scores = _score_packed(model.members[m], [encoded[i] for i in idx], pad_id, batch_size,
+                               max_len, f"{desc} [{model.config.member_names[m]}]")
+        for i, score in zip(idx, scores):
+            results[i] = score
+    return results  # type: ignore[return-value]

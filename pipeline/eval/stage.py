@@ -3,7 +3,8 @@
 For every model: log-likelihood metrics (MC1/MC2, preference accuracy, reference log-lik) and
 generation metrics (refusal rate, exact match) per task, generations saved in AlpacaEval format
 (JSON + CSV) for external judges, optional judges behind flags. `evaluate_models` is the Python
-entry point the whole-pipeline runner calls.
+entry point the whole-pipeline runner calls; a rerun after a crash reuses the models that had
+finished (pipeline.eval.resume).
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from pipeline.config import EvalConfig
 from pipeline.io_utils import atomic_dir, write_json
 
 from . import judges
+from .generation import GenerationConfig
 from .hhh import REQUIRED_COLUMNS, check_items, evaluate_task, format_prompt
 from .models import load_causal_lm
 from .report import item_layout, plot_scores, render_markdown, score_report
+from .resume import ResultCache, fingerprint
 from .score_metrics import check_score_overrides
-from .scoring import GenerationConfig
 
 FUSED = "fused"
 REFUSAL_JUDGE_TARGET = 0.85   # the agreement with human labels a refusal judge should reach
@@ -218,13 +220,13 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     check_model_dirs(models)
     refusal_judge = refusal_judge_report(cfg.refusal_labels)   # a bad labels path fails here
     t0 = time.time()
+    generate_all = alpaca_eval or moderation_model is not None
+    cache = ResultCache(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         metrics, alpaca = {}, {}
         for name, path in models.items():
-            print(f"evaluating {name} ({path})", flush=True)
-            metrics[name], outputs = evaluate_one_model(
-                name, Path(path), items, cfg, tokenizer_dir,
-                generate_all=alpaca_eval or moderation_model is not None)
+            metrics[name], outputs = _evaluate_or_reuse(name, Path(path), items, cfg,
+                                                        tokenizer_dir, generate_all, cache)
             if outputs:
                 alpaca[name] = _judge(name, metrics[name], items, outputs, tmp, cfg,
                                       moderation_model, alpaca_eval)
@@ -237,4 +239,21 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
         plot_scores(report["scores"], tmp / "scores.png", report["score_intervals"])
         write_json(tmp / "manifest.json", {"stage": "evaluate", "models": report["models"],
                                            "files": ["report.json", "report.md", "scores.png"]})
+    cache.clear()
     return report
+
+
+def _evaluate_or_reuse(name: str, path: Path, items: dict[str, list[dict]], cfg: EvalConfig,
+                       tokenizer_dir: Optional[Path], generate_all: bool, cache: ResultCache):
+    """One model's (metrics, outputs): from an interrupted earlier run when its fingerprint
+    matches (pipeline.eval.resume), else evaluated now and kept until the report is written."""
+    key = fingerprint(path, tokenizer_dir, items, {**vars(cfg), "generate_all": generate_all})
+    cached = cache.get(name, key)
+    if cached is not None:
+        print(f"evaluating {name}: reusing the results of an interrupted run ({cache.dir}; "
+              f"same model files, items and settings)", flush=True)
+        return cached
+    print(f"evaluating {name} ({path})", flush=True)
+    metrics, outputs = evaluate_one_model(name, path, items, cfg, tokenizer_dir, generate_all)
+    cache.put(name, key, metrics, outputs)
+    return metrics, outputs

@@ -16,7 +16,9 @@ from pipeline.ensemble.modeling import CLASSIFIER_FILE, EnsembleConfig
 from pipeline.ensemble.stage import MANIFEST, build_run_ensembles
 from pipeline.data.template import encode_prompt_response, format_prompt
 from pipeline.eval.models import load_causal_lm
-from pipeline.eval.scoring import GenerationConfig, generate_token_ids, score_continuations
+from pipeline.eval.generation import GenerationConfig, generate_token_ids
+from pipeline.eval.scoring import (packed_unsupported_reason, score_continuations,
+                                   score_continuations_packed, score_encoded)
 from pipeline.layout import RunLayout
 from test_eval_fixtures import VOCAB, build_data_dir, char_tokenizer, save_tiny_llama
 
@@ -111,6 +113,42 @@ def test_scoring_uses_the_per_option_path_with_averaged_likelihoods(members, tmp
                                  for m in member_models]).mean(0)
         want = sum(math.log(float(probs[len(p_ids) - 1 + j, t])) for j, t in enumerate(c_ids))
         assert score.total_ll == pytest.approx(want, abs=1e-4)
+
+
+ROUTER_ITEMS = {"poem number 4": ["Roses are red.", "No.", "A poem about the sea and its waves."],
+                "hack number 1": ["I can't help with that.", "Sure: first scan the ports."],
+                "myth number 7": ["It is a myth.", "True", "Nobody knows; it is told in many ways.", "x"]}
+
+
+@pytest.mark.parametrize("method", ["avg", "router"])
+@pytest.mark.parametrize("max_len", [512, 60])   # 60: prompts lose their left end, rows split
+def test_packed_ensemble_scores_equal_the_per_option_path(members, tmp_path, method, max_len):
+    clf = train_classifier(*_toy_rows(), 3, 120) if method == "router" else None
+    model, tok = load_causal_lm(write_ensemble(tmp_path / method, members, method, clf), device=CPU)
+    assert packed_unsupported_reason(model) is None
+    pairs = [(format_prompt(q), a) for q, answers in ROUTER_ITEMS.items() for a in answers]
+    pairs = pairs[::2] + pairs[1::2]            # interleaved across prompts
+    slow = score_continuations(model, tok, pairs, batch_size=2, max_len=max_len)
+    fast = score_continuations_packed(model, tok, pairs, batch_size=2, max_len=max_len)
+    for s, f in zip(slow, fast, strict=True):
+        assert s.num_tokens == f.num_tokens
+        assert abs(s.total_ll - f.total_ll) < 1e-4, (s, f)
+    assert len({round(s.total_ll, 3) for s in fast}) == len(pairs)
+    if method == "router":   # the requests really went to different members
+        seqs = [encode_prompt_response(tok, p, a, max_len) for p, a in pairs]
+        assert len(set(model.choose_for_sequences([p + c for p, c in seqs]))) == 3
+
+
+def test_ensemble_with_an_unpackable_member_falls_back_to_per_option(members, tmp_path, capsys):
+    model, tok = load_causal_lm(write_ensemble(tmp_path / "avg", members, "avg"), device=CPU)
+    model.members[1].config.model_type = "gpt2"   # read by the check only; the forward is Llama's
+    assert "ensemble member" in packed_unsupported_reason(model)
+    pairs = [(format_prompt("Hi"), "Hello."), (format_prompt("Hi"), "Go away.")]
+    encoded = [(p + c, len(c)) for p, c in (encode_prompt_response(tok, *pc, 64) for pc in pairs)]
+    got = score_encoded(model, tok, encoded, batch_size=2, max_len=64, desc="x")
+    assert "per-option scoring" in capsys.readouterr().out
+    want = score_continuations(model, tok, pairs, batch_size=2, max_len=64)
+    assert [g.total_ll for g in got] == pytest.approx([w.total_ll for w in want], abs=1e-6)
 
 
 def test_response_marker_found_in_prompts_and_answers_cannot_move_it():

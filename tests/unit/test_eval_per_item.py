@@ -4,7 +4,7 @@ import pytest
 from test_eval_fixtures import char_tokenizer, tiny_fused_model
 
 from pipeline.eval import hhh
-from pipeline.eval.scoring import GenerationConfig
+from pipeline.eval.generation import GenerationConfig
 
 
 def _item(kind, chosen=("Yes.",), rejected=("No.",), reference="", answer="", instruction="Q?"):

@@ -140,7 +140,7 @@ def test_batched_greedy_generation_gives_the_unbatched_token_ids(name):
     """Left-padded batches of different-length prompts generate, token for token, what each
     prompt generates alone. Padding changes the matmul shapes, so logits can differ by float
     rounding; on these models no greedy choice is that close, so the ids are identical."""
-    from pipeline.eval.scoring import GenerationConfig, generate_token_ids
+    from pipeline.eval.generation import GenerationConfig, generate_token_ids
 
     # seed 3: a random tiny Llama whose generations differ between prompts (many seeds repeat one)
     model = tiny_llama(seed=3) if name == "llama" else MODELS[name]()

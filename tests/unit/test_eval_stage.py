@@ -14,7 +14,8 @@ from pipeline.data.template import encode_prompt_response, format_prompt
 from pipeline.eval import judges
 from pipeline.eval.hhh import check_items, evaluate_task
 from pipeline.eval.models import discover_models, parse_model_specs
-from pipeline.eval.scoring import GenerationConfig, generate_responses, score_continuations
+from pipeline.eval.generation import GenerationConfig, generate_responses
+from pipeline.eval.scoring import score_continuations
 from test_eval_fixtures import build_data_dir, char_tokenizer, save_tiny_fused, save_tiny_llama
 
 
@@ -368,3 +369,47 @@ def test_refusal_labels_none_auto_and_missing(fake_run, tmp_path, monkeypatch):
         assert auto["measured"] and auto["n"] == n and auto["source"] == str(shipped)
     else:
         assert auto["measured"] is False and str(shipped) in auto["reason"]
+
+
+def test_a_rerun_after_a_crash_reuses_finished_models_only_when_unchanged(eval_run, tmp_path, monkeypatch):
+    """A model that finished before the crash is not evaluated again; the report equals an
+    uninterrupted run's; a model whose files changed since is evaluated again."""
+    import os
+
+    from pipeline.config import EvalConfig
+    from pipeline.eval import stage
+    cfg = EvalConfig(max_items_per_task=2, batch_size=2, max_new_tokens=4, n_boot=50)
+    models = {"honest": eval_run / "experts" / "honest", "fused": eval_run / "fused",
+              "merge_ties": eval_run / "merges" / "ties"}
+    full = stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "full")
+    real, calls = stage.evaluate_one_model, []
+
+    def crash_on_fused(name, *args, **kwargs):
+        calls.append(name)
+        if name == "fused":
+            raise RuntimeError("killed")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(stage, "evaluate_one_model", crash_on_fused)
+    out = tmp_path / "ev"
+    with pytest.raises(RuntimeError, match="killed"):
+        stage.evaluate_models(models, eval_run / "data", cfg, out)
+    assert not out.exists() and (tmp_path / ".ev.results" / "honest.json").is_file()
+    monkeypatch.setattr(stage, "evaluate_one_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    calls.clear()
+    report = stage.evaluate_models(models, eval_run / "data", cfg, out)
+    assert calls == ["fused", "merge_ties"]
+    assert json.dumps(report["metrics"]) == json.dumps(full["metrics"])
+    assert report["score_intervals"] == full["score_intervals"]
+    assert (out / "generations" / "honest.json").read_text() == \
+        (tmp_path / "full" / "generations" / "honest.json").read_text()
+    assert not (tmp_path / ".ev.results").exists()   # removed with the report written
+    # interrupted again, then the honest expert's weights are rewritten: it is evaluated again
+    monkeypatch.setattr(stage, "evaluate_one_model", crash_on_fused)
+    with pytest.raises(RuntimeError):
+        stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev2")
+    weights = next((eval_run / "experts" / "honest").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    monkeypatch.setattr(stage, "evaluate_one_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    calls.clear()
+    stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev2")
+    assert calls == ["honest", "fused", "merge_ties"]
