@@ -79,4 +79,7 @@ def test_failure_mid_evaluation_leaves_no_report_dir(run, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         evaluate_models({"base": run / "base", "other": run / "other"}, run / "data", cfg, run / "eval")
     assert len(calls) == 2
-    assert not (run / "eval").exists() and not list(run.glob(".eval*"))
+    # no report and no temp dir; only the finished model's results, kept for a rerun
+    assert not (run / "eval").exists()
+    assert [p.name for p in run.glob(".eval*")] == [".eval.results"]
+    assert [p.name for p in (run / ".eval.results").iterdir()] == ["base.json"]
