@@ -21,6 +21,8 @@ from .data.dimensions import DEFAULT_DIMENSIONS, register_dimension, resolve_dim
 from .registry import MERGE_METHODS, MOE_BACKENDS, ROUTER_INITS, TIES_TRIM_SCOPES, Registry
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# fusion.gate_tokens (pipeline.losses.gate_token_mask computes each)
+GATE_TOKENS = ("all", "response", "first_response")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,9 @@ class RealDataConfig:
     donotanswer_dev_size: int = 200   # seeded dev sample of Do-Not-Answer; 0 = all
     max_benign_per_split: int = 200   # AlpacaEval over-refusal prompts per eval split; 0 = all
     max_train_per_task: int = 0       # 0 = all
+    # benign Alpaca rows (with their answers) in the harmless training set, within the cap:
+    # the harmless expert then refuses harmful requests only (pipeline/data/real.py, docs/data.md)
+    harmless_benign_rows: int = 0
     max_eval_per_task: int = 0
     seed: int = 0
 
@@ -133,7 +138,8 @@ class FusionConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     lambda_gate: float = 0.01
     # tokens the gating loss averages over: "all" non-padding tokens (the paper) or "response"
-    # tokens only (the prompt's shared template header carries no task signal; docs/stage2.md)
+    # tokens only (the prompt's shared template header carries no task signal; docs/stage2.md),
+    # or "first_response": only the position that predicts the first response token
     gate_tokens: str = "all"
     router_lr: Optional[float] = None  # the routers' lr (None = train.lr; experts/LoRA use train.lr)
     # per dimension; {} = every configured dimension with 0 (gamma) / 1 (mix_weights), filled in
@@ -398,12 +404,18 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
            f"tokenizer.path ({cfg.tokenizer.path!r}) cannot be combined with base.gguf: with a GGUF "
            f"base the tokenizer stage uses the GGUF file's own tokenizer")
     _check(cfg.expert.method in ("ffn", "lora"), f"expert.method must be ffn|lora, got {cfg.expert.method!r}")
+    real = cfg.data.real
+    _check(not real.harmless_benign_rows or 0 < real.harmless_benign_rows < real.max_train_per_task,
+           f"data.real.harmless_benign_rows ({real.harmless_benign_rows}) must be below "
+           f"data.real.max_train_per_task ({real.max_train_per_task}, which must then be set): "
+           "the benign rows share the harmless training cap with the refusal rows")
     f = cfg.fusion
     _check(f.trainable in ("router", "router+lora", "router+experts"),
            f"fusion.trainable must be router|router+lora|router+experts, got {f.trainable!r}")
     _check_registered(ROUTER_INITS, f.router_init, "fusion.router_init", source)
     _check_registered(MOE_BACKENDS, f.moe_backend, "fusion.moe_backend", source)
-    _check(f.gate_tokens in ("all", "response"), f"fusion.gate_tokens must be all|response, got {f.gate_tokens!r}")
+    _check(f.gate_tokens in GATE_TOKENS,
+           f"fusion.gate_tokens must be {'|'.join(GATE_TOKENS)}, got {f.gate_tokens!r}")
     _check(cfg.profile.tokens in ("response", "all"),
            f"profile.tokens must be response|all, got {cfg.profile.tokens!r}")
     for i, m in enumerate(cfg.merge.methods):

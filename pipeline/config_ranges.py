@@ -49,6 +49,7 @@ _SECTION_RANGES = (
     ("data.real.max_eval_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("data.real.donotanswer_dev_size", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("data.real.max_benign_per_split", lambda v: v >= 0, ">= 0 (0 = all)"),
+    ("data.real.harmless_benign_rows", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("expert.num_procs", lambda v: v >= 1, ">= 1"),
     ("fusion.top_k", lambda v: v >= 1, ">= 1"),
     ("fusion.ep_degree", lambda v: v >= 1, ">= 1"),

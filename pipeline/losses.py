@@ -69,15 +69,31 @@ def response_span_masks(starts_B: torch.Tensor, lengths_B: torch.Tensor,
     return span, span & (pos == first)
 
 
+def first_response_mask(labels_BS: torch.Tensor) -> torch.Tensor:
+    """The one position per sequence that predicts the first response token (its own label is
+    prompt, -100; the next one is not): where the routing decides how the answer starts, e.g.
+    a refusal or not. Bool [B, S]."""
+    mask = torch.zeros_like(labels_BS, dtype=torch.bool)
+    mask[:, :-1] = (labels_BS[:, 1:] != -100) & (labels_BS[:, :-1] == -100)
+    return mask
+
+
+# fusion.gate_tokens: which positions the gating loss averages over (config.GATE_TOKENS)
+_GATE_TOKEN_MASKS = {
+    "response": predicts_response_mask,
+    "first_response": first_response_mask,
+}
+
+
 def gate_token_mask(attention_mask_BS: torch.Tensor, labels_BS: torch.Tensor, tokens: str) -> torch.Tensor:
-    """Tokens the gating loss averages over: "all" non-padding tokens, or only the "response"
-    positions (`predicts_response_mask`; the shared prompt template carries no task signal for a
-    causal router)."""
+    """Tokens the gating loss averages over: "all" non-padding tokens, the "response" positions
+    (`predicts_response_mask`; the shared prompt template carries no task signal for a causal
+    router), or only the "first_response" position (`first_response_mask`)."""
     if tokens == "all":
         return attention_mask_BS
-    if tokens == "response":
-        return attention_mask_BS * predicts_response_mask(labels_BS).to(attention_mask_BS.dtype)
-    raise ValueError(f"gate tokens must be 'all' or 'response', got {tokens!r}")
+    if tokens not in _GATE_TOKEN_MASKS:
+        raise ValueError(f"gate tokens must be one of all, {', '.join(_GATE_TOKEN_MASKS)}; got {tokens!r}")
+    return attention_mask_BS * _GATE_TOKEN_MASKS[tokens](labels_BS).to(attention_mask_BS.dtype)
 
 
 def gating_loss(probs_per_layer: Sequence[torch.Tensor], attention_mask_BS: torch.Tensor,

@@ -255,16 +255,45 @@ def build_real(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict, list[st
     loaded, sources = _load_all(cfg, dims)
     rng = random.Random(cfg.seed)
     names = [d.name for d in dims]
-    sft, evals, web, dedup = {}, {}, [], {}
+    raw, evals, web, dedup = {}, {}, [], {}
     for dim in dims:
-        task = dim.name
         out = dim.real_loader()(loaded, rng)
-        s, e, w = out[:3]
-        dedup[task] = dict(out[3]) if len(out) > 3 else {}
+        raw[dim.name], evals[dim.name], w = out[:3]
+        dedup[dim.name] = dict(out[3]) if len(out) > 3 else {}
+        evals[dim.name] = {k: _cap(v, cfg.max_eval_per_task) for k, v in evals[dim.name].items()}
+        web += w
+    _add_harmless_benign(raw, cfg, dedup)
+    sft = {}
+    for task, s in raw.items():
         s["train"] = _cap(s["train"], cfg.max_train_per_task)
         label = one_hot(task, names)
         sft[task] = {split: [{**r, "task_label": list(label)} for r in rows] for split, rows in s.items()}
-        evals[task] = {k: _cap(v, cfg.max_eval_per_task) for k, v in e.items()}
-        web += w
     random.Random(cfg.seed + 1).shuffle(web)
     return sft, evals, web, {"kind": "real", "datasets": sources, "dedup": dedup, "seed": cfg.seed}
+
+
+def _add_harmless_benign(raw: dict, cfg: RealDataConfig, dedup: dict) -> None:
+    """data.real.harmless_benign_rows = N: the harmless training set becomes N benign Alpaca
+    rows answered as Alpaca answers them plus the first cap − N refusal rows, shuffled, so the
+    harmless expert learns to refuse harmful requests and to answer ordinary ones (the mix of
+    Safety-Tuned LLaMAs, Bianchi et al. 2024) instead of refusing everything. The benign rows are
+    helpful training rows the helpful expert does not train on (past the cap), so the experts
+    share no training row, and they are already cleared of AlpacaEval instructions and references
+    (the harmless benign eval prompts)."""
+    n, cap = cfg.harmless_benign_rows, cfg.max_train_per_task
+    if not n:
+        return
+    missing = [d for d in ("helpful", "harmless") if d not in raw]
+    if missing:
+        raise ConfigError(f"data.real.harmless_benign_rows needs the helpful and harmless "
+                          f"dimensions; this run has no {', '.join(missing)}")
+    pool = raw["helpful"]["train"][cap:]
+    if len(pool) < n:
+        raise ConfigError(f"data.real.harmless_benign_rows: {n} benign rows asked for, but only "
+                          f"{len(pool)} Alpaca training rows lie past the helpful cap "
+                          f"(data.real.max_train_per_task = {cap})")
+    benign = [_sft(r["instruction"], r["input"], r["response"], "harmless") for r in pool[:n]]
+    mixed = benign + raw["harmless"]["train"][:cap - n]
+    random.Random(f"{cfg.seed}:harmless_benign").shuffle(mixed)
+    raw["harmless"]["train"] = mixed
+    dedup["harmless"]["harmless_benign_alpaca_rows"] = n

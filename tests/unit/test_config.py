@@ -28,6 +28,7 @@ def test_dotted_overrides_with_and_without_section_prefix():
     ("expert.train.lr=abc", "key 'expert.train.lr' must be float"),
     ("expert.train.micro_batch_size=1.5", "must be int"),
     ("fusion.trainable=everything", "fusion.trainable"),
+    ("fusion.gate_tokens=prompt", "fusion.gate_tokens must be all|response|first_response"),
     ("fusion.gamma.funny=1", r"fusion.gamma names unknown dimensions \['funny'\]"),
     ("nonsense", "expected KEY=VALUE"),
 ])

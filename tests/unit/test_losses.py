@@ -140,7 +140,9 @@ def test_gate_token_mask_selects_positions_that_predict_the_response():
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, 7, 8]])
     assert torch.equal(gate_token_mask(mask, labels, "all"), mask)
     assert gate_token_mask(mask, labels, "response").tolist() == [[0, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
-    with pytest.raises(ValueError, match="response"):
+    # only the position that predicts the first response token (7 in row 0, 5 in row 1)
+    assert gate_token_mask(mask, labels, "first_response").tolist() == [[0, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="first_response"):
         gate_token_mask(mask, labels, "prompt")
 
 
@@ -159,7 +161,7 @@ def test_gating_loss_on_response_tokens_ignores_prompt_routing():
 
 
 def test_response_span_masks_match_the_label_shift():
-    from pipeline.losses import predicts_response_mask, response_span_masks
+    from pipeline.losses import first_response_mask, predicts_response_mask, response_span_masks
     # two sequences: prompt of 3 / 2 tokens, real lengths 6 / 4, padded to 7
     starts, lengths = torch.tensor([3, 2]), torch.tensor([6, 4])
     span, first = response_span_masks(starts, lengths, 7)
@@ -169,3 +171,4 @@ def test_response_span_masks_match_the_label_shift():
     assert torch.equal(span, predicts_response_mask(labels))
     assert span.tolist() == [[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0, 0]]
     assert first.tolist() == [[0, 0, 1, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]]
+    assert torch.equal(first, first_response_mask(labels))
