@@ -72,3 +72,14 @@ def shared_data() -> Path:
         pytest.fail(f"real data slices not found at {SHARED_DATA}: tests that read real data need "
                     f"the shared data dir (see docs/data.md); it is never copied into the repo")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_data_paths(shared_data) -> dict:
+    """`data.real` keys -> the shared slices: every dataset the real loaders need (no extras)."""
+    d = shared_data
+    return dict(alpaca=str(d / "alpaca/alpaca_small.json"), beavertails=str(d / "beavertails/beavertails_sample.csv"),
+                truthfulqa=str(d / "truthfulqa/TruthfulQA.csv"), truthfulqa_mc=str(d / "truthfulqa/mc_task.json"),
+                alpaca_eval=str(d / "alpaca_eval/alpaca_eval_text_davinci_003.json"),
+                harmbench=str(d / "safety/harmbench/harmbench_prompts.txt"),
+                donotanswer=str(d / "safety/donotanswer"), safety_pairs=str(d / "safety/response_pairs/objective"))

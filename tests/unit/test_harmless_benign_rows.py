@@ -11,14 +11,8 @@ DIMS = resolve_dimensions(DEFAULT_DIMENSIONS, {})
 
 
 @pytest.fixture(scope="module")
-def real_kw(shared_data):
-    d = shared_data
-    return dict(alpaca=str(d / "alpaca/alpaca_small.json"), beavertails=str(d / "beavertails/beavertails_sample.csv"),
-                truthfulqa=str(d / "truthfulqa/TruthfulQA.csv"), truthfulqa_mc=str(d / "truthfulqa/mc_task.json"),
-                alpaca_eval=str(d / "alpaca_eval/alpaca_eval_text_davinci_003.json"),
-                harmbench=str(d / "safety/harmbench/harmbench_prompts.txt"),
-                donotanswer=str(d / "safety/donotanswer"), safety_pairs=str(d / "safety/response_pairs/objective"),
-                harmless_train_prompts=str(d / "safety/advbench/adv_bench.prompt"), max_train_per_task=512)
+def real_kw(real_data_paths, shared_data):
+    return dict(real_data_paths, harmless_train_prompts=str(shared_data / "safety/advbench/adv_bench.prompt"), max_train_per_task=512)
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,8 @@ def test_near_duplicates_rejects_bad_threshold():
 
 
 @pytest.fixture(scope="module")
-def real_kw(shared_data):
-    d = shared_data
-    return dict(alpaca=str(d / "alpaca/alpaca_small.json"), beavertails=str(d / "beavertails/beavertails_sample.csv"),
-                truthfulqa=str(d / "truthfulqa/TruthfulQA.csv"), truthfulqa_mc=str(d / "truthfulqa/mc_task.json"),
-                alpaca_eval=str(d / "alpaca_eval/alpaca_eval_text_davinci_003.json"),
-                harmbench=str(d / "safety/harmbench/harmbench_prompts.txt"),
-                donotanswer=str(d / "safety/donotanswer"), safety_pairs=str(d / "safety/response_pairs/objective"))
+def real_kw(real_data_paths, shared_data):
+    return dict(real_data_paths)
 
 
 def test_advbench_as_training_prompts_on_shared_files(real_kw, shared_data):
