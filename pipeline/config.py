@@ -203,6 +203,10 @@ class EvalConfig:
     # pair preference: its models' generations on unseen prompts are not text a refusal judge
     # can read (README "Latest tiny report").
     score_metrics: dict[str, list[str]] = field(default_factory=dict)
+    # an earlier report dir (its report.json): a model whose weights, eval items and per-model
+    # settings are identical to one evaluated there takes its results instead of being evaluated
+    # again (pipeline.eval.reuse; e.g. seeds that share stage 1); "" = evaluate every model
+    reuse_from: str = ""
 
 
 @dataclass

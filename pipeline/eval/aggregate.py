@@ -7,6 +7,12 @@ summarises each model's score per dimension and mean (bootstrap.across_seeds: me
 the fused model's paired differences (mean ± sd of the per-seed differences, and each seed's
 verdict) and, where `<run>/claims.json` exists, each claim's per-seed result. The spread across
 seeds is the training variance the per-run bootstrap intervals (item sampling) do not include.
+
+`pooled`: every model's per-item score averaged over the runs (the items are the same), then the
+report's own paired bootstrap over items on those averages -- so "fused − other, averaged over
+seeds" gets one interval and one verdict, the per-seed verdicts stay beside it. Each run's
+training seeds (expert, fusion) come from its resolved_config.yaml, so a table whose experts are
+shared between runs says so.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from typing import Any, Optional, Sequence
 
 from pipeline.io_utils import atomic_dir
 
-from .bootstrap import across_seeds
+from .bootstrap import across_seeds, make_design, paired_bootstrap
+from .report import choose_score_metrics, interval_dict, paired_comparison
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
@@ -90,6 +97,53 @@ def _claims(runs: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
+def _seed_averaged_values(reports: list[dict]) -> tuple[dict, dict]:
+    """dimension -> model -> per-item score averaged over the runs, and dimension -> Design;
+    each run's scores chosen as its own report chose them (check_same_items made them agree)."""
+    layout = reports[0]["items"]
+    chosen = [choose_score_metrics(r["metrics"], layout, list(layout),
+                                   (r.get("config") or {}).get("score_metrics")) for r in reports]
+    values, designs = {}, {}
+    for dim in layout:
+        if chosen[0][dim][0] is None:
+            continue
+        first = chosen[0][dim][1]
+        values[dim] = {m: [None if any(v is None for v in vs) else sum(vs) / len(vs)
+                           for vs in zip(*(c[dim][1][m].values for c in chosen))] for m in first}
+        designs[dim] = make_design(layout[dim]["group"], next(iter(first.values())).strata)
+    return values, designs
+
+
+def pooled_over_seeds(reports: list[dict]) -> Optional[dict[str, Any]]:
+    """Scores and fused − other comparisons of the seed-averaged per-item scores (module
+    docstring), bootstrap settings from the first run's report; None if no dimension is scored
+    or a report holds no per-item metrics (a hand-made or pre-bootstrap report.json)."""
+    if any("metrics" not in r or "bootstrap" not in r for r in reports):
+        return None
+    values, designs = _seed_averaged_values(reports)
+    if not values:
+        return None
+    boot = reports[0]["bootstrap"]
+    pb = paired_bootstrap(values, designs, n_boot=boot["n_boot"], seed=boot["seed"],
+                          level=boot["level"])
+    rows = list(values) + ["mean"]
+    fused = reports[0].get("fused_model")
+    return {"scores": {m: {d: interval_dict(pb.interval(m, d)) for d in rows} for m in pb.models},
+            "comparisons": {o: {d: paired_comparison(pb, fused, o, d) for d in rows}
+                            for o in pb.models if o != fused} if fused in pb.models else {},
+            "bootstrap": boot}
+
+
+def training_seeds(run_dir: Path) -> Optional[dict[str, Any]]:
+    """expert.train.seed and fusion.train.seed of a run (its resolved_config.yaml), else None."""
+    path = Path(run_dir) / "resolved_config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+    cfg = yaml.safe_load(path.read_text())
+    return {stage: (cfg.get(stage) or {}).get("train", {}).get("seed") for stage in ("expert", "fusion")}
+
+
 def aggregate_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
     dirs = [str(Path(d).resolve()) for d in run_dirs]
     if len(set(dirs)) != len(dirs):
@@ -106,7 +160,9 @@ def aggregate_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
             "seeds": [(r.get("config") or {}).get("seed") for r in reports],
             "split": ref["split"], "score_metrics": ref["score_metrics"],
             "fused_model": ref.get("fused_model"), "scores": scores,
-            "comparisons": _comparisons(reports), "claims": _claims(runs)}
+            "training_seeds": [training_seeds(Path(r["dir"])) for r in runs],
+            "comparisons": _comparisons(reports), "pooled": pooled_over_seeds(reports),
+            "claims": _claims(runs)}
 
 
 def _pm(s: Optional[dict]) -> str:
@@ -115,11 +171,45 @@ def _pm(s: Optional[dict]) -> str:
     return f"{s['mean']:.3f}" + ("" if s["sd"] is None else f" ± {s['sd']:.3f}")
 
 
+def _seeds_line(agg: dict) -> list[str]:
+    seeds = agg.get("training_seeds") or []
+    if not seeds or any(s is None for s in seeds):
+        return []
+    line = "Training seeds per run (expert, fusion): " + ", ".join(
+        f"({s['expert']}, {s['fusion']})" for s in seeds) + "."
+    if len({s["expert"] for s in seeds}) == 1 and len(seeds) > 1:
+        line += (" The expert seed is the same in every run: the runs vary fusion (and what is "
+                 "trained beside it), and the spread does not include stage 1's.")
+    return [line, ""]
+
+
+def _iv(c: dict) -> str:
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+
+
+def _pooled_lines(agg: dict) -> list[str]:
+    pooled = agg.get("pooled")
+    if not pooled or not pooled["comparisons"]:
+        return []
+    dims = list(next(iter(pooled["comparisons"].values())))
+    lines = ["", f"## `{agg['fused_model']}` − other on the per-item scores averaged over the "
+             f"{agg['n_seeds']} runs (paired bootstrap over items, "
+             f"{pooled['bootstrap']['n_boot']} resamples, 95 %)", "",
+             "| other | " + " | ".join(dims) + " | verdict (mean) | gain (mean) |",
+             "|" + "---|" * (len(dims) + 3)]
+    for other, per in pooled["comparisons"].items():
+        rel = per["mean"]["rel_pct"]
+        lines.append(f"| {other} | " + " | ".join(_iv(per[d]) for d in dims) +
+                     f" | {per['mean']['verdict']} | " + ("–" if rel is None else f"{rel:+.1f} %") + " |")
+    return lines
+
+
 def render_aggregate_md(agg: dict) -> str:
     dims = list(next(iter(agg["scores"].values()), {}))
     lines = ["# H3Fusion results across seeds", "",
              f"{agg['n_seeds']} runs (eval seeds {agg['seeds']}), split `{agg['split']}`, same eval "
              f"items in every run. Cells: mean ± sd across seeds (sd: n-1).", "",
+             *_seeds_line(agg),
              "| model | " + " | ".join(dims) + " |", "|" + "---|" * (len(dims) + 1)]
     lines += [f"| {m} | " + " | ".join(_pm(s[d]) for d in dims) + " |" for m, s in agg["scores"].items()]
     if agg["comparisons"]:
@@ -127,6 +217,7 @@ def render_aggregate_md(agg: dict) -> str:
                   "| other | dimension | diff mean ± sd | verdict per seed |", "|---|---|---|---|"]
         lines += [f"| {o} | {d} | {_pm(c['diff'])} | {', '.join(c['verdicts'])} |"
                   for o, per in agg["comparisons"].items() for d, c in per.items()]
+    lines += _pooled_lines(agg)
     if agg["claims"]:
         lines += ["", "## Claims per seed", "", "| claim | passed per seed | verdict per seed |",
                   "|---|---|---|"]

@@ -13,13 +13,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_dir: Path, fallback_dir: Optional[Path] = None):
     """The model dir's tokenizer, else `fallback_dir`'s (e.g. `<run>/tokenizer`)."""
     from transformers import AutoTokenizer
 
     for d in (model_dir, fallback_dir):
-        if d is not None and any((Path(d) / f).is_file() for f in
-                                 ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if d is not None and has_tokenizer(d):
             return AutoTokenizer.from_pretrained(d)
     raise FileNotFoundError(f"no tokenizer files in {model_dir}" +
                             (f" or {fallback_dir}" if fallback_dir else ""))

@@ -76,12 +76,12 @@ def choose_score_metrics(metrics: dict[str, dict], layout: dict[str, dict],
     return chosen
 
 
-def _interval_dict(iv) -> dict[str, Any]:
+def interval_dict(iv) -> dict[str, Any]:
     return {"estimate": iv.estimate, "low": iv.low, "high": iv.high,
             "n_groups": iv.n_groups, "n_items": iv.n_items}
 
 
-def _comparison(pb: PairedBootstrap, a: str, b: str, dim: str) -> dict[str, Any]:
+def paired_comparison(pb: PairedBootstrap, a: str, b: str, dim: str) -> dict[str, Any]:
     iv = pb.difference(a, b, dim)
     other = pb.interval(b, dim).estimate
     return {"diff": iv.estimate, "low": iv.low, "high": iv.high, "verdict": verdict(iv),
@@ -115,12 +115,12 @@ def score_report(metrics: dict[str, dict], layout: dict[str, dict], fused: str, 
         for d in scored + ["mean"]:
             iv = pb.interval(m, d)
             out["scores"][m][d] = iv.estimate
-            out["score_intervals"][m][d] = _interval_dict(iv)
+            out["score_intervals"][m][d] = interval_dict(iv)
     if fused in models:
-        out["comparisons"] = {o: {d: _comparison(pb, fused, o, d) for d in scored + ["mean"]}
+        out["comparisons"] = {o: {d: paired_comparison(pb, fused, o, d) for d in scored + ["mean"]}
                               for o in models if o != fused}
     if BASE in models:
-        out["expert_vs_base"] = {d: {"expert": d, **_comparison(pb, d, BASE, d)}
+        out["expert_vs_base"] = {d: {"expert": d, **paired_comparison(pb, d, BASE, d)}
                                  for d in scored if d in models and d != BASE}
     return out
 
@@ -189,6 +189,10 @@ def render_markdown(report: dict) -> str:
     lines = ["# H3Fusion evaluation report", "",
              f"Eval split: `{report['split']}`; models: {', '.join(results)}.", "",
              refusal_judge_line(report["refusal_judge"]), ""]
+    reused = report.get("reused_from") or {}
+    if reused:   # eval.reuse_from: say which results this evaluation did not compute itself
+        lines += [f"Results of {', '.join(reused)} taken from {sorted(set(reused.values()))} "
+                  f"(same weights, items and per-model settings; eval.reuse_from).", ""]
     for task in report["score_metrics"]:
         cols = [c for c in METRIC_COLUMNS if any(r.get(task, {}).get(c) is not None for r in results.values())]
         lines += [f"## {task} (raw metrics; log-likelihoods in nats per token)", ""]

@@ -26,6 +26,7 @@ from .hhh import REQUIRED_COLUMNS, check_items, evaluate_task, format_prompt
 from .models import load_causal_lm
 from .report import item_layout, plot_scores, render_markdown, score_report
 from .resume import ResultCache, fingerprint
+from .reuse import PreviousResults, result_key
 from .score_metrics import check_score_overrides
 
 FUSED = "fused"
@@ -221,10 +222,20 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     refusal_judge = refusal_judge_report(cfg.refusal_labels)   # a bad labels path fails here
     t0 = time.time()
     generate_all = alpaca_eval or moderation_model is not None
+    # the judges read every model's generations: with them on, every model is evaluated here
+    previous = PreviousResults(cfg.reuse_from) if cfg.reuse_from and not generate_all else None
     cache = ResultCache(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        metrics, alpaca = {}, {}
+        metrics, alpaca, keys, reused = {}, {}, {}, {}
         for name, path in models.items():
+            keys[name] = result_key(Path(path), tokenizer_dir, items, vars(cfg))
+            earlier = previous.get(name, keys[name]) if previous is not None else None
+            if earlier is not None:
+                print(f"evaluating {name}: results taken from {previous.dir} (same weights, "
+                      f"items and per-model settings)", flush=True)
+                metrics[name], reused[name] = earlier, str(previous.dir)
+                previous.copy_generations(name, tmp)
+                continue
             metrics[name], outputs = _evaluate_or_reuse(name, Path(path), items, cfg,
                                                         tokenizer_dir, generate_all, cache)
             if outputs:
@@ -232,7 +243,8 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
                                       moderation_model, alpaca_eval)
         report = build_report(metrics, models, cfg, item_layout(items), refusal_judge)
         report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
-                      wall_time_s=round(time.time() - t0, 2))
+                      tokenizer_dir=str(tokenizer_dir) if tokenizer_dir else None,
+                      result_keys=keys, reused_from=reused, wall_time_s=round(time.time() - t0, 2))
         # not io_utils.write_json: it sorts keys, and the models' order is the report's order
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))

@@ -74,3 +74,50 @@ def test_runs_over_other_items_are_one_error_naming_run_and_task(tmp_path):
     with pytest.raises(ValueError):
         write_aggregate([a, b], out)
     assert not out.exists()
+
+
+def _write_scored_run(root, name, fused, base=(0, 1, 0, 0), expert_seed=0, fusion_seed=1):
+    """A run whose report.json carries per-item pref_acc values, as `h3fusion evaluate` writes
+    them, and a resolved_config.yaml with its training seeds."""
+    from pipeline.eval.report import score_report
+    layout = {d: {"group": [0, 0, 1, 2], "kind": ["pair"] * 4} for d in DIMS}
+    overrides = {d: ["pref_acc"] for d in DIMS}
+    metrics = {m: {d: {"per_item": {"pref_acc": list(v)}} for d in DIMS}
+               for m, v in (("base", base), ("fused", fused))}
+    report = {"split": "test", "config": {"seed": 0, "score_metrics": overrides}, "items": layout,
+              "metrics": metrics, "fused_model": "fused",
+              **score_report(metrics, layout, "fused", n_boot=200, seed=0, score_metrics=overrides)}
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "report.json").write_text(json.dumps(report))
+    (run / "resolved_config.yaml").write_text(
+        f"expert:\n  train:\n    seed: {expert_seed}\nfusion:\n  train:\n    seed: {fusion_seed}\n")
+    return run
+
+
+def test_pooled_scores_average_the_items_over_seeds_with_one_paired_interval(tmp_path):
+    runs = [_write_scored_run(tmp_path, "a", (1, 0, 1, 1), fusion_seed=1),
+            _write_scored_run(tmp_path, "b", (0, 0, 1, 1), fusion_seed=2)]
+    agg = aggregate_runs(runs)
+    pooled = agg["pooled"]
+    # group means (groups 0, 0, 1, 2): a = (0.5, 1, 1) -> 5/6, b = (0, 1, 1) -> 2/3; base 1/6
+    fused = pooled["scores"]["fused"]["helpful"]
+    assert fused["estimate"] == pytest.approx(0.75)
+    assert fused["estimate"] == pytest.approx(agg["scores"]["fused"]["helpful"]["mean"])
+    c = pooled["comparisons"]["base"]["mean"]
+    assert c["diff"] == pytest.approx(0.75 - 1 / 6) and c["low"] <= c["diff"] <= c["high"]
+    assert c["verdict"] in ("holds", "tie") and pooled["bootstrap"]["n_boot"] == 200
+    assert agg["training_seeds"] == [{"expert": 0, "fusion": 1}, {"expert": 0, "fusion": 2}]
+    write_aggregate(runs, tmp_path / "agg")
+    md = (tmp_path / "agg" / "aggregate.md").read_text()
+    assert "Training seeds per run (expert, fusion): (0, 1), (0, 2)." in md
+    assert "expert seed is the same in every run" in md
+    assert f"| base | {c['diff']:+.3f} [" in md.split("averaged over the 2 runs")[1]
+
+
+def test_no_pooled_section_without_per_item_metrics(tmp_path):
+    runs = [_write_run(tmp_path, s, (0.6 + 0.1 * s, 0.5)) for s in range(2)]
+    agg = aggregate_runs(runs)
+    assert agg["pooled"] is None and agg["training_seeds"] == [None, None]
+    write_aggregate(runs, tmp_path / "agg")
+    assert "averaged over the" not in (tmp_path / "agg" / "aggregate.md").read_text()

@@ -1,0 +1,143 @@
+"""`eval.reuse_from`: a model's results taken from an earlier evaluation when nothing that decides
+them changed.
+
+Runs that share models evaluate them again: seeds that vary only fusion share the base, the
+experts, the merges and the probability-average ensemble, which are 8 of a SmolLM2 run's 11
+models and about 45 of its 67 evaluation minutes. A model's per-item metrics and generations are
+a function of its weights and config, its tokenizer, the eval items and the per-model eval
+settings, so a model whose `result_key` equals one recorded in the earlier report takes that
+report's metrics and generation files. The key is over file *contents* (SHA-256), not paths or
+times, so a copy of a model in another run dir matches and a retrained one never does.
+
+Left out of the key: provenance files that loading a model never reads (`*manifest.json`,
+`resolved_config.yaml`: they hold paths and times), and the settings used only after every
+model ran (bootstrap draws, refusal labels, score overrides) -- plus `seed` when generation is
+greedy, since it then decides nothing per model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from .models import has_tokenizer
+
+PROVENANCE_SUFFIXES = ("manifest.json", "resolved_config.yaml")
+# settings read only after every model ran, or only by the judges (which need the generations)
+REPORT_LEVEL_SETTINGS = ("n_boot", "refusal_labels", "score_metrics", "reuse_from", "generate_all")
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files_digest(path: Path, skip_provenance: bool) -> dict[str, str]:
+    path = Path(path).resolve()
+    return {str(f.relative_to(path)): _file_sha256(f) for f in sorted(path.rglob("*"))
+            if f.is_file() and not (skip_provenance and f.name.endswith(PROVENANCE_SUFFIXES))}
+
+
+def content_digest(model_dir: Path) -> dict[str, Any]:
+    """Relative name -> SHA-256 of every file a load reads, with an ensemble's member dirs (its
+    config names them, relative to it or absolute) digested the same way under "members"."""
+    model_dir = Path(model_dir).resolve()
+    config = json.loads((model_dir / "config.json").read_text())
+    members = [content_digest(model_dir / m) for m in config.get("members") or []]
+    return {"files": _files_digest(model_dir, skip_provenance=True), "members": members}
+
+
+def per_model_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The eval settings that decide a model's own metrics and generations."""
+    kept = {k: v for k, v in settings.items() if k not in REPORT_LEVEL_SETTINGS}
+    if not kept.get("do_sample"):
+        kept.pop("seed", None)   # greedy generation: the seed decides nothing per model
+    return kept
+
+
+def result_key(model_dir: Path, tokenizer_dir: Optional[Path], items: dict[str, list[dict]],
+               settings: dict[str, Any]) -> Optional[str]:
+    """SHA-256 over what decides one model's results (module docstring). The fallback tokenizer
+    dir counts only when the model dir has no tokenizer of its own (loading uses the same rule);
+    None when neither has one (the model cannot be loaded, so there is nothing to match)."""
+    if has_tokenizer(model_dir):
+        tokenizer = None
+    elif tokenizer_dir is not None and has_tokenizer(tokenizer_dir):
+        tokenizer = _files_digest(tokenizer_dir, skip_provenance=False)
+    else:
+        return None
+    blob = {"model": content_digest(model_dir), "tokenizer": tokenizer, "items": items,
+            "settings": per_model_settings(settings)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _newest_mtime(model_dir: Path) -> float:
+    """Latest modification time of the model's files (an ensemble's members included)."""
+    model_dir = Path(model_dir).resolve()
+    config = json.loads((model_dir / "config.json").read_text())
+    times = [f.stat().st_mtime for f in model_dir.rglob("*") if f.is_file()]
+    times += [_newest_mtime(model_dir / m) for m in config.get("members") or []]
+    return max(times)
+
+
+def _unchanged_since(model_dir: Path, written: float) -> bool:
+    """The model dir still holds what a report written at `written` evaluated: it exists and no
+    file in it is newer than the report (a retrained or replaced model at the same path is)."""
+    return (Path(model_dir) / "config.json").is_file() and _newest_mtime(model_dir) <= written
+
+
+def _recorded_keys(report: dict[str, Any], where: Path) -> dict[str, Optional[str]]:
+    """A report's `result_keys`; for a report written before they were recorded, computed from
+    the model dirs and data dir it names -- only for dirs unchanged since the report was written
+    (others get None: a path can hold another model by now)."""
+    if "result_keys" in report:
+        return report["result_keys"]
+    from .stage import load_eval_items
+
+    cfg = report["config"]
+    try:
+        items = load_eval_items(Path(report["data_dir"]), cfg["split"], cfg["max_items_per_task"])
+    except (FileNotFoundError, ValueError) as err:
+        print(f"eval.reuse_from: {where} has no result_keys and its data dir cannot be read "
+              f"({err}); nothing is reused", flush=True)
+        return {}
+    tokenizer = report.get("tokenizer_dir")
+    written = (where / "report.json").stat().st_mtime
+    return {name: result_key(Path(path), Path(tokenizer) if tokenizer else None, items, cfg)
+            if _unchanged_since(Path(path), written) else None
+            for name, path in report["models"].items()}
+
+
+class PreviousResults:
+    """The models of an earlier report dir, by name, with the result key each was evaluated
+    under. A missing or unreadable report is an error naming `eval.reuse_from`, raised before
+    any model loads."""
+
+    def __init__(self, report_dir: str | Path):
+        self.dir = Path(report_dir)
+        path = self.dir / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.reuse_from: {path} does not exist (give the report dir "
+                                    f"of an earlier `h3fusion evaluate`, e.g. <run>/eval)")
+        try:
+            report = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"eval.reuse_from: {path} is not valid JSON ({err})") from None
+        self.metrics: dict[str, dict] = report["metrics"]
+        self.keys = _recorded_keys(report, self.dir)
+
+    def get(self, name: str, key: Optional[str]) -> Optional[dict]:
+        """The earlier metrics of `name` when it was evaluated under `key`, else None."""
+        if key is None or self.keys.get(name) != key or name not in self.metrics:
+            return None
+        return self.metrics[name]
+
+    def copy_generations(self, name: str, dest_dir: Path) -> None:
+        """The earlier report's saved generations of `name` (JSON + CSV), if it saved any."""
+        src = self.dir / "generations"
+        for f in (src / f"{name}.json", src / f"{name}.csv"):
+            if f.is_file():
+                (Path(dest_dir) / "generations").mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, Path(dest_dir) / "generations" / f.name)

@@ -1,0 +1,146 @@
+"""eval.reuse_from (pipeline.eval.reuse): an earlier report's results for models whose weights,
+items and per-model settings are unchanged; everything else evaluated again."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_eval_fixtures import build_data_dir, save_tiny_fused, save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def reuse_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("reuserun")
+    build_data_dir(run, per_split=4)
+    save_tiny_llama(run / "base", seed=0)
+    save_tiny_llama(run / "experts" / "honest", seed=11)
+    save_tiny_fused(run / "fused", seed=30)
+    return run
+
+
+def _cfg(**kw):
+    from pipeline.config import EvalConfig
+    return EvalConfig(**{"max_items_per_task": 2, "batch_size": 2, "max_new_tokens": 4,
+                         "n_boot": 50, **kw})
+
+
+def _models(run: Path) -> dict[str, Path]:
+    return {"base": run / "base", "honest": run / "experts" / "honest", "fused": run / "fused"}
+
+
+def _counting(monkeypatch) -> list[str]:
+    from pipeline.eval import stage
+    real, calls = stage.evaluate_one_model, []
+    monkeypatch.setattr(stage, "evaluate_one_model",
+                        lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    return calls
+
+
+def test_unchanged_models_take_the_earlier_results_and_changed_ones_are_evaluated(
+        reuse_run, tmp_path, monkeypatch):
+    from pipeline.eval import stage
+    first = stage.evaluate_models(_models(reuse_run), reuse_run / "data", _cfg(), tmp_path / "a")
+    assert set(first["result_keys"]) == {"base", "honest", "fused"} and first["reused_from"] == {}
+    # a second run dir: copies of base and honest (new paths, times and provenance files), and a
+    # fused model with other weights
+    other = tmp_path / "run2"
+    shutil.copytree(reuse_run / "base", other / "base")
+    shutil.copytree(reuse_run / "experts" / "honest", other / "honest")
+    (other / "honest" / "fusion_train_manifest.json").write_text('{"when": "now"}')
+    save_tiny_fused(other / "fused", seed=31)
+    models = {"base": other / "base", "honest": other / "honest", "fused": other / "fused"}
+    calls = _counting(monkeypatch)
+    # eval.seed and n_boot decide no model's own results under greedy generation
+    report = stage.evaluate_models(models, reuse_run / "data",
+                                   _cfg(seed=7, n_boot=60, reuse_from=str(tmp_path / "a")),
+                                   tmp_path / "b")
+    assert calls == ["fused"]
+    assert report["reused_from"] == {"base": str(tmp_path / "a"), "honest": str(tmp_path / "a")}
+    for name in ("base", "honest"):
+        assert json.dumps(report["metrics"][name]) == json.dumps(first["metrics"][name])
+        assert (tmp_path / "b" / "generations" / f"{name}.json").read_text() == \
+            (tmp_path / "a" / "generations" / f"{name}.json").read_text()
+    assert report["result_keys"]["base"] == first["result_keys"]["base"]
+    assert report["result_keys"]["fused"] != first["result_keys"]["fused"]
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "Results of base, honest taken from" in md and "eval.reuse_from" in md
+
+
+def test_a_changed_weight_or_per_model_setting_is_evaluated_again(reuse_run, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.eval import stage
+    stage.evaluate_models(_models(reuse_run), reuse_run / "data", _cfg(), tmp_path / "a")
+    other = tmp_path / "base2"
+    shutil.copytree(reuse_run / "base", other)
+    weights = next(other.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    calls = _counting(monkeypatch)
+    stage.evaluate_models({"base": other, "honest": reuse_run / "experts" / "honest"},
+                          reuse_run / "data", _cfg(reuse_from=str(tmp_path / "a")), tmp_path / "b")
+    assert calls == ["base"]
+    calls.clear()   # another max_new_tokens changes every model's generations: nothing reused
+    report = stage.evaluate_models(_models(reuse_run), reuse_run / "data",
+                                   _cfg(reuse_from=str(tmp_path / "a"), max_new_tokens=5),
+                                   tmp_path / "c")
+    assert calls == ["base", "honest", "fused"] and report["reused_from"] == {}
+
+
+def test_a_report_without_recorded_keys_is_matched_through_its_model_paths(reuse_run, tmp_path,
+                                                                          monkeypatch):
+    from pipeline.eval import stage
+    stage.evaluate_models(_models(reuse_run), reuse_run / "data", _cfg(), tmp_path / "a")
+    path = tmp_path / "a" / "report.json"
+    old = json.loads(path.read_text())
+    for key in ("result_keys", "tokenizer_dir", "reused_from"):   # as written before reuse existed
+        old.pop(key)
+    path.write_text(json.dumps(old))
+    calls = _counting(monkeypatch)
+    report = stage.evaluate_models(_models(reuse_run), reuse_run / "data",
+                                   _cfg(reuse_from=str(tmp_path / "a")), tmp_path / "b")
+    assert calls == [] and set(report["reused_from"]) == {"base", "honest", "fused"}
+    # a model dir written after that report may hold another model by now: evaluated again
+    import os
+    config = reuse_run / "fused" / "config.json"
+    later = path.stat().st_mtime_ns + 10**9
+    before = config.stat().st_mtime_ns
+    os.utime(config, ns=(later, later))
+    try:
+        report = stage.evaluate_models(_models(reuse_run), reuse_run / "data",
+                                       _cfg(reuse_from=str(tmp_path / "a")), tmp_path / "c")
+    finally:
+        os.utime(config, ns=(before, before))
+    assert calls == ["fused"] and set(report["reused_from"]) == {"base", "honest"}
+
+
+def test_a_missing_earlier_report_fails_before_any_model_loads(reuse_run, tmp_path, monkeypatch):
+    from pipeline.eval import stage
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was evaluated before eval.reuse_from was checked")
+    monkeypatch.setattr(stage, "evaluate_one_model", no_model)
+    with pytest.raises(FileNotFoundError, match="eval.reuse_from: .*nowhere/report.json"):
+        stage.evaluate_models(_models(reuse_run), reuse_run / "data",
+                              _cfg(reuse_from=str(tmp_path / "nowhere")), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_provenance_files_and_the_greedy_seed_are_outside_the_key(tmp_path):
+    from pipeline.eval.reuse import per_model_settings, result_key
+    save_tiny_llama(tmp_path / "m", seed=0)
+    items = {"honest": [{"instruction": "q"}]}
+    settings = vars(_cfg())
+    key = result_key(tmp_path / "m", None, items, settings)
+    (tmp_path / "m" / "merge_manifest.json").write_text("{}")
+    assert result_key(tmp_path / "m", None, items, {**settings, "seed": 3, "n_boot": 9}) == key
+    assert result_key(tmp_path / "m", None, {"honest": [{"instruction": "r"}]}, settings) != key
+    assert "seed" in per_model_settings({**settings, "do_sample": True})   # sampling: it counts
+    (tmp_path / "m" / "config.json").write_text(
+        (tmp_path / "m" / "config.json").read_text().replace("{", '{"extra": 1,', 1))
+    assert result_key(tmp_path / "m", None, items, settings) != key
