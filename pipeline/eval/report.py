@@ -191,8 +191,10 @@ def render_markdown(report: dict) -> str:
              refusal_judge_line(report["refusal_judge"]), ""]
     reused = report.get("reused_from") or {}
     if reused:   # eval.reuse_from: say which results this evaluation did not compute itself
-        lines += [f"Results of {', '.join(reused)} taken from {sorted(set(reused.values()))} "
-                  f"(same weights, items and per-model settings; eval.reuse_from).", ""]
+        where = sorted({r["report_dir"] for r in reused.values()})
+        names = ", ".join(n if r["model"] == n else f"{n} (as {r['model']})" for n, r in reused.items())
+        lines += [f"Results of {names} taken from {', '.join(where)} (same weights, items and "
+                  f"per-model settings; eval.reuse_from).", ""]
     for task in report["score_metrics"]:
         cols = [c for c in METRIC_COLUMNS if any(r.get(task, {}).get(c) is not None for r in results.values())]
         lines += [f"## {task} (raw metrics; log-likelihoods in nats per token)", ""]

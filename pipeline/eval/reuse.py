@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,19 +72,24 @@ def result_key(model_dir: Path, tokenizer_dir: Optional[Path], items: dict[str, 
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _newest_mtime(model_dir: Path) -> float:
-    """Latest modification time of the model's files (an ensemble's members included)."""
+def _last_change(model_dir: Path) -> float:
+    """Latest change under a model dir: its files' mtimes and its dirs' mtime and ctime (a dir
+    moved or renamed into place keeps its files' mtimes but gets a new ctime; a file added or
+    renamed in changes the dir's mtime), an ensemble's members included."""
     model_dir = Path(model_dir).resolve()
     config = json.loads((model_dir / "config.json").read_text())
-    times = [f.stat().st_mtime for f in model_dir.rglob("*") if f.is_file()]
-    times += [_newest_mtime(model_dir / m) for m in config.get("members") or []]
+    times = []
+    for p in [model_dir, *model_dir.rglob("*")]:
+        st = p.stat()
+        times += [st.st_mtime, st.st_ctime] if p.is_dir() else [st.st_mtime]
+    times += [_last_change(model_dir / m) for m in config.get("members") or []]
     return max(times)
 
 
 def _unchanged_since(model_dir: Path, written: float) -> bool:
-    """The model dir still holds what a report written at `written` evaluated: it exists and no
-    file in it is newer than the report (a retrained or replaced model at the same path is)."""
-    return (Path(model_dir) / "config.json").is_file() and _newest_mtime(model_dir) <= written
+    """The model dir still holds what a report written at `written` evaluated: it exists and
+    nothing in it changed after the report (a retrained, moved-in or replaced model did)."""
+    return (Path(model_dir) / "config.json").is_file() and _last_change(model_dir) <= written
 
 
 def _recorded_keys(report: dict[str, Any], where: Path) -> dict[str, Optional[str]]:
@@ -128,16 +132,19 @@ class PreviousResults:
         self.metrics: dict[str, dict] = report["metrics"]
         self.keys = _recorded_keys(report, self.dir)
 
-    def get(self, name: str, key: Optional[str]) -> Optional[dict]:
-        """The earlier metrics of `name` when it was evaluated under `key`, else None."""
-        if key is None or self.keys.get(name) != key or name not in self.metrics:
+    def find(self, key: Optional[str]) -> Optional[str]:
+        """The name of an earlier model evaluated under `key` (the key is over contents, so the
+        name it had there does not matter), else None."""
+        if key is None:
             return None
-        return self.metrics[name]
+        return next((n for n, k in self.keys.items() if k == key and n in self.metrics), None)
 
-    def copy_generations(self, name: str, dest_dir: Path) -> None:
-        """The earlier report's saved generations of `name` (JSON + CSV), if it saved any."""
-        src = self.dir / "generations"
-        for f in (src / f"{name}.json", src / f"{name}.csv"):
-            if f.is_file():
-                (Path(dest_dir) / "generations").mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, Path(dest_dir) / "generations" / f.name)
+    def copy_generations(self, earlier: str, name: str, dest_dir: Path) -> None:
+        """The earlier report's saved generations of model `earlier` (JSON + CSV), if it saved
+        any, as model `name`'s (the `generator` field renamed)."""
+        src = self.dir / "generations" / f"{earlier}.json"
+        if not src.is_file():
+            return
+        records = [{**r, "generator": name} for r in json.loads(src.read_text())]
+        from .stage import save_generations
+        save_generations(Path(dest_dir), name, records)

@@ -229,12 +229,13 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
         metrics, alpaca, keys, reused = {}, {}, {}, {}
         for name, path in models.items():
             keys[name] = result_key(Path(path), tokenizer_dir, items, vars(cfg))
-            earlier = previous.get(name, keys[name]) if previous is not None else None
+            earlier = previous.find(keys[name]) if previous is not None else None
             if earlier is not None:
-                print(f"evaluating {name}: results taken from {previous.dir} (same weights, "
-                      f"items and per-model settings)", flush=True)
-                metrics[name], reused[name] = earlier, str(previous.dir)
-                previous.copy_generations(name, tmp)
+                print(f"evaluating {name}: results of {earlier!r} taken from {previous.dir} "
+                      f"(same weights, items and per-model settings)", flush=True)
+                metrics[name] = previous.metrics[earlier]
+                reused[name] = {"report_dir": str(previous.dir), "model": earlier}
+                previous.copy_generations(earlier, name, tmp)
                 continue
             metrics[name], outputs = _evaluate_or_reuse(name, Path(path), items, cfg,
                                                         tokenizer_dir, generate_all, cache)

@@ -51,22 +51,28 @@ def test_unchanged_models_take_the_earlier_results_and_changed_ones_are_evaluate
     shutil.copytree(reuse_run / "experts" / "honest", other / "honest")
     (other / "honest" / "fusion_train_manifest.json").write_text('{"when": "now"}')
     save_tiny_fused(other / "fused", seed=31)
-    models = {"base": other / "base", "honest": other / "honest", "fused": other / "fused"}
+    # the honest expert under another name: the key is over contents, not names
+    models = {"base": other / "base", "expert_h": other / "honest", "fused": other / "fused"}
     calls = _counting(monkeypatch)
     # eval.seed and n_boot decide no model's own results under greedy generation
     report = stage.evaluate_models(models, reuse_run / "data",
                                    _cfg(seed=7, n_boot=60, reuse_from=str(tmp_path / "a")),
                                    tmp_path / "b")
     assert calls == ["fused"]
-    assert report["reused_from"] == {"base": str(tmp_path / "a"), "honest": str(tmp_path / "a")}
-    for name in ("base", "honest"):
-        assert json.dumps(report["metrics"][name]) == json.dumps(first["metrics"][name])
-        assert (tmp_path / "b" / "generations" / f"{name}.json").read_text() == \
-            (tmp_path / "a" / "generations" / f"{name}.json").read_text()
+    where = str(tmp_path / "a")
+    assert report["reused_from"] == {"base": {"report_dir": where, "model": "base"},
+                                     "expert_h": {"report_dir": where, "model": "honest"}}
+    for name, earlier in (("base", "base"), ("expert_h", "honest")):
+        assert json.dumps(report["metrics"][name]) == json.dumps(first["metrics"][earlier])
+        gens = json.loads((tmp_path / "b" / "generations" / f"{name}.json").read_text())
+        assert gens == [{**g, "generator": name} for g in
+                        json.loads((tmp_path / "a" / "generations" / f"{earlier}.json").read_text())]
+    assert (tmp_path / "b" / "generations" / "base.json").read_text() == \
+        (tmp_path / "a" / "generations" / "base.json").read_text()
     assert report["result_keys"]["base"] == first["result_keys"]["base"]
     assert report["result_keys"]["fused"] != first["result_keys"]["fused"]
     md = (tmp_path / "b" / "report.md").read_text()
-    assert "Results of base, honest taken from" in md and "eval.reuse_from" in md
+    assert "Results of base, expert_h (as honest) taken from" in md and "eval.reuse_from" in md
 
 
 def test_a_changed_weight_or_per_model_setting_is_evaluated_again(reuse_run, tmp_path, monkeypatch):
@@ -117,6 +123,34 @@ def test_a_report_without_recorded_keys_is_matched_through_its_model_paths(reuse
     finally:
         os.utime(config, ns=(before, before))
     assert calls == ["fused"] and set(report["reused_from"]) == {"base", "honest"}
+
+
+def test_a_report_without_keys_does_not_vouch_for_a_model_moved_into_its_path(tmp_path,
+                                                                               monkeypatch):
+    """A dir moved into an evaluated model's path keeps its files' times; the dir's ctime
+    shows the move, so the earlier results are not taken for it."""
+    from pipeline.eval import stage
+    run = tmp_path / "run"
+    build_data_dir(run, per_split=4)
+    save_tiny_llama(run / "base", seed=0)
+    save_tiny_llama(tmp_path / "other", seed=5)   # written before the report, moved in after
+    stage.evaluate_models({"base": run / "base"}, run / "data", _cfg(), tmp_path / "a")
+    path = tmp_path / "a" / "report.json"
+    old = json.loads(path.read_text())
+    old.pop("result_keys")
+    path.write_text(json.dumps(old))
+    written = path.stat().st_mtime_ns
+    import os
+    import time
+    while time.time_ns() <= written + 10**7:   # the move lands after the report, on any clock
+        time.sleep(0.01)
+    (run / "base").rename(tmp_path / "old_base")
+    (tmp_path / "other").rename(run / "base")
+    calls = _counting(monkeypatch)
+    report = stage.evaluate_models({"base": run / "base"}, run / "data",
+                                   _cfg(reuse_from=str(tmp_path / "a")), tmp_path / "b")
+    assert calls == ["base"] and report["reused_from"] == {}
+    assert os.stat(run / "base").st_ctime_ns > written
 
 
 def test_a_missing_earlier_report_fails_before_any_model_loads(reuse_run, tmp_path, monkeypatch):
