@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from .files import load_eval_items, save_generations
 from .models import has_tokenizer
 
 PROVENANCE_SUFFIXES = ("manifest.json", "resolved_config.yaml")
@@ -98,8 +99,6 @@ def _recorded_keys(report: dict[str, Any], where: Path) -> dict[str, Optional[st
     (others get None: a path can hold another model by now)."""
     if "result_keys" in report:
         return report["result_keys"]
-    from .stage import load_eval_items
-
     cfg = report["config"]
     try:
         items = load_eval_items(Path(report["data_dir"]), cfg["split"], cfg["max_items_per_task"])
@@ -146,5 +145,4 @@ class PreviousResults:
         if not src.is_file():
             return
         records = [{**r, "generator": name} for r in json.loads(src.read_text())]
-        from .stage import save_generations
         save_generations(Path(dest_dir), name, records)

@@ -8,7 +8,6 @@ finished (pipeline.eval.resume).
 """
 from __future__ import annotations
 
-import csv
 import gc
 import json
 import time
@@ -22,7 +21,8 @@ from pipeline.io_utils import atomic_dir, write_json
 
 from . import judges
 from .generation import GenerationConfig
-from .hhh import REQUIRED_COLUMNS, check_items, evaluate_task, format_prompt
+from .files import load_eval_items, save_generations
+from .hhh import evaluate_task, format_prompt
 from .models import load_causal_lm
 from .report import item_layout, plot_scores, render_markdown, score_report
 from .resume import ResultCache, fingerprint
@@ -31,32 +31,6 @@ from .score_metrics import check_score_overrides
 
 FUSED = "fused"
 REFUSAL_JUDGE_TARGET = 0.85   # the agreement with human labels a refusal judge should reach
-
-
-def load_eval_items(data_dir: Path, split: str, max_items: int) -> dict[str, list[dict]]:
-    """dimension -> eval items (`max_items` first rows, 0 = all) via `pipeline.data.loading`, for
-    every dimension of the data dir, in its order. A missing or empty eval set, or one that lacks
-    a field, is one error naming the set and the field (raised before any model loads)."""
-    from pipeline.data.loading import data_dimensions, load_eval
-
-    items = {}
-    for task in data_dimensions(data_dir):
-        where = Path(data_dir) / "eval" / task / split
-        if not where.is_dir():
-            raise FileNotFoundError(f"eval set {where} is missing (run `h3fusion data` first)")
-        ds = load_eval(data_dir, task, split)
-        missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"eval set {where} lacks field(s) {missing} (an eval item has "
-                             f"{list(REQUIRED_COLUMNS)})")
-        if len(ds) == 0:
-            raise ValueError(f"eval set {where} is empty: no items to evaluate")
-        if max_items > 0:
-            ds = ds.select(range(min(max_items, len(ds))))
-        rows = ds.to_list()
-        check_items(rows, str(where))
-        items[task] = rows
-    return items
 
 
 def check_model_dirs(models: dict[str, Path]) -> None:
@@ -88,19 +62,6 @@ def _generation_records(name: str, items: dict[str, list[dict]], outputs: dict[s
             records.append({"instruction": instruction, "output": out, "generator": name,
                             "dataset": task, "task": task, "kind": item["kind"]})
     return records
-
-
-def save_generations(out_dir: Path, name: str, records: list[dict]) -> Path:
-    gen_dir = out_dir / "generations"
-    gen_dir.mkdir(exist_ok=True)
-    path = gen_dir / f"{name}.json"
-    path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
-    with open(gen_dir / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["generator", "task", "kind", "instruction", "output"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-    return path
 
 
 def _moderate(metrics: dict, items: dict[str, list[dict]], outputs: dict[str, list[str]],

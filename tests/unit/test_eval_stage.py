@@ -144,7 +144,7 @@ def test_evaluate_cli_writes_report_for_every_model_in_the_run(eval_run, capsys)
     gens = json.loads((out / "generations" / "fused.json").read_text())
     # only the items a metric reads are generated: answers (helpful) and harmful/benign prompts
     from pipeline.eval.hhh import needs_generation
-    from pipeline.eval.stage import load_eval_items
+    from pipeline.eval.files import load_eval_items
     wanted = sum(needs_generation(it) for rows in load_eval_items(
         eval_run / "data", "test", 4).values() for it in rows)
     assert 0 < len(gens) == wanted < 12 and {"instruction", "output", "generator"} <= set(gens[0])
@@ -254,7 +254,7 @@ def real_data(shared_data, tmp_path_factory):
 
 
 def test_real_truthfulqa_mc1_mc2_from_the_data_loaders(real_data, shared_data, tiny_lm):
-    from pipeline.eval.stage import load_eval_items
+    from pipeline.eval.files import load_eval_items
     items = load_eval_items(real_data, "test", 3)
     honest = items["honest"]
     targets = {r["question"].strip(): r for r in json.loads((shared_data / "truthfulqa" / "mc_task.json").read_text())}

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     overrides = {"ffn": args.ffn_set, "lora": args.lora_set}
     results: dict = {"run_dir": str(args.run_dir), "eval_split": cfg.eval.split,
                      "max_items_per_task": cfg.eval.max_items_per_task, "tasks": {}}
-    from pipeline.eval.stage import load_eval_items
+    from pipeline.eval.files import load_eval_items
 
     items = load_eval_items(args.run_dir / "data", cfg.eval.split, cfg.eval.max_items_per_task)
     tokenizer_dir = args.run_dir / "tokenizer"

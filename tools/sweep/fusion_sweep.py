@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from pipeline.env import requeue_requested_exit_code
-from pipeline.eval.stage import load_eval_items
+from pipeline.eval.files import load_eval_items
 from pipeline.io_utils import read_json, write_json
 from pipeline.layout import RunLayout
 from pipeline.run_lock import RunDirBusyError, run_dir_lock
