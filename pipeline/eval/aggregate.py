@@ -144,6 +144,13 @@ def training_seeds(run_dir: Path) -> Optional[dict[str, Any]]:
     return {stage: (cfg.get(stage) or {}).get("train", {}).get("seed") for stage in ("expert", "fusion")}
 
 
+def same_in_every_run(reports: list[dict]) -> list[str]:
+    """Models evaluated on the same files in every run (equal `result_keys`, pipeline.eval.reuse):
+    their sd across seeds is 0 by construction, not a finding. Empty for reports without keys."""
+    keys = [r.get("result_keys") or {} for r in reports]
+    return [m for m, k in keys[0].items() if k and all(other.get(m) == k for other in keys[1:])]
+
+
 def aggregate_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
     dirs = [str(Path(d).resolve()) for d in run_dirs]
     if len(set(dirs)) != len(dirs):
@@ -161,6 +168,7 @@ def aggregate_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
             "split": ref["split"], "score_metrics": ref["score_metrics"],
             "fused_model": ref.get("fused_model"), "scores": scores,
             "training_seeds": [training_seeds(Path(r["dir"])) for r in runs],
+            "same_in_every_run": same_in_every_run(reports) if len(reports) > 1 else [],
             "comparisons": _comparisons(reports), "pooled": pooled_over_seeds(reports),
             "claims": _claims(runs)}
 
@@ -172,15 +180,19 @@ def _pm(s: Optional[dict]) -> str:
 
 
 def _seeds_line(agg: dict) -> list[str]:
-    seeds = agg.get("training_seeds") or []
-    if not seeds or any(s is None for s in seeds):
-        return []
-    line = "Training seeds per run (expert, fusion): " + ", ".join(
-        f"({s['expert']}, {s['fusion']})" for s in seeds) + "."
-    if len({s["expert"] for s in seeds}) == 1 and len(seeds) > 1:
-        line += (" The expert seed is the same in every run: the runs vary fusion (and what is "
-                 "trained beside it), and the spread does not include stage 1's.")
-    return [line, ""]
+    """What the runs share: training seeds (from resolved configs) and models whose weights are
+    the same in every run (from result keys)."""
+    seeds, same, parts = agg.get("training_seeds") or [], agg.get("same_in_every_run") or [], []
+    if seeds and all(s is not None for s in seeds):
+        parts.append("Training seeds per run (expert, fusion): " + ", ".join(
+            f"({s['expert']}, {s['fusion']})" for s in seeds) + ".")
+        if len({s["expert"] for s in seeds}) == 1 and len(seeds) > 1:
+            parts.append("The expert seed is the same in every run: the runs vary fusion (and what "
+                         "is trained beside it), and the spread does not include stage 1's.")
+    if same:
+        parts.append("Evaluated on the same weights in every run (so sd 0 by construction): "
+                     f"{', '.join(same)}.")
+    return [" ".join(parts), ""] if parts else []
 
 
 def _iv(c: dict) -> str:

@@ -98,21 +98,27 @@ def test_rerun_skips_finished_stages(finished_run):
 
 def test_a_fusion_seed_reuses_the_shared_models_and_aggregates(finished_run, tmp_path):
     """tools/sweep/fusion_seed.sh: a second fusion seed over the same stage 1 evaluates only what
-    the seed changed (the merges are rebuilt bit-identically, so they are reused too), and
-    `h3fusion aggregate` pools the two runs and says the expert seed is shared."""
+    the seed changed (the merges are rebuilt bit-identically, so they are reused too; SHARE keeps
+    RUN0's multi-task baseline, linked, not retrained), and `h3fusion aggregate` pools the two
+    runs and says the expert seed is shared."""
     from pathlib import Path
 
     run, _ = finished_run
     repo = Path(__file__).resolve().parents[2]
     seed_run = tmp_path / "seed7"
-    env = {**os.environ, "H3FUSION": f"{sys.executable} -m pipeline.commands"}
+    env = {**os.environ, "H3FUSION": f"{sys.executable} -m pipeline.commands",
+           "SHARE": "baselines/multitask"}
     proc = subprocess.run(["bash", str(repo / "tools/sweep/fusion_seed.sh"), str(run.root),
                            str(seed_run), "7"], capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = json.loads((run.eval / "report.json").read_text())
     report = json.loads((seed_run / "eval" / "report.json").read_text())
     shared = {m for m in first["models"]
-              if m in ("base", "helpful", "harmless", "honest", "ensemble_avg") or m.startswith("merge_")}
+              if m in ("base", "helpful", "harmless", "honest", "ensemble_avg", "multitask")
+              or m.startswith("merge_")}
+    assert "multitask" in shared and "=== stage baseline_multitask" not in proc.stdout
+    weights = next((run.root / "baselines" / "multitask").glob("*.safetensors"))
+    assert (seed_run / "baselines" / "multitask" / weights.name).samefile(weights)
     assert shared and shared <= set(report["reused_from"]) and "fused" not in report["reused_from"]
     for m in shared:
         assert report["scores"][m] == first["scores"][m]

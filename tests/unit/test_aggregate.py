@@ -86,6 +86,7 @@ def _write_scored_run(root, name, fused, base=(0, 1, 0, 0), expert_seed=0, fusio
                for m, v in (("base", base), ("fused", fused))}
     report = {"split": "test", "config": {"seed": 0, "score_metrics": overrides}, "items": layout,
               "metrics": metrics, "fused_model": "fused",
+              "result_keys": {"base": "k-base", "fused": f"k-fused-{name}"},
               **score_report(metrics, layout, "fused", n_boot=200, seed=0, score_metrics=overrides)}
     run = root / name
     (run / "eval").mkdir(parents=True)
@@ -112,6 +113,8 @@ def test_pooled_scores_average_the_items_over_seeds_with_one_paired_interval(tmp
     md = (tmp_path / "agg" / "aggregate.md").read_text()
     assert "Training seeds per run (expert, fusion): (0, 1), (0, 2)." in md
     assert "expert seed is the same in every run" in md
+    assert agg["same_in_every_run"] == ["base"]
+    assert "same weights in every run (so sd 0 by construction): base." in md
     assert f"| base | {c['diff']:+.3f} [" in md.split("averaged over the 2 runs")[1]
 
 
@@ -119,5 +122,6 @@ def test_no_pooled_section_without_per_item_metrics(tmp_path):
     runs = [_write_run(tmp_path, s, (0.6 + 0.1 * s, 0.5)) for s in range(2)]
     agg = aggregate_runs(runs)
     assert agg["pooled"] is None and agg["training_seeds"] == [None, None]
+    assert agg["same_in_every_run"] == []   # no result keys: nothing is claimed shared
     write_aggregate(runs, tmp_path / "agg")
     assert "averaged over the" not in (tmp_path / "agg" / "aggregate.md").read_text()
