@@ -5,7 +5,8 @@ dozen models; a crash or kill near the end should not cost the ones already done
 model finishes, its metrics and generations go to `<out>.results/<name>.json` (beside the report
 dir `<out>`) under a fingerprint of everything that decides them: the model dir's files (name,
 size, mtime) and, for an ensemble, its members' dirs; the tokenizer dir; the eval items; the
-evaluation settings. A rerun reuses an entry only when its fingerprint matches, so a retrained
+evaluation settings that decide the model's own results (report-level ones such as n_boot or
+eval.reuse_from may change between the runs: pipeline.eval.reuse.per_model_settings). A rerun reuses an entry only when its fingerprint matches, so a retrained
 model, other items or another setting are evaluated again. The folder is removed once the report
 is written.
 """

@@ -26,7 +26,7 @@ from .hhh import evaluate_task, format_prompt
 from .models import load_causal_lm
 from .report import item_layout, plot_scores, render_markdown, score_report
 from .resume import ResultCache, fingerprint
-from .reuse import PreviousResults, result_key
+from .reuse import PreviousResults, per_model_settings, result_key
 from .score_metrics import check_score_overrides
 
 FUSED = "fused"
@@ -221,7 +221,10 @@ def _evaluate_or_reuse(name: str, path: Path, items: dict[str, list[dict]], cfg:
                        tokenizer_dir: Optional[Path], generate_all: bool, cache: ResultCache):
     """One model's (metrics, outputs): from an interrupted earlier run when its fingerprint
     matches (pipeline.eval.resume), else evaluated now and kept until the report is written."""
-    key = fingerprint(path, tokenizer_dir, items, {**vars(cfg), "generate_all": generate_all})
+    # only the settings that decide this model's metrics and outputs: a rerun may change a
+    # report-level one (n_boot, eval.reuse_from, ...) and keep the models already finished
+    settings = {**per_model_settings(vars(cfg)), "generate_all": generate_all}
+    key = fingerprint(path, tokenizer_dir, items, settings)
     cached = cache.get(name, key)
     if cached is not None:
         print(f"evaluating {name}: reusing the results of an interrupted run ({cache.dir}; "

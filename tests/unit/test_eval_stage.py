@@ -413,3 +413,37 @@ def test_a_rerun_after_a_crash_reuses_finished_models_only_when_unchanged(eval_r
     calls.clear()
     stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev2")
     assert calls == ["honest", "fused", "merge_ties"]
+
+
+def test_a_rerun_with_other_report_level_settings_keeps_the_finished_models(eval_run, tmp_path, monkeypatch):
+    """n_boot, the seed of a greedy run and eval.reuse_from only shape the report: a rerun that
+    changes them reuses the finished models; a per-model setting (max_new_tokens) does not."""
+    import dataclasses
+
+    from pipeline.config import EvalConfig
+    from pipeline.eval import stage
+    cfg = EvalConfig(max_items_per_task=2, batch_size=2, max_new_tokens=4, n_boot=50)
+    models = {"honest": eval_run / "experts" / "honest", "fused": eval_run / "fused"}
+    full = stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "full")
+    real, calls = stage.evaluate_one_model, []
+
+    def crash_on_fused(name, *args, **kwargs):
+        calls.append(name)
+        if name == "fused":
+            raise RuntimeError("killed")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(stage, "evaluate_one_model", crash_on_fused)
+    for out in ("ev", "ev2"):
+        with pytest.raises(RuntimeError, match="killed"):
+            stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / out)
+    monkeypatch.setattr(stage, "evaluate_one_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    calls.clear()
+    report_only = dataclasses.replace(cfg, n_boot=60, seed=3, reuse_from=str(tmp_path / "full"))
+    monkeypatch.setattr(stage, "PreviousResults", lambda d: type("NoMatch", (), {"find": lambda s, k: None})())
+    report = stage.evaluate_models(models, eval_run / "data", report_only, tmp_path / "ev")
+    assert calls == ["fused"]
+    assert json.dumps(report["metrics"]) == json.dumps(full["metrics"])
+    calls.clear()
+    stage.evaluate_models(models, eval_run / "data", dataclasses.replace(cfg, max_new_tokens=5),
+                          tmp_path / "ev2")
+    assert calls == ["honest", "fused"]
