@@ -11,8 +11,10 @@
 # What it does not vary: stage 1 (expert.train.seed stays RUN0's); aggregate.md says so.
 # SHARE="baselines/multitask" (space-separated run-dir parts) hard-links more of RUN0's outputs:
 # a stage whose output exists is done, so the multi-task baseline keeps RUN0's data-mix seed and
-# its RUN0 results are reused -- about 16 min less per seed on 2 cores, and the seeds then vary
-# the fusion only.
+# its RUN0 results are reused -- about 16 min less per seed on 2 cores. SHARE="baselines/multitask
+# merges ensembles" (docs/results.md's headline) also keeps RUN0's prompt-router classifier, so
+# the seeds vary the fused model only; the merges and the probability average are the same
+# either way.
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: $0 RUN0 RUN_N SEED [--set KEY=VALUE ...]" >&2; exit 2; }
 run0=$1; run=$2; seed=$3; shift 3
