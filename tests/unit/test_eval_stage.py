@@ -371,6 +371,17 @@ def test_refusal_labels_none_auto_and_missing(fake_run, tmp_path, monkeypatch):
         assert auto["measured"] is False and str(shipped) in auto["reason"]
 
 
+def _recording(real, calls: list, crash_on: str = ""):
+    """`evaluate_one_model` that records each model name in `calls`, and raises for `crash_on`
+    (a kill mid-evaluation)."""
+    def evaluate(name, *args, **kwargs):
+        calls.append(name)
+        if name == crash_on:
+            raise RuntimeError("killed")
+        return real(name, *args, **kwargs)
+    return evaluate
+
+
 def test_a_rerun_after_a_crash_reuses_finished_models_only_when_unchanged(eval_run, tmp_path, monkeypatch):
     """A model that finished before the crash is not evaluated again; the report equals an
     uninterrupted run's; a model whose files changed since is evaluated again."""
@@ -384,17 +395,13 @@ def test_a_rerun_after_a_crash_reuses_finished_models_only_when_unchanged(eval_r
     full = stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "full")
     real, calls = stage.evaluate_one_model, []
 
-    def crash_on_fused(name, *args, **kwargs):
-        calls.append(name)
-        if name == "fused":
-            raise RuntimeError("killed")
-        return real(name, *args, **kwargs)
+    crash_on_fused = _recording(real, calls, crash_on="fused")
     monkeypatch.setattr(stage, "evaluate_one_model", crash_on_fused)
     out = tmp_path / "ev"
     with pytest.raises(RuntimeError, match="killed"):
         stage.evaluate_models(models, eval_run / "data", cfg, out)
     assert not out.exists() and (tmp_path / ".ev.results" / "honest.json").is_file()
-    monkeypatch.setattr(stage, "evaluate_one_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    monkeypatch.setattr(stage, "evaluate_one_model", _recording(real, calls))
     calls.clear()
     report = stage.evaluate_models(models, eval_run / "data", cfg, out)
     assert calls == ["fused", "merge_ties"]
@@ -409,7 +416,7 @@ def test_a_rerun_after_a_crash_reuses_finished_models_only_when_unchanged(eval_r
         stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev2")
     weights = next((eval_run / "experts" / "honest").glob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    monkeypatch.setattr(stage, "evaluate_one_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    monkeypatch.setattr(stage, "evaluate_one_model", _recording(real, calls))
     calls.clear()
     stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "ev2")
     assert calls == ["honest", "fused", "merge_ties"]
@@ -427,16 +434,12 @@ def test_a_rerun_with_other_report_level_settings_keeps_the_finished_models(eval
     full = stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / "full")
     real, calls = stage.evaluate_one_model, []
 
-    def crash_on_fused(name, *args, **kwargs):
-        calls.append(name)
-        if name == "fused":
-            raise RuntimeError("killed")
-        return real(name, *args, **kwargs)
+    crash_on_fused = _recording(real, calls, crash_on="fused")
     monkeypatch.setattr(stage, "evaluate_one_model", crash_on_fused)
     for out in ("ev", "ev2"):
         with pytest.raises(RuntimeError, match="killed"):
             stage.evaluate_models(models, eval_run / "data", cfg, tmp_path / out)
-    monkeypatch.setattr(stage, "evaluate_one_model", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    monkeypatch.setattr(stage, "evaluate_one_model", _recording(real, calls))
     calls.clear()
     report_only = dataclasses.replace(cfg, n_boot=60, seed=3, reuse_from=str(tmp_path / "full"))
     monkeypatch.setattr(stage, "PreviousResults", lambda d: type("NoMatch", (), {"find": lambda s, k: None})())
