@@ -1,5 +1,6 @@
 """tools/sweep/fusion_sweep.py without training: grid expansion and validation, the dev-only rule,
-resumability (which points run), failure records and the sweep table from synthetic reports."""
+resumability (which points run), failure records, and the sweep table (pipeline.eval.sweep_table)
+from synthetic reports."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.eval.sweep_table import render_markdown, summarize
 from tests.conftest import load_tool
 
 sweep = load_tool("sweep/fusion_sweep.py")
@@ -172,10 +174,10 @@ def test_table_sorted_by_dev_mean_with_intervals_and_failures_last(tmp_path):
                      write_report(tmp_path / "b.json", {"helpful": 0.4, "honest": 0.6, "mean": 0.5}))
     failed = {"id": "ccc", "overrides": {"fusion.lambda_gate": 100}, "status": "failed",
               "failed_stage": "fuse", "returncode": 3, "log": "/s/points/ccc/log.txt"}
-    summary = sweep.summarize([failed, weak, good], "/runs/r")
+    summary = summarize([failed, weak, good], "/runs/r")
     assert [r["id"] for r in summary["points"]] == ["aaa", "bbb", "ccc"]
     assert summary["best"] == "aaa" and summary["dimensions"] == ["helpful", "honest"]
-    md = sweep.render_markdown(summary)
+    md = render_markdown(summary)
     assert "| 1 | aaa | fusion.lambda_gate=10 | 0.800 [0.700, 0.900] | 0.600 | 0.700 [0.610, 0.790] | ok |" in md
     assert "| 2 | bbb | fusion.lambda_gate=0.1 | 0.400 | 0.600 | 0.500 | ok |" in md
     assert "failed: fuse exit 3, log /s/points/ccc/log.txt" in md
@@ -186,14 +188,14 @@ def test_table_sorted_by_dev_mean_with_intervals_and_failures_last(tmp_path):
 def test_no_best_when_every_point_failed_and_mixed_metrics_are_flagged(tmp_path):
     failed = {"id": "x", "overrides": {}, "status": "failed", "failed_stage": "evaluate",
               "returncode": 2, "log": "l"}
-    summary = sweep.summarize([failed])
+    summary = summarize([failed])
     assert summary["best"] is None
-    assert "none (no point finished with a score)" in sweep.render_markdown(summary)
+    assert "none (no point finished with a score)" in render_markdown(summary)
     a = ok_result("a", {}, write_report(tmp_path / "a.json", {"helpful": 0.5, "honest": 0.5, "mean": 0.5}))
     b = {**a, "id": "b", "score_metrics": {"helpful": "helpful/ref_win_vs_base", "honest": "honest/mc2"}}
-    summary = sweep.summarize([a, b])
+    summary = summarize([a, b])
     assert summary["mixed_score_metrics"] == {"helpful": ["helpful/pref_acc", "helpful/ref_win_vs_base"]}
-    assert "**Warning:** dimension helpful" in sweep.render_markdown(summary)
+    assert "**Warning:** dimension helpful" in render_markdown(summary)
 
 
 # ----------------------------------------------------------------------------- resumability
@@ -289,7 +291,7 @@ def test_dimension_order_survives_the_result_file_and_ties_are_named(tmp_path):
     a = ok_result("a", {}, write_report(tmp_path / "a.json", {"honest": 0.5, "helpful": 0.4, "mean": 0.45}))
     sweep.write_json(tmp_path / "a_result.json", a)          # sorts mapping keys
     b = {**a, "id": "b", "overrides": {"fusion.top_k": 1}}
-    summary = sweep.summarize([b, json.loads((tmp_path / "a_result.json").read_text())])
+    summary = summarize([b, json.loads((tmp_path / "a_result.json").read_text())])
     assert summary["dimensions"] == ["honest", "helpful"]
     assert summary["best"] == "a" and summary["tied_with_best"] == ["b"]
-    assert "; tied on dev mean with b" in sweep.render_markdown(summary)
+    assert "; tied on dev mean with b" in render_markdown(summary)
