@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The SmolLM2 ablations of docs/tuning.md ("top-k, router + experts, expert training length"), on
+# the DEV split over a finished run RUN (stage 1 and the probability-average ensemble are RUN's):
+#   OUT/top1, OUT/top3   fusion.top_k = 1 / 3 (build_moe + fuse on RUN's experts)
+#   OUT/rx_g01           router + experts trainable (experts at 2e-4, routers at 2e-2), drift
+#                        gamma = 0.1 on every expert (fuse from RUN's fused_init)
+#   OUT/half             experts trained half as long (expert.train.epochs = 0.5), then build_moe,
+#                        fuse and the ensembles with the run's fusion settings
+# then ONE evaluation on dev (OUT/dev/report.md) of the base, RUN's probability average and fused
+# model, every ablated model, the half-length ensemble and helpful expert, so every difference is
+# paired. Finished stages are skipped on a rerun; REUSE=<earlier dev report dir> takes the models
+# it already evaluated from it (eval.reuse_from).
+#
+#   [REUSE=DIR] tools/sweep/smollm2_ablations.sh RUN OUT
+set -euo pipefail
+[ $# -eq 2 ] || { echo "usage: $0 RUN OUT" >&2; exit 2; }
+run=$(cd "$1" && pwd); out=$2
+cfg=$run/resolved_config.yaml
+for need in resolved_config.yaml data tokenizer base experts fused_init fused ensembles/avg; do
+    [ -e "$run/$need" ] || { echo "$0: $run/$need is missing (RUN must be a finished run)" >&2; exit 2; }
+done
+read -ra h3 <<< "${H3FUSION:-h3fusion}"   # e.g. H3FUSION="python -m pipeline.commands"
+share() {   # hard links: every stage writes a temp dir and renames it, so RUN is never changed
+    local dst=$1; shift; mkdir -p "$dst"
+    for part in "$@"; do
+        [ -e "$dst/$part" ] || cp -al "$run/$part" "$dst/$part" 2>/dev/null || cp -a "$run/$part" "$dst/$part"
+    done
+}
+ablate() {  # ablate NAME "SHARED PARTS" STAGES... -- --set ...
+    local name=$1 parts=$2; shift 2
+    local stages=(); while [ "$1" != "--" ]; do stages+=("$1"); shift; done; shift
+    share "$out/$name" $parts
+    "${h3[@]}" run --config "$cfg" --run-dir "$out/$name" --only "${stages[@]}" "$@"
+}
+ablate top1 "data tokenizer base experts" build_moe fuse -- --set fusion.top_k=1
+ablate top3 "data tokenizer base experts" build_moe fuse -- --set fusion.top_k=3
+ablate rx_g01 "data tokenizer base experts fused_init" fuse -- \
+    --set fusion.trainable=router+experts --set fusion.train.lr=2.0e-4 --set fusion.router_lr=2.0e-2 \
+    --set fusion.gamma.helpful=0.1 --set fusion.gamma.harmless=0.1 --set fusion.gamma.honest=0.1
+ablate half "data tokenizer base" expert_helpful expert_harmless expert_honest build_moe fuse ensemble -- \
+    --set expert.train.epochs=0.5
+reuse=(); [ -n "${REUSE:-}" ] && reuse=(--set eval.reuse_from="$(cd "$REUSE" && pwd)")
+"${h3[@]}" evaluate --config "$cfg" --run-dir "$run" --set eval.split=dev "${reuse[@]}" \
+    --out "$out/dev" --overwrite --models base="$run/base" ensemble_avg="$run/ensembles/avg" \
+    fused="$run/fused" fused_top1="$out/top1/fused" fused_top3="$out/top3/fused" \
+    fused_rx_g01="$out/rx_g01/fused" half_ensemble_avg="$out/half/ensembles/avg" \
+    half_fused="$out/half/fused" half_helpful="$out/half/experts/helpful"
+echo "report: $out/dev/report.md"
