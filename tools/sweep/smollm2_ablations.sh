@@ -2,13 +2,15 @@
 # The SmolLM2 ablations of docs/tuning.md ("top-k, router + experts, expert training length"), on
 # the DEV split over a finished run RUN (stage 1 and the probability-average ensemble are RUN's):
 #   OUT/top1, OUT/top3   fusion.top_k = 1 / 3 (build_moe + fuse on RUN's experts)
-#   OUT/rx_g01           router + experts trainable (experts at 2e-4, routers at 2e-2), drift
-#                        gamma = 0.1 on every expert (fuse from RUN's fused_init)
+#   OUT/rx_g01, rx_g1    router + experts trainable (experts at 2e-4, routers at 2e-2), drift
+#                        gamma = 0.1 / 1 on every expert (fuse from RUN's fused_init)
+#   OUT/lambda10         gating-loss weight 10 (lambda 0 is fusion_ablation.sh's example)
 #   OUT/half             experts trained half as long (expert.train.epochs = 0.5), then build_moe,
 #                        fuse and the ensembles with the run's fusion settings
 # then ONE evaluation on dev (OUT/dev/report.md) of the base, RUN's probability average and fused
 # model, every ablated model, the half-length ensemble and helpful expert, so every difference is
-# paired. Finished stages are skipped on a rerun; REUSE=<earlier dev report dir> takes the models
+# paired; OUT/dev_half and OUT/dev_top3 pair those fused models with their probability averages.
+# Finished stages are skipped on a rerun; REUSE=<earlier dev report dir> takes the models
 # it already evaluated from it (eval.reuse_from).
 #
 #   [REUSE=DIR] tools/sweep/smollm2_ablations.sh RUN OUT
@@ -34,15 +36,28 @@ ablate() {  # ablate NAME "SHARED PARTS" STAGES... -- --set ...
 }
 ablate top1 "data tokenizer base experts" build_moe fuse -- --set fusion.top_k=1
 ablate top3 "data tokenizer base experts" build_moe fuse -- --set fusion.top_k=3
-ablate rx_g01 "data tokenizer base experts fused_init" fuse -- \
-    --set fusion.trainable=router+experts --set fusion.train.lr=2.0e-4 --set fusion.router_lr=2.0e-2 \
-    --set fusion.gamma.helpful=0.1 --set fusion.gamma.harmless=0.1 --set fusion.gamma.honest=0.1
+for g in 0.1 1; do
+    ablate "rx_g${g/./}" "data tokenizer base experts fused_init" fuse -- \
+        --set fusion.trainable=router+experts --set fusion.train.lr=2.0e-4 --set fusion.router_lr=2.0e-2 \
+        --set fusion.gamma.helpful=$g --set fusion.gamma.harmless=$g --set fusion.gamma.honest=$g
+done
+ablate lambda10 "data tokenizer base experts fused_init" fuse -- --set fusion.lambda_gate=10
 ablate half "data tokenizer base" expert_helpful expert_harmless expert_honest build_moe fuse ensemble -- \
     --set expert.train.epochs=0.5
 reuse=(); [ -n "${REUSE:-}" ] && reuse=(--set eval.reuse_from="$(cd "$REUSE" && pwd)")
 "${h3[@]}" evaluate --config "$cfg" --run-dir "$run" --set eval.split=dev "${reuse[@]}" \
     --out "$out/dev" --overwrite --models base="$run/base" ensemble_avg="$run/ensembles/avg" \
     fused="$run/fused" fused_top1="$out/top1/fused" fused_top3="$out/top3/fused" \
-    fused_rx_g01="$out/rx_g01/fused" half_ensemble_avg="$out/half/ensembles/avg" \
+    fused_rx_g01="$out/rx_g01/fused" fused_rx_g1="$out/rx_g1/fused" \
+    fused_lambda10="$out/lambda10/fused" half_ensemble_avg="$out/half/ensembles/avg" \
     half_fused="$out/half/fused" half_helpful="$out/half/experts/helpful"
-echo "report: $out/dev/report.md"
+# the report pairs every model with the one named `fused`; these put an ablated fused model in
+# that seat against its own probability average (every model is reused from OUT/dev)
+pair() {
+    "${h3[@]}" evaluate --config "$cfg" --run-dir "$run" --set eval.split=dev \
+        --set eval.reuse_from="$(cd "$out/dev" && pwd)" --out "$out/dev_$1" --overwrite \
+        --models base="$run/base" fused="$2" ensemble_avg="$3"
+}
+pair half "$out/half/fused" "$out/half/ensembles/avg"
+pair top3 "$out/top3/fused" "$run/ensembles/avg"
+echo "reports: $out/dev/report.md, $out/dev_half/report.md, $out/dev_top3/report.md"
