@@ -25,7 +25,10 @@ read -ra h3 <<< "${H3FUSION:-h3fusion}"   # e.g. H3FUSION="python -m pipeline.co
 share() {   # hard links: every stage writes a temp dir and renames it, so RUN is never changed
     local dst=$1; shift; mkdir -p "$dst"
     for part in "$@"; do
-        [ -e "$dst/$part" ] || cp -al "$run/$part" "$dst/$part" 2>/dev/null || cp -a "$run/$part" "$dst/$part"
+        [ -e "$dst/$part" ] && continue
+        mkdir -p "$(dirname "$dst/$part")"; rm -rf "$dst/$part.tmp"   # a copy cut short never counts
+        cp -al "$run/$part" "$dst/$part.tmp" 2>/dev/null || { rm -rf "$dst/$part.tmp"; cp -a "$run/$part" "$dst/$part.tmp"; }
+        mv "$dst/$part.tmp" "$dst/$part"
     done
 }
 ablate() {  # ablate NAME "SHARED PARTS" STAGES... -- --set ...
