@@ -5,6 +5,7 @@
 #   OUT/rx_g01, rx_g1    router + experts trainable (experts at 2e-4, routers at 2e-2), drift
 #                        gamma = 0.1 / 1 on every expert (fuse from RUN's fused_init)
 #   OUT/lambda10         gating-loss weight 10 (lambda 0 is fusion_ablation.sh's example)
+#   OUT/steps96          the router trained twice as long (fusion.train.max_steps = 96)
 #   OUT/half             experts trained half as long (expert.train.epochs = 0.5), then build_moe,
 #                        fuse and the ensembles with the run's fusion settings
 # then ONE evaluation on dev (OUT/dev/report.md) of the base, RUN's probability average and fused
@@ -45,6 +46,7 @@ for g in 0.1 1; do
         --set fusion.gamma.helpful=$g --set fusion.gamma.harmless=$g --set fusion.gamma.honest=$g
 done
 ablate lambda10 "data tokenizer base experts fused_init" fuse -- --set fusion.lambda_gate=10
+ablate steps96 "data tokenizer base experts fused_init" fuse -- --set fusion.train.max_steps=96
 ablate half "data tokenizer base" expert_helpful expert_harmless expert_honest build_moe fuse ensemble -- \
     --set expert.train.epochs=0.5
 reuse=(); [ -n "${REUSE:-}" ] && reuse=(--set eval.reuse_from="$(cd "$REUSE" && pwd)")
@@ -52,7 +54,7 @@ reuse=(); [ -n "${REUSE:-}" ] && reuse=(--set eval.reuse_from="$(cd "$REUSE" && 
     --out "$out/dev" --overwrite --models base="$run/base" ensemble_avg="$run/ensembles/avg" \
     fused="$run/fused" fused_top1="$out/top1/fused" fused_top3="$out/top3/fused" \
     fused_rx_g01="$out/rx_g01/fused" fused_rx_g1="$out/rx_g1/fused" \
-    fused_lambda10="$out/lambda10/fused" half_ensemble_avg="$out/half/ensembles/avg" \
+    fused_lambda10="$out/lambda10/fused" fused_steps96="$out/steps96/fused" half_ensemble_avg="$out/half/ensembles/avg" \
     half_fused="$out/half/fused" half_helpful="$out/half/experts/helpful"
 # the report pairs every model with the one named `fused`; these put an ablated fused model in
 # that seat against its own probability average (every model is reused from OUT/dev)
