@@ -57,3 +57,28 @@ def test_aggregate_takes_run_dirs_and_an_out_dir():
     assert [str(r) for r in args.runs] == ["/r/s0", "/r/s1"] and str(args.out) == "/r/agg"
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "/r/agg"])
+
+
+@pytest.mark.parametrize("argv,rc", [(["--help"], 0), (["data", "--config", "missing.yaml"], 2)])
+def test_torchrun_rank_exit_flushes_output_and_status(tmp_path, argv, rc):
+    """A torchrun rank leaves through os._exit (no interpreter finalisation: __main__._exit_rank);
+    what it printed to a pipe and its exit status must still arrive."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "t", "RANK": "0", "WORLD_SIZE": "1",
+           "H3F_EXIT_STATUS_DIR": str(tmp_path)}
+    env.pop("PYTHONUNBUFFERED", None)   # a pipe is block-buffered: what os._exit would drop
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "pipeline.commands", *argv, "--run-dir",
+                           str(tmp_path / "run")] if rc else
+                          [sys.executable, "-m", "pipeline.commands", *argv],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == rc, done.stderr
+    if rc:
+        assert "h3fusion data: error:" in done.stderr and "missing.yaml" in done.stderr
+        assert (tmp_path / "rank0").read_text().strip() == str(rc)
+    else:
+        assert "usage" in done.stdout.lower() and "train-expert" in done.stdout
