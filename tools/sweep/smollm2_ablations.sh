@@ -6,12 +6,14 @@
 #                        gamma = 0.1 / 1 on every expert (fuse from RUN's fused_init)
 #   OUT/lambda10         gating-loss weight 10 (lambda 0 is fusion_ablation.sh's example)
 #   OUT/steps96          the router trained twice as long (fusion.train.max_steps = 96)
+#   OUT/init_normal,     router init N(0, initializer_range) / prompt hidden-state means
+#   OUT/init_prompts     (fusion.router_init; build_moe + fuse on RUN's experts; zeros in the preset)
 #   OUT/half, OUT/long   experts trained half / twice as long (expert.train.epochs = 0.5 / 2), then
 #                        build_moe, fuse and the ensembles with the run's fusion settings
 # then ONE evaluation on dev (OUT/dev/report.md) of the base, RUN's probability average and fused
 # model, every ablated model, the half- and double-length ensembles and helpful experts, so every
-# difference is paired; OUT/dev_half, OUT/dev_long and OUT/dev_top3 pair those fused models with
-# their probability averages.
+# difference is paired; OUT/dev_half, OUT/dev_long, OUT/dev_top3 and OUT/dev_init_{normal,prompts}
+# pair those fused models with their probability averages.
 # Finished stages are skipped on a rerun; REUSE=<earlier dev report dir> takes the models
 # it already evaluated from it (eval.reuse_from).
 #
@@ -48,6 +50,9 @@ for g in 0.1 1; do
 done
 ablate lambda10 "data tokenizer base experts fused_init" fuse -- --set fusion.lambda_gate=10
 ablate steps96 "data tokenizer base experts fused_init" fuse -- --set fusion.train.max_steps=96
+for init in normal prompts; do
+    ablate "init_$init" "data tokenizer base experts" build_moe fuse -- --set fusion.router_init=$init
+done
 for length in half:0.5 long:2; do
     ablate "${length%%:*}" "data tokenizer base" expert_helpful expert_harmless expert_honest build_moe fuse ensemble -- \
         --set expert.train.epochs="${length#*:}"
@@ -57,7 +62,9 @@ reuse=(); [ -n "${REUSE:-}" ] && reuse=(--set eval.reuse_from="$(cd "$REUSE" && 
     --out "$out/dev" --overwrite --models base="$run/base" ensemble_avg="$run/ensembles/avg" \
     fused="$run/fused" fused_top1="$out/top1/fused" fused_top3="$out/top3/fused" \
     fused_rx_g01="$out/rx_g01/fused" fused_rx_g1="$out/rx_g1/fused" \
-    fused_lambda10="$out/lambda10/fused" fused_steps96="$out/steps96/fused" half_ensemble_avg="$out/half/ensembles/avg" \
+    fused_lambda10="$out/lambda10/fused" fused_steps96="$out/steps96/fused" \
+    fused_init_normal="$out/init_normal/fused" fused_init_prompts="$out/init_prompts/fused" \
+    half_ensemble_avg="$out/half/ensembles/avg" \
     half_fused="$out/half/fused" half_helpful="$out/half/experts/helpful" \
     long_ensemble_avg="$out/long/ensembles/avg" long_fused="$out/long/fused" long_helpful="$out/long/experts/helpful"
 # the report pairs every model with the one named `fused`; these put an ablated fused model in
@@ -70,4 +77,6 @@ pair() {
 pair half "$out/half/fused" "$out/half/ensembles/avg"
 pair long "$out/long/fused" "$out/long/ensembles/avg"
 pair top3 "$out/top3/fused" "$run/ensembles/avg"
-echo "reports: $out/dev/report.md, $out/dev_half/report.md, $out/dev_long/report.md, $out/dev_top3/report.md"
+pair init_normal "$out/init_normal/fused" "$run/ensembles/avg"
+pair init_prompts "$out/init_prompts/fused" "$run/ensembles/avg"
+echo "reports: $out/dev/report.md, $out/dev_half/report.md, $out/dev_long/report.md, $out/dev_top3/report.md, $out/dev_init_{normal,prompts}/report.md"
