@@ -2,7 +2,9 @@
 
 Default: build a tiny `LlamaForCausalLM` (`base.tiny`, vocab from `<run>/tokenizer`) and pre-train
 it briefly on `<run>/data/pretrain/train` (single process, AdamW, warmup + cosine). With
-`base.path` the user's model is validated (Llama-style) and linked into `<run>/base`; with
+`base.path` the user's model (a local dir, or `hf:ORG/NAME[@REVISION]`: the snapshot in the
+Hugging Face cache, fetched once; pipeline.hub, docs/hub.md) is validated (Llama-style) and
+linked into `<run>/base`, before anything is written; with
 `base.gguf` (or `--from-gguf`: a file, or `pkg:MODULE` for the .gguf inside an installed package)
 the GGUF file is dequantized and converted once into a plain `LlamaForCausalLM` dir (safetensors +
 the GGUF's tokenizer) there (pipeline.surgery.gguf; docs/smollm2.md). The pre-training loop is
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .config import BaseConfig, ConfigError, TinyModelConfig
-from .io_utils import MANIFEST, atomic_dir, write_json
+from .hub import local_model_dir
+from .io_utils import MANIFEST, atomic_dir, check_output_dir, write_json
 from .layout import RunLayout
 from .surgery.gguf import check_llama_dir, convert_gguf, package_version, resolve_gguf
 from .train.pretrain import pack_blocks, pretrain
@@ -69,15 +72,27 @@ def _gguf_base(spec: str, tmp: Path, log) -> dict:
     return {**info, "gguf_spec": spec, "gguf_package": package_version(spec)}
 
 
+def _user_model(value: str) -> tuple[Path, dict]:
+    """`base.path` -> (its local dir, manifest info); a hub id resolves to its cached snapshot.
+    Runs before the output dir is created: a bad path or an unavailable id writes nothing."""
+    src, snapshot = local_model_dir(value, "base.path")
+    config = check_llama_dir(src)
+    info = {"kind": "user", "path": str(src.resolve()), "model_type": config["model_type"],
+            "vocab_size": config.get("vocab_size")}
+    if snapshot is not None:
+        info["hub"] = snapshot.provenance()
+    return src, info
+
+
 def run_base_stage(cfg: BaseConfig, run_dir: str | Path, overwrite: bool = False, log=print) -> dict:
     layout = RunLayout.at(run_dir)
     t0 = time.time()
+    check_output_dir(layout.base, overwrite)     # an existing base: refused before any download
+    user = _user_model(cfg.path) if cfg.path else None
     with atomic_dir(layout.base, overwrite=overwrite) as tmp:
-        if cfg.path:
-            config = check_llama_dir(cfg.path)
-            _link_user_model(Path(cfg.path), tmp)
-            info = {"kind": "user", "path": str(Path(cfg.path).resolve()), "model_type": config["model_type"],
-                    "vocab_size": config.get("vocab_size")}
+        if user is not None:
+            src, info = user
+            _link_user_model(src, tmp)
         elif cfg.gguf:
             info = _gguf_base(cfg.gguf, tmp, log)
         else:

@@ -19,7 +19,7 @@ from .config_ranges import first_range_problem
 # the schema, re-exported: `from pipeline.config import EvalConfig` is the public name
 from .config_schema import (
     TrainConfig, BuiltinDataConfig, RealDataConfig, DataConfig, TokenizerConfig,
-    TinyModelConfig, BaseConfig, LoraConfig, ExpertConfig, FusionConfig,
+    TinyModelConfig, BaseConfig, LoraConfig, ExpertConfig, FusionConfig, FUSION_LORA_TARGETS,
     MergeConfig, BaselinesConfig, EvalConfig, ProfileConfig, DimensionSpec,
     PipelineConfig,
 )
@@ -210,6 +210,11 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
     f = cfg.fusion
     _check(f.trainable in ("router", "router+lora", "router+experts"),
            f"fusion.trainable must be router|router+lora|router+experts, got {f.trainable!r}")
+    bad_targets = [t for t in f.lora.target_modules if t not in FUSION_LORA_TARGETS]
+    _check(f.lora.target_modules and not bad_targets,
+           f"fusion.lora.target_modules {f.lora.target_modules}: fusion's LoRA wraps only the "
+           f"attention projections {list(FUSION_LORA_TARGETS)} (the experts are stacked tensors, "
+           f"not nn.Linear layers); not allowed: {bad_targets or 'an empty list'}")
     _check_registered(ROUTER_INITS, f.router_init, "fusion.router_init", source)
     _check_registered(MOE_BACKENDS, f.moe_backend, "fusion.moe_backend", source)
     _check(f.gate_tokens in GATE_TOKENS,
@@ -219,8 +224,25 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
     for i, m in enumerate(cfg.merge.methods):
         _check_registered(MERGE_METHODS, m, f"merge.methods[{i}]", source)
     _check_registered(TIES_TRIM_SCOPES, cfg.merge.ties_trim_scope, "merge.ties_trim_scope", source)
+    _check_hub_specs(cfg)
     problem = first_range_problem(cfg)
     _check(problem is None, f"{source}: {problem}")
+
+
+def _check_hub_specs(cfg: PipelineConfig) -> None:
+    """`hf:` values are well-formed hub ids (pipeline.hub; whether they can be fetched is checked
+    when a stage, or `h3fusion run` before its first stage, resolves them)."""
+    from .hub import is_hub_spec, parse_dataset_spec, parse_model_spec
+    try:
+        for key, value in (("base.path", cfg.base.path), ("tokenizer.path", cfg.tokenizer.path)):
+            if is_hub_spec(value):
+                parse_model_spec(value, key)
+        for f in dataclasses.fields(cfg.data.real):
+            value = getattr(cfg.data.real, f.name)
+            if is_hub_spec(value):
+                parse_dataset_spec(value, f"data.real.{f.name}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_dimensions(cfg: PipelineConfig, source: str = "config") -> None:

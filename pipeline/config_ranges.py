@@ -124,4 +124,17 @@ def first_range_problem(cfg: Any) -> Optional[str]:
     weights = cfg.fusion.mix_weights
     if weights and sum(weights.values()) <= 0:
         return f"key 'fusion.mix_weights' must give at least one dimension a weight > 0, got {weights}"
+    return _expert_count_problem(cfg)
+
+
+def _expert_count_problem(cfg: Any) -> Optional[str]:
+    """Fusion keys bounded by the number of experts, which is the number of `dimensions` (one
+    expert per dimension): refused when the config loads, not at build_moe after stage 1 has
+    trained (pipeline/train/fuse.py checks them again against the built model)."""
+    f, experts = cfg.fusion, len(cfg.dimensions)
+    bound = f"<= the number of experts, {experts} (one per entry of 'dimensions' {cfg.dimensions})"
+    if f.top_k > experts:
+        return f"key 'fusion.top_k' must be {bound}, got {f.top_k}"
+    if f.ep_degree > experts:
+        return f"key 'fusion.ep_degree' must be {bound}: a rank would own no expert; got {f.ep_degree}"
     return None

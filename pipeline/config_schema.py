@@ -25,6 +25,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0               # 0 = only at the end
     max_seq_len: int = 128
+    # recompute each decoder layer's forward in the backward pass instead of keeping its
+    # activations: less activation memory for one extra forward per layer; losses and gradients
+    # unchanged (pipeline/train/grad_checkpointing.py)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -102,6 +106,15 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
 
 
+# LoRA in fusion (`fusion.trainable: router+lora`) can wrap only nn.Linear layers: the fused
+# experts are stacked [E*F, H] tensors, so the targets are the attention projections
+FUSION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _fusion_lora() -> LoraConfig:
+    return LoraConfig(target_modules=list(FUSION_LORA_TARGETS))
+
+
 @dataclass
 class ExpertConfig:
     method: str = "ffn"               # ffn | lora
@@ -117,7 +130,7 @@ class FusionConfig:
     top_k: int = 2
     router_init: str = "zeros"        # pipeline.registry.ROUTER_INITS: zeros | normal | prompts
     trainable: str = "router"         # router | router+lora | router+experts
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=_fusion_lora)   # targets: FUSION_LORA_TARGETS
     lambda_gate: float = 0.01
     # tokens the gating loss averages over: "all" non-padding tokens (the paper) or "response"
     # tokens only (the prompt's shared template header carries no task signal; docs/stage2.md),

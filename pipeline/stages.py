@@ -96,3 +96,22 @@ def format_stage_table(stages: list[Stage]) -> str:
 
 def is_done(stage: Stage) -> bool:
     return all(p.exists() for p in stage.outputs)
+
+
+def cuda_needs(cfg: PipelineConfig, stage_names=None) -> list[str]:
+    """The config settings that run only on CUDA GPUs, each naming its stage, for the stages in
+    `stage_names` (None: all). Empty: everything can run on CPU."""
+    needs = {"fuse": ["fusion.moe_backend=megablocks (stage fuse; use fusion.moe_backend=torch "
+                      "on CPU)"] if cfg.fusion.moe_backend == "megablocks" else []}
+    return [need for stage, settings in needs.items()
+            if stage_names is None or stage in stage_names for need in settings]
+
+
+def require_cuda_for(cfg: PipelineConfig, stage_names=None) -> None:
+    """One CudaUnavailableError before any work when a stage about to run needs CUDA that torch
+    cannot use here (a GPU preset on a machine without CUDA)."""
+    from .env import require_cuda
+
+    needs = cuda_needs(cfg, stage_names)
+    if needs:
+        require_cuda(f"{cfg.name}: {', '.join(needs)}")

@@ -1,6 +1,8 @@
 """The tokenizer stage (`h3fusion tokenizer`): train a sentencepiece BPE tokenizer on the corpus
-(or copy a user's, or take a GGUF base's: with `base.gguf` the tokenizer is the GGUF file's own,
-the same one the base stage saves beside the converted model; docs/smollm2.md).
+(or copy a user's -- `tokenizer.path`, a local dir or `hf:ORG/NAME[@REVISION]` from the Hugging Face
+cache, fetched once: pipeline.hub, docs/hub.md -- or take a GGUF base's: with `base.gguf` the
+tokenizer is the GGUF file's own, the same one the base stage saves beside the converted model;
+docs/smollm2.md).
 
 The trained model is exported as a Hugging Face `LlamaTokenizer` directory (tokenizer.json:
 BPE with byte fallback, Metaspace pre-tokenizer) so `AutoTokenizer.from_pretrained(dir)` works
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import TokenizerConfig
-from .io_utils import atomic_dir, write_json, MANIFEST
+from .io_utils import atomic_dir, check_output_dir, write_json, MANIFEST
 from .layout import RunLayout
 from .surgery.tokenizer_check import ROUND_TRIP_PROBE
 
@@ -74,11 +76,24 @@ def check_tokenizer(tok) -> None:
         raise ValueError(f"tokenizer round trip failed: {ROUND_TRIP_PROBE!r} -> {back!r}")
 
 
-def copy_user_tokenizer(path: str, out: Path):
+def user_tokenizer_dir(value: str) -> tuple[Path, dict]:
+    """`tokenizer.path` -> (local dir, manifest source); a hub id resolves to its cached snapshot
+    (tokenizer files only). Runs before the output dir is created."""
+    from .hub import local_model_dir
+    path, snapshot = local_model_dir(value, "tokenizer.path", weights=False)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
+    source = {"kind": "copied", "path": str(value)}
+    if snapshot is not None:
+        source.update(path=str(path), hub=snapshot.provenance())
+    return path, source
+
+
+def copy_user_tokenizer(path: str | Path, out: Path):
     from transformers import AutoTokenizer
     if not Path(path).exists():
         raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:  # Llama tokenizers often ship without one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     tok.save_pretrained(str(out))
@@ -90,10 +105,13 @@ def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bo
     """`gguf` (the config's `base.gguf`): use that GGUF file's tokenizer instead of training one."""
     layout = RunLayout.at(run_dir)
     t0 = time.time()
-    gguf_path = None
+    gguf_path = user = None
     if gguf:
         from .surgery.gguf import resolve_gguf
         gguf_path = resolve_gguf(gguf)    # a missing file/package fails before any output
+    elif cfg.path:
+        check_output_dir(layout.tokenizer, overwrite)   # refused before any download
+        user = user_tokenizer_dir(cfg.path)             # likewise a missing dir or hub id
     with atomic_dir(layout.tokenizer, overwrite=overwrite) as tmp:
         if gguf_path is not None:
             from .surgery.gguf import fast_gguf_loading, gguf_tokenizer
@@ -103,9 +121,9 @@ def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bo
             tok.save_pretrained(str(tmp))
             source = {"kind": "gguf", "gguf_spec": gguf, "gguf": str(gguf_path.resolve()),
                       "gguf_sha256": sha256_file(gguf_path)}
-        elif cfg.path:
-            tok = copy_user_tokenizer(cfg.path, tmp)
-            source = {"kind": "copied", "path": str(cfg.path)}
+        elif user is not None:
+            tok = copy_user_tokenizer(user[0], tmp)
+            source = user[1]
         else:
             model_file = train_sentencepiece(corpus_texts(layout.data), cfg.vocab_size, tmp / "sentencepiece")
             tok = hf_tokenizer_from_spm(model_file)

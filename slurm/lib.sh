@@ -20,6 +20,11 @@
 #   H3F_MOE_BACKEND     torch | megablocks      -> fusion.moe_backend
 #   H3F_MAX_REQUEUES    stop requeueing after this many restarts [20]
 #   H3F_SHUTDOWN_TIMEOUT seconds torchrun waits for workers to checkpoint after a signal [100]
+#
+# Exported to every step: H3F_DEVICE=cuda (GPU mode) or cpu (CPU mode), which pipeline.env reads:
+# in GPU mode a process whose torch cannot use CUDA stops with one error, never falls back to
+# CPU (h3f_init checks it here first, before any srun). GPU mode also defaults NCCL_DEBUG=WARN;
+# other NCCL_* / TORCH_NCCL_* settings pass through untouched (docs/slurm.md, "NCCL").
 
 H3F_PREEMPTED=0        # set by the USR1 trap
 H3F_STEP_PID=""        # the srun of the running step (signals are forwarded to it)
@@ -93,10 +98,14 @@ h3f_pick_devices() {  # GPU mode: one process per GPU and NCCL; CPU mode: gloo
     fi
     if [ "$H3F_GPUS_PER_NODE" -gt 0 ]; then
         H3F_NPROC="$H3F_GPUS_PER_NODE"
+        # cuda: pipeline.env refuses a silent CPU fallback (checked in h3f_write_provenance);
+        # DS_ACCELERATOR=cuda: a DS_ACCELERATOR=cpu left in the submitting shell must not win
+        export H3F_DEVICE=cuda DS_ACCELERATOR=cuda NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
     else
         H3F_NPROC="${H3F_PROCS_PER_NODE:-1}"
         h3f_positive_int H3F_PROCS_PER_NODE "$H3F_NPROC"
-        export DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""  # pipeline.env.dist_backend -> gloo
+        # pipeline.env.dist_backend -> gloo, DeepSpeed on its CPU accelerator
+        export H3F_DEVICE=cpu DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=""
     fi
     local cpus="${SLURM_CPUS_PER_TASK:-1}"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cpus / H3F_NPROC > 0 ? cpus / H3F_NPROC : 1 ))}"
@@ -126,12 +135,16 @@ h3f_write_provenance() {  # <run>/slurm/<label>-<jobid>/{resolved_config.yaml,gi
     H3F_JOB_DIR="$H3F_RUN_DIR/slurm/$1-${SLURM_JOB_ID}"
     mkdir -p "$H3F_JOB_DIR" || h3f_die "cannot create $H3F_JOB_DIR"
     H3F_RESOLVED="$H3F_JOB_DIR/resolved_config.yaml"
+    # --device: GPU mode needs a torch that sees $H3F_NPROC GPUs here (not a CPU-only build, not
+    # hidden by CUDA_VISIBLE_DEVICES, a driver new enough); CPU mode a config that needs no CUDA
     "$H3F_PYTHON" "$H3F_REPO/slurm/stage_info.py" resolve "$H3F_CONFIG" "$H3F_RESOLVED" \
-        "${H3F_OVERRIDES[@]}" || exit 2  # stage_info printed the one-line reason
+        --device="$H3F_DEVICE:$H3F_NPROC" "${H3F_OVERRIDES[@]}" ||
+        exit 2  # stage_info printed the one-line reason
     git -C "$H3F_REPO" rev-parse HEAD >"$H3F_JOB_DIR/git_head" 2>/dev/null || echo unknown >"$H3F_JOB_DIR/git_head"
     {
         echo "job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0} nodes=$SLURM_JOB_NODELIST"
-        echo "nproc_per_node=$H3F_NPROC gpus_per_node=$H3F_GPUS_PER_NODE config=$H3F_CONFIG"
+        echo "nproc_per_node=$H3F_NPROC gpus_per_node=$H3F_GPUS_PER_NODE device=$H3F_DEVICE config=$H3F_CONFIG"
+        echo "step_options=${H3F_STEP_OPTS[*]}"
         echo "overrides=${H3F_OVERRIDES[*]}"
     } >>"$H3F_JOB_DIR/job.env"
     export H3F_JOB_DIR H3F_RESOLVED
@@ -146,18 +159,33 @@ h3f_master() {  # MASTER_ADDR: first node's NodeAddr (emulated node names do not
     export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
 }
 
+h3f_step_options() {  # srun options a job step does not inherit from the batch allocation
+    # Since Slurm 22.05 srun ignores SLURM_CPUS_PER_TASK (sbatch --cpus-per-task): pass it again,
+    # else a task counts as one CPU (and task/affinity binds it to one). Memory: srun reads SLURM_MEM_PER_{GPU,NODE,CPU} itself
+    # (whichever sbatch set: --mem-per-gpu, --mem, --mem-per-cpu; none for --mem=0, when a step
+    # gets all of the job's memory); passed explicitly as well so the step line shows it.
+    H3F_STEP_OPTS=()
+    if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then H3F_STEP_OPTS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+    if [ -n "${SLURM_MEM_PER_GPU:-}" ]; then H3F_STEP_OPTS+=(--mem-per-gpu="$SLURM_MEM_PER_GPU")
+    elif [ -n "${SLURM_MEM_PER_NODE:-}" ]; then H3F_STEP_OPTS+=(--mem="$SLURM_MEM_PER_NODE")
+    elif [ -n "${SLURM_MEM_PER_CPU:-}" ]; then H3F_STEP_OPTS+=(--mem-per-cpu="$SLURM_MEM_PER_CPU")
+    fi
+}
+
 h3f_init() {  # h3f_init LABEL: every check, then provenance; nothing has started yet
     h3f_check_slurm
     h3f_setup_python
     h3f_check_paths
     h3f_pick_devices
+    h3f_step_options
     h3f_collect_overrides
     h3f_write_provenance "$1"
     h3f_master
     H3F_REQUEUE_CODE="$("$H3F_PYTHON" -c 'from pipeline.env import requeue_requested_exit_code as c; print(c())')"
     trap h3f_on_usr1 USR1
-    h3f_info "job $SLURM_JOB_ID ($1) on $SLURM_JOB_NODELIST: $SLURM_NNODES node(s) x $H3F_NPROC proc(s)," \
-        "master $MASTER_ADDR:$MASTER_PORT, run dir $H3F_RUN_DIR, restart ${SLURM_RESTART_COUNT:-0}"
+    h3f_info "job $SLURM_JOB_ID ($1) on $SLURM_JOB_NODELIST: $SLURM_NNODES node(s) x $H3F_NPROC proc(s)" \
+        "($H3F_DEVICE), master $MASTER_ADDR:$MASTER_PORT, run dir $H3F_RUN_DIR," \
+        "restart ${SLURM_RESTART_COUNT:-0}, step options: ${H3F_STEP_OPTS[*]:-none}"
 }
 
 # ----------------------------------------------------------------------------- running steps
@@ -181,7 +209,9 @@ h3f_wait_step() {  # wait for the background srun; a trap interrupts `wait`, so 
 
 h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), ARGS = its script
     # torchrun runs under pipeline.commands.launch (as under `h3fusion run`): it exits 85 when
-    # the ranks checkpointed on a signal and asked for a requeue (torchrun alone exits 1 then).
+    # the ranks checkpointed on a signal and asked for a requeue (torchrun alone exits 1 then),
+    # and it adds torchrun's signal forwarding and shutdown timeout (H3F_SHUTDOWN_TIMEOUT, read
+    # through pipeline.env.shutdown_timeout) where the installed torchrun has those options.
     export H3F_RANK_LOG_DIR="$H3F_JOB_DIR/ranks" H3F_SHUTDOWN_TIMEOUT="${H3F_SHUTDOWN_TIMEOUT:-100}"
     # Single quotes on purpose: $SLURM_NODEID must expand on each node, not here (else every
     # node would be node 0). Node 0 hosts the rendezvous store; the others connect to it.
@@ -189,7 +219,7 @@ h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), A
     # --wait instead of --kill-on-bad-exit: after a signal the nodes' torchruns end a moment
     # apart, and killing the later ones would cut their workers' checkpoint short; a node whose
     # peers crashed is still stopped, H3F_SHUTDOWN_TIMEOUT + 30 s after the first one ended.
-    srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
+    srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 "${H3F_STEP_OPTS[@]}" \
         --kill-on-bad-exit=0 --wait=$((H3F_SHUTDOWN_TIMEOUT + 30)) --label bash -c '
         is_host=0; [ "$SLURM_NODEID" = 0 ] && is_host=1
         addr="$(scontrol show node "$SLURMD_NODENAME" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)"
@@ -197,15 +227,13 @@ h3f_launch() {  # h3f_launch ARGS...: one torchrun per node (c10d rendezvous), A
             --nproc-per-node="$H3F_NPROC" --rdzv-backend=c10d --local-addr="${addr:-$(hostname)}" \
             --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \
             --rdzv-conf="is_host=$is_host" --max-restarts=0 \
-            --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
-            --shutdown-timeout="$H3F_SHUTDOWN_TIMEOUT" \
             --log-dir="$H3F_RANK_LOG_DIR/node$SLURM_NODEID" --tee=3 "$@"' h3f-node "$@" &
     H3F_STEP_PID=$!
     h3f_wait_step
 }
 
 h3f_run_single() {  # h3f_run_single ARGS...: `h3fusion ARGS` as one process on the first node
-    srun --nodes=1 --ntasks=1 --label "$H3F_PYTHON" -m pipeline.commands "$@" &
+    srun --nodes=1 --ntasks=1 "${H3F_STEP_OPTS[@]}" --label "$H3F_PYTHON" -m pipeline.commands "$@" &
     H3F_STEP_PID=$!
     h3f_wait_step
 }

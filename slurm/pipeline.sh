@@ -49,8 +49,10 @@ h3f_collect_overrides_for_pipeline() {  # no allocation yet: the jobs check H3F_
 }
 h3f_collect_overrides_for_pipeline
 RESOLVED="$H3F_RUN_DIR/resolved_config.yaml"
+device=()  # a CPU-only pipeline of a config that needs CUDA: refused now, not in its fusion job
+if [ "${H3F_GPUS_PER_NODE:-}" = 0 ]; then device=(--device=cpu); fi
 "$H3F_PYTHON" "$H3F_REPO/slurm/stage_info.py" resolve "$H3F_CONFIG" "$RESOLVED" --must-match \
-    "${H3F_OVERRIDES[@]}" || exit 2
+    "${device[@]}" "${H3F_OVERRIDES[@]}" || exit 2
 mkdir -p "$H3F_RUN_DIR/slurm"
 # The jobs read the resolved file; the overrides are already in it.
 export H3F_REPO H3F_RUN_DIR H3F_CONFIG="$RESOLVED" H3F_SET=""

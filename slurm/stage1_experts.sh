@@ -37,6 +37,11 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
+# Host memory: --mem=0 is all of each node's memory (every job step gets it). Each rank
+# loads the base model on the host before moving it to its GPU. For the per-node figure run
+#   h3fusion plan --config <preset> --nodes N --gpus-per-node G --gpu-mem-gb M --host-mem-gb H
+# and where a site refuses --mem=0 submit with it: sbatch --mem=<GB>G slurm/stage1_experts.sh
+#SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%A_%a.out
 #SBATCH --error=%x-%A_%a.err

@@ -34,6 +34,12 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
+# Host memory: --mem=0 is all of each node's memory (every job step gets it). build_moe and
+# the fusion ranks load the base, the experts and the MoE on the host before the GPUs. For the
+# per-node figure run
+#   h3fusion plan --config <preset> --nodes N --gpus-per-node G --gpu-mem-gb M --host-mem-gb H
+# and where a site refuses --mem=0 submit with it: sbatch --mem=<GB>G slurm/stage2_fusion.sh
+#SBATCH --mem=0
 #SBATCH --time=12:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --error=%x-%j.err

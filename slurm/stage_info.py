@@ -3,9 +3,12 @@
 The batch scripts never restate stage arguments or output paths; they ask `pipeline.stages`
 (the graph `h3fusion run` also executes) through this helper:
 
-    python slurm/stage_info.py resolve SRC OUT [--must-match] [KEY=VALUE ...]
+    python slurm/stage_info.py resolve SRC OUT [--must-match] [--device=MODE[:NPROC]] [KEY=VALUE ...]
         load the preset/YAML SRC with the overrides, validate, write the resolved YAML to OUT
         (atomically). --must-match: OUT may already exist only with identical content.
+        --device=cuda:N (lib.sh's GPU mode): torch must see N GPUs here (else one error naming
+        why: CPU-only torch build, CUDA_VISIBLE_DEVICES, driver); --device=cpu: the config must
+        not need CUDA (fusion.moe_backend=megablocks does). Checked before OUT is written.
     python slurm/stage_info.py argv CONFIG RUN_DIR STAGE    # h3fusion argv, one item per line
     python slurm/stage_info.py done CONFIG RUN_DIR STAGE    # exit 0 when the outputs exist
     python slurm/stage_info.py dimensions CONFIG             # the run's dimensions, one per line
@@ -21,12 +24,33 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, dump_yaml, load_config
+from pipeline.env import require_cuda
 from pipeline.layout import RunLayout
-from pipeline.stages import Stage, baseline_stages, is_done, pipeline_stages
+from pipeline.stages import Stage, baseline_stages, cuda_needs, is_done, pipeline_stages
 
 
-def resolve(src: str, out: str, overrides: list[str], must_match: bool) -> None:
-    text = dump_yaml(load_config(src, overrides))
+def check_device(src: str, cfg, device: str) -> None:
+    """lib.sh's device mode against this machine and the config, before any job step."""
+    mode, _, nproc = device.partition(":")
+    if mode == "cuda":
+        require_cuda(f"GPU mode (H3F_DEVICE=cuda, {nproc or 1} process(es) per node)",
+                     min_devices=int(nproc or 1))
+    elif mode == "cpu":
+        needs = cuda_needs(cfg)
+        if needs:
+            raise ValueError(f"{src}: {', '.join(needs)} runs only on CUDA GPUs, but this runs "
+                             f"in CPU mode (H3F_GPUS_PER_NODE=0): submit to GPU nodes with "
+                             f"--gpus-per-node=<N>, or set H3F_MOE_BACKEND=torch")
+    else:
+        raise ValueError(f"--device={device}: expected cuda[:NPROC] or cpu")
+
+
+def resolve(src: str, out: str, overrides: list[str], must_match: bool,
+            device: str | None = None) -> None:
+    cfg = load_config(src, overrides)
+    if device:
+        check_device(src, cfg, device)
+    text = dump_yaml(cfg)
     target = Path(out)
     if must_match and target.exists() and target.read_text() != text:
         raise ValueError(f"{target} holds a different config than {src} + overrides give; "
@@ -57,10 +81,11 @@ def main(argv: list[str]) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "resolve":
         must_match = "--must-match" in rest
-        rest = [a for a in rest if a != "--must-match"]
+        device = next((a.split("=", 1)[1] for a in rest if a.startswith("--device=")), None)
+        rest = [a for a in rest if a != "--must-match" and not a.startswith("--device=")]
         if len(rest) < 2:
             raise ValueError("resolve needs SRC OUT [KEY=VALUE ...]")
-        resolve(rest[0], rest[1], rest[2:], must_match)
+        resolve(rest[0], rest[1], rest[2:], must_match, device)
         return 0
     if cmd == "dimensions":
         if len(rest) != 1:

@@ -123,6 +123,24 @@ def resolve_ds_config(raw: dict, s: DsTrainSettings, accelerator: Optional[str] 
     return cfg
 
 
+def train_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed trains the module's parameters in under this (resolved) config: bf16 or
+    fp16 when enabled (GPU), else fp32 (CPU). Build the model in it directly; DeepSpeed would
+    otherwise cast a full fp32 copy on the host."""
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def train_device() -> torch.device:
+    """This rank's device: its GPU (`init_distributed` selected LOCAL_RANK's) or the CPU."""
+    if accelerator_kind() == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_distributed() -> None:
     """Create the process group from the launcher's env (torchrun, deepspeed, srun+export)."""
     import deepspeed
@@ -311,7 +329,9 @@ def load_checkpoint(engine, save_dir: str | Path,
 
 
 def consolidated_state_dict(engine) -> Optional[dict]:
-    """All ranks call; rank 0 gets the full (16-bit on GPU, fp32 on CPU) state dict, others None."""
+    """All ranks call; rank 0 gets the full (16-bit on GPU, fp32 on CPU) state dict, others None.
+    The tensors are host copies, independent of the engine's; tied tensors (one storage under
+    two names) are copied once and stay shared."""
     engine = _raw(engine)
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
@@ -319,7 +339,15 @@ def consolidated_state_dict(engine) -> Optional[dict]:
         state = engine.module.state_dict()
     if _rank() != 0:
         return None
-    return {k: v.detach().clone().cpu() for k, v in state.items()}
+    copies: dict = {}
+    out = {}
+    for key, value in state.items():
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+                 tuple(value.shape), tuple(value.stride()), value.dtype)
+        if ident not in copies:   # straight to the host: no second copy on the GPU
+            copies[ident] = value.detach().to("cpu", copy=True)
+        out[key] = copies[ident]
+    return out
 
 
 def zero_checkpoint_fp32_state_dict(checkpoint_dir: str | Path, tag: Optional[str] = None) -> dict:

@@ -14,7 +14,12 @@ the group size and gives rank r the experts [r*E/ep, (r+1)*E/ep) -- the same con
 as our torch backend. Its default 1/ep gradient scaling is switched off so gradients mean the
 same thing on both backends (see pipeline/model/expert_parallel.py).
 
-Needs CUDA, `megablocks` and `grouped_gemm` (bf16 grouped GEMMs); imported lazily.
+Needs CUDA, `megablocks` with its compiled ops (`megablocks_ops`), `grouped_gemm` with its
+(`grouped_gemm_backend`, bf16 grouped GEMMs) and `stk`: the pinned set
+requirements-gpu-megablocks.txt (torch 2.7.0), built as the README's Install section says.
+`check_available` (`pipeline.backends.require_megablocks`) imports each compiled extension, so a
+build without them is one error naming the missing op and the build command, at stage start
+(`require_moe_backend`) and before any layer exists; everything else is imported lazily.
 """
 from __future__ import annotations
 

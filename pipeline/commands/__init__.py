@@ -14,6 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from ..backends import torch_too_old
 from ..config import ConfigError, load_config
 from ..run_lock import RunDirBusyError
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "profile": ("pipeline.commands.profile", "expert-load profile of a fused model"),
     "run": ("pipeline.commands.run", "run the whole pipeline (data -> ... -> report) on one machine"),
     "aggregate": ("pipeline.commands.aggregate", "mean ± sd across runs with different --seed (same eval items)"),
+    "plan": ("pipeline.commands.plan", "will a config fit a cluster? per-GPU and per-node host memory of every training stage"),
 }
 
 
@@ -64,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     name, rest = argv[0], argv[1:]
+    too_old = torch_too_old()   # before the command's modules load: one line, no traceback
+    if too_old:
+        print(f"h3fusion {name}: error: {too_old}", file=sys.stderr)
+        _record_exit_status(2)
+        return 2
     module = importlib.import_module(COMMANDS[name][0])
     sub = argparse.ArgumentParser(prog=f"h3fusion {name}", description=COMMANDS[name][1])
     module.add_arguments(sub)
@@ -72,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.parse_args(rest)
     rc = 1   # an exception that escapes is a failure
     try:
+        # H3F_DEVICE=cuda (slurm/lib.sh's GPU mode) and torch sees no GPU: stop before any work
+        from ..env import check_requested_device
+        check_requested_device()
         with _run_dir_lock(name, args):
             rc = int(module.main(args) or 0)
     # PermissionError: an output in a read-only place (checked before training, named there)

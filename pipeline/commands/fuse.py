@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from ..layout import RunLayout
 from . import add_config_arguments, config_from_args
@@ -27,5 +28,5 @@ def main(args: argparse.Namespace) -> int:
     try:
         return train_fusion(cfg, paths, resume=args.resume, overwrite=args.overwrite)
     except NonFiniteLossError as exc:
-        print(f"h3fusion fuse: error: {exc}", flush=True)
+        print(f"h3fusion fuse: error: {exc}", file=sys.stderr, flush=True)
         return 3

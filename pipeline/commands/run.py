@@ -28,12 +28,14 @@ from pathlib import Path
 from typing import Optional
 
 from . import config_from_args
+from ..backends import require_moe_backend
 from ..config import dump_yaml, load_config
 from ..env import requeue_requested_exit_code
 from ..eval.score_metrics import check_score_overrides
+from ..hub import resolve_config_models
 from ..layout import RunLayout
 from ..io_utils import write_json
-from ..stages import Stage, format_stage_table, is_done, pipeline_stages
+from ..stages import Stage, format_stage_table, is_done, pipeline_stages, require_cuda_for
 from ..train.signals import die_with_parent
 
 RESOLVED = "resolved_config.yaml"
@@ -234,6 +236,12 @@ def _print_summary(run: RunLayout, times: dict[str, Optional[float]], total: flo
     print(f"tensorboard: {run.tensorboard}  (tensorboard --logdir {run.tensorboard})")
 
 
+def _pending(args: argparse.Namespace, stages: list[Stage]) -> list[Stage]:
+    """The stages this invocation will run (`--only`, minus finished ones not in `--redo`)."""
+    return [s for s in stages if (not args.only or s.name in args.only)
+            and (s.name in args.redo or not is_done(s))]
+
+
 def _run_stages(args: argparse.Namespace, stages: list[Stage], config_path: Path, run: RunLayout,
                 signals: SignalForwarder, times: dict[str, Optional[float]]) -> None:
     for stage in stages:
@@ -263,6 +271,15 @@ def main(args: argparse.Namespace) -> int:
     for n in (args.only or []) + args.redo:
         if n not in names:
             raise ValueError(f"unknown stage {n!r} (stages: {[s.name for s in stages]})")
+    pending = {s.name for s in _pending(args, stages)}
+    # a GPU-only setting (fusion.moe_backend=megablocks) on a machine without CUDA: one error now,
+    # not after hours of CPU stages
+    require_cuda_for(cfg, pending)
+    if "fuse" in pending:   # megablocks built without its compiled ops: now, not after stage 1
+        require_moe_backend(cfg.fusion.moe_backend, "fusion.moe_backend")
+    # hub ids (base.path / tokenizer.path: hf:ORG/NAME) of the stages that will run: fetched
+    # once into the HF cache, or one error (offline, not cached) before anything is written
+    resolve_config_models(cfg, pending)
     config_path = _resolve_config(args, run)
     load_config(str(config_path))  # the file every stage reads must itself validate
     # the evaluate stage checks this too, but only after training: fail before any stage runs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from ..config import check_dimension
 from . import add_config_arguments, config_from_args
@@ -26,5 +27,5 @@ def main(args: argparse.Namespace) -> int:
     try:
         return train_expert(cfg, args.run_dir, args.dimension, args.resume, args.overwrite)
     except NonFiniteLossError as exc:   # as `h3fusion fuse`: exit 3, no expert written
-        print(f"h3fusion train-expert: error: {exc}", flush=True)
+        print(f"h3fusion train-expert: error: {exc}", file=sys.stderr, flush=True)
         return 3

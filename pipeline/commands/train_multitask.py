@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from ..config import ConfigError, check_dimension
 from . import add_config_arguments, config_from_args
@@ -43,5 +44,5 @@ def main(args: argparse.Namespace) -> int:
         return train_baseline(cfg, args.run_dir, args.kind, args.dimension, args.resume,
                               args.overwrite)
     except NonFiniteLossError as exc:   # as train-expert: exit 3, no output written
-        print(f"h3fusion train-baseline: error: {exc}", flush=True)
+        print(f"h3fusion train-baseline: error: {exc}", file=sys.stderr, flush=True)
         return 3

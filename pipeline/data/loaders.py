@@ -1,9 +1,11 @@
 """Loaders for the real datasets: local files (JSON / JSON lines / CSV) or a hub name.
 
 A spec is a local path, or `hf:NAME[:CONFIG][@SPLIT]` (e.g. `hf:PKU-Alignment/BeaverTails@30k_train`,
-`hf:truthful_qa:generation@validation`) read with `datasets.load_dataset` -- explicit, so a typo
-in a path never turns into a network call. Each loader returns normalised records and names the
-file and row of any problem (`ValueError`), or the missing file (`FileNotFoundError`).
+`hf:truthful_qa:generation@validation`) read with `datasets.load_dataset`, or `hf:ORG/NAME/FILE`,
+one file of a dataset repo fetched into the hub cache and read like a local file (pipeline.hub;
+docs/hub.md) -- explicit, so a typo in a path never turns into a network call. Each loader
+returns normalised records and names the file and row of any problem (`ValueError`), or the
+missing file (`FileNotFoundError`; offline and not cached: `hub.HubUnavailableError`).
 """
 from __future__ import annotations
 
@@ -13,19 +15,27 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from ..hub import HUB_PREFIX, fetch_dataset_file, load_hub_dataset, parse_dataset_spec
+
 TQA_SEP = "; "                              # TruthfulQA CSV: answers separated by "; "
-HUB_PREFIX = "hf:"
 
 
 def describe(spec: str) -> str:
     return spec if spec.startswith(HUB_PREFIX) else str(Path(spec))
 
 
-def _read_hub(spec: str) -> list[dict]:
-    from datasets import load_dataset  # network; never reached in tests
-    name, _, split = spec[len(HUB_PREFIX):].partition("@")
-    name, _, config = name.partition(":")
-    return [dict(r) for r in load_dataset(name, config or None, split=split or "train")]
+def local_copy(spec: str) -> str:
+    """A hub file spec (`hf:ORG/NAME/FILE`) -> its cached local path; any other spec unchanged."""
+    if spec.startswith(HUB_PREFIX) and parse_dataset_spec(spec).file is not None:
+        return str(fetch_dataset_file(spec))
+    return spec
+
+
+def _missing_file(path: Path) -> FileNotFoundError:
+    hint = ""
+    if not path.is_absolute() and str(path).count("/") == 1 and not path.suffix:
+        hint = f" (a Hugging Face Hub dataset is written hf:{path})"
+    return FileNotFoundError(f"dataset file not found: {path}{hint}")
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -80,12 +90,13 @@ def _read_csv(path: Path) -> list[dict]:
 
 def read_records(spec: str) -> list[dict]:
     """Raw records of a local file or hub spec; every record must be a mapping."""
+    spec = local_copy(spec)
     if spec.startswith(HUB_PREFIX):
-        records = _read_hub(spec)
+        records = load_hub_dataset(spec)
     else:
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"dataset file not found: {path}")
+            raise _missing_file(path)
         if path.suffix in (".json", ".jsonl"):
             records = _read_json(path)
         elif path.suffix == ".csv":

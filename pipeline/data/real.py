@@ -22,7 +22,7 @@ from typing import Sequence
 from ..config import ConfigError, RealDataConfig
 from ..io_utils import sha256_file
 from . import one_hot
-from .loaders import HUB_PREFIX, LOADERS, describe
+from .loaders import HUB_PREFIX, LOADERS, describe, local_copy
 from .overlap import NEAR_DUP_THRESHOLD, near_duplicates, normalise, sft_question
 from .safety import SAFETY_EVAL_KEYS, SAFETY_LOADERS, eval_row, safety_eval
 
@@ -42,7 +42,8 @@ def _source_info(spec: str, records: list) -> dict:
     """spec, rows, and sha256 of the file -- or, for a directory, of each file with its rows."""
     info = {"spec": describe(spec), "rows": len(records)}
     if spec.startswith(HUB_PREFIX):
-        return info
+        local = local_copy(spec)    # hf:ORG/NAME/FILE: the cached file it was read from
+        return info if local == spec else {**info, "file": local, "sha256": sha256_file(local)}
     if Path(spec).is_dir():
         counts: dict[str, int] = {}
         for r in records:
@@ -242,10 +243,41 @@ def _load_all(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict]:
             try:
                 loaded[key] = load(spec)
             except (ValueError, FileNotFoundError) as exc:
-                raise type(exc)(f"data.real.{key}: {exc}") from None
+                raise _naming_key(exc, key, spec) from None
             sources[key] = _source_info(spec, loaded[key])
     loaded["config"] = cfg
     return loaded, sources
+
+
+def _naming_key(exc: Exception, key: str, spec: str) -> Exception:
+    """A loader's error with the `data.real` key in front, of the same kind (exit 2 either way);
+    a file that is not UTF-8 is named with the byte, its offset and line."""
+    if isinstance(exc, UnicodeDecodeError):
+        return ValueError(f"data.real.{key}: {_not_utf8(spec, exc)}")
+    message = f"data.real.{key}: {exc}"
+    try:
+        return type(exc)(message)
+    except TypeError:   # an exception whose constructor takes more than a message
+        return (FileNotFoundError if isinstance(exc, FileNotFoundError) else ValueError)(message)
+
+
+def _not_utf8(spec: str, exc: UnicodeDecodeError) -> str:
+    """Which file of `spec` (a file or a folder of them) holds the undecodable bytes, and where:
+    the decoder's error names no file, and a CSV reader's offset counts from its read buffer."""
+    path = Path(spec)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        data = f.read_bytes() if f.is_file() else b""
+        if exc.object not in data:
+            continue
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            return (f"{f}: not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} "
+                    f"(line {line}): {err.reason}; convert the file to UTF-8 (e.g. "
+                    f"iconv -f latin1 -t utf-8)")
+    return f"{describe(spec)}: not UTF-8 text ({exc}); convert the file to UTF-8"
 
 
 def build_real(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict, list[str], dict]:

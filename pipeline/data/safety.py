@@ -15,7 +15,7 @@ from typing import Iterable
 
 import yaml
 
-from .loaders import HUB_PREFIX, _field, describe, read_records
+from .loaders import HUB_PREFIX, _field, describe, local_copy, read_records
 from .overlap import normalise
 
 # The harmful_prompt rows are scored by the refusal judge on generations, never by likelihood;
@@ -64,6 +64,7 @@ def _seed_yaml(path: Path) -> list[dict]:
 
 def _raw(spec: str, suffixes: tuple[str, ...]) -> list[tuple[str, int, dict]]:
     """(file, row in that file, record) of a hub spec, one file or a directory of files."""
+    spec = local_copy(spec)            # hf:ORG/NAME/FILE: the cached file, read like a local one
     if spec.startswith(HUB_PREFIX):
         return [(spec, i, r) for i, r in enumerate(read_records(spec))]
     out = []

@@ -50,7 +50,8 @@ def moderation_flagged_rate(model_dir: str | Path, prompts: Sequence[str], respo
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from .models import pick_device
+    device = pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     clf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     if clf.config.pad_token_id is None:

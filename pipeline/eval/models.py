@@ -10,7 +10,10 @@ from pipeline.layout import RunLayout
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when torch sees a GPU, else the CPU; H3F_DEVICE (slurm/lib.sh) pins it, and
+    H3F_DEVICE=cuda without a usable GPU is an error, never a silent CPU run."""
+    from pipeline.env import accelerator_kind
+    return torch.device(accelerator_kind())
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

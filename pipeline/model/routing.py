@@ -1,4 +1,4 @@
-"""Pure primitives of a dropless top-k MoE layer (no modules, no state).
+"""Pure primitives of a dropless top-k MoE layer (no modules; no state but a warn-once flag).
 
 Shape suffixes: T tokens, H hidden, F ffn per expert, E experts, K top-k, P token-expert pairs
 (= T*K). The experts' weights use the MegaBlocks GLU layout: `w1`, `v1`, `w2` each `[E*F, H]`;
@@ -10,6 +10,7 @@ token-expert pairs sorted by expert.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from .grouped_glu import GroupedGLU, PairGather, WeightedPairSum
 
 GroupedImpl = Literal["auto", "loop", "grouped_mm"]
+log = logging.getLogger("h3fusion.routing")
 
 
 @dataclass
@@ -75,13 +77,49 @@ def unpermute(y_PH: torch.Tensor, perm: Permutation, topk_weight_TK: torch.Tenso
                                  perm.order_P, perm.inv_P)
 
 
-def _grouped_mm_ok(x: torch.Tensor, *dims: int) -> bool:
-    """torch._grouped_mm: CUDA sm90+ in bf16 with 16-byte aligned strides (its backward needs them)."""
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
-        return False
-    return torch.cuda.get_device_capability(x.device) >= (9, 0) and all(d % 8 == 0 for d in dims)
+def grouped_mm_unavailable(device: torch.device | str, dtype: torch.dtype,
+                           *dims: int) -> str | None:
+    """Why `impl="auto"` runs the per-expert loop instead of `torch._grouped_mm` for inputs on
+    `device` in `dtype` with matrix sizes `dims` (ffn, hidden), or None when it takes
+    `_grouped_mm`. That needs CUDA, bf16, a torch that has it (>= 2.8: not torch 2.7, the
+    megablocks set's), compute capability >= 9.0 and sizes divisible by 8 (16-byte aligned
+    strides, which its backward needs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the input is on {device.type}, not CUDA"
+    if dtype != torch.bfloat16:
+        return f"the input is {dtype}, not torch.bfloat16"
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm (torch >= 2.8 has it)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (9, 0):
+        return f"the GPU's compute capability is {capability[0]}.{capability[1]}, below 9.0"
+    unaligned = [d for d in dims if d % 8]
+    if unaligned:
+        return f"matrix sizes {unaligned} are not multiples of 8"
+    return None
 
 
+def auto_impl(device: torch.device | str, dtype: torch.dtype, *dims: int) -> str:
+    """The expert implementation `impl="auto"` runs for these inputs: "grouped_mm" or "loop"."""
+    return "loop" if grouped_mm_unavailable(device, dtype, *dims) else "grouped_mm"
+
+
+_warned_no_grouped_mm = False
+
+
+def _auto_takes_grouped_mm(x: torch.Tensor, *dims: int) -> bool:
+    """`auto_impl` for `x`; on CUDA bf16 with a torch that lacks `_grouped_mm`, one warning line
+    per process the first time (the loop is correct, only slower)."""
+    global _warned_no_grouped_mm
+    why = grouped_mm_unavailable(x.device, x.dtype, *dims)
+    lacking = x.is_cuda and x.dtype == torch.bfloat16 and not hasattr(torch, "_grouped_mm")
+    if lacking and not _warned_no_grouped_mm:
+        _warned_no_grouped_mm = True
+        log.warning("torch MoE backend: %s, so the experts run as a loop of per-expert GEMMs on "
+                    "CUDA bf16 (correct, slower; requirements-gpu-torch.txt has a torch with it)",
+                    why)
+    return why is None
 
 
 def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor,
@@ -97,7 +135,8 @@ def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1:
     ffn, hidden = w1.shape[0] // num_experts, w1.shape[1]
     if int(counts_E.sum()) != x_PH.shape[0]:
         raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x has {x_PH.shape[0]} rows")
-    use_grouped = impl == "grouped_mm" or (impl == "auto" and _grouped_mm_ok(x_PH, ffn, hidden))
+    use_grouped = impl == "grouped_mm" or (impl == "auto"
+                                           and _auto_takes_grouped_mm(x_PH, ffn, hidden))
     if not use_grouped:   # a loop of per-expert GEMMs with hand-written autograd (grouped_glu)
         return GroupedGLU.apply(x_PH, w1, v1, w2, counts_E.tolist())
     offs_E = torch.cumsum(counts_E, 0).to(torch.int32)

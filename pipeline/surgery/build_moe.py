@@ -7,6 +7,7 @@ Everything is validated before the first byte is written; tensors stream one lay
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -150,6 +151,23 @@ def _manifest(inputs: BuildInputs, expert_dirs: dict[str, Path], cfg, router_ini
     }
 
 
+@contextlib.contextmanager
+def _removing_new_parents(out: Path):
+    """On an error inside (e.g. a NaN found while the tensors stream), also remove the parent
+    dirs of `out` that did not exist before (`atomic_dir` creates them), deepest first, while
+    they are empty: a refused build leaves nothing behind."""
+    new = [p for p in out.absolute().parents if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for parent in new:
+            try:
+                parent.rmdir()
+            except OSError:   # not empty (someone else's files) or already gone
+                break
+        raise
+
+
 def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k: int = 2,
               router_init: str = "zeros", prompts_source: str | None = None,
               prompts_per_expert: int = 8, tokenizer: str | Path | None = None,
@@ -172,7 +190,7 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
         prompts = load_router_prompts(prompts_source, list(experts), prompts_per_expert)
     routers = make_router_weights(router_init, inputs.base_dir, inputs.tokenizer_dir,
                                   inputs.base_cfg, len(experts), seed, prompts)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with _removing_new_parents(out), atomic_dir(out, overwrite=overwrite) as tmp:
         write_moe_weights(tmp, inputs, routers, max_shard_bytes)
         cfg.save_pretrained(tmp)
         copy_tokenizer_files(inputs.tokenizer_dir, tmp)

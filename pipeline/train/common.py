@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,16 +33,42 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+    """This rank's RNG states for a checkpoint: Python, NumPy, torch CPU and, where CUDA is
+    available, the CUDA generator of every local device (`cuda`: one state per device, in
+    device order; dropout on GPU draws from these)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng_state(state: Optional[dict]) -> None:
+    """Give back what `rng_state` saved. A checkpoint from before the CUDA states (or from a CPU
+    run) restores the rest; a warning says when the CUDA streams cannot be given back exactly."""
     if not state:
         return
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    _restore_cuda_rng(state.get("cuda"))
+
+
+def _restore_cuda_rng(saved: Optional[list]) -> None:
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved is None:
+        if here:
+            warnings.warn("checkpoint holds no CUDA RNG states (saved on CPU or by an older "
+                          "version): GPU random streams (dropout) restart from the seed, so this "
+                          "resume is not bit-exact", RuntimeWarning, stacklevel=3)
+        return
+    if here != len(saved):
+        warnings.warn(f"checkpoint holds the CUDA RNG states of {len(saved)} device(s), this "
+                      f"process sees {here}: restored the first {min(here, len(saved))}; "
+                      f"random streams on the others differ, so this resume is not bit-exact",
+                      RuntimeWarning, stacklevel=3)
+    if here:
+        torch.cuda.set_rng_state_all(list(saved)[:here])
 
 
 @dataclass(frozen=True)

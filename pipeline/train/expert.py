@@ -30,6 +30,7 @@ from ..env import dist_env, requeue_requested_exit_code
 from ..io_utils import check_output_dir
 from ..layout import RunLayout
 from .common import BatchSchedule, Throughput, seed_everything, sum_over_ranks, warmup_cosine
+from .grad_checkpointing import prepare_for_training
 from .inputs import check_model_weights, check_rows, check_writable, count_saved_rows
 from .loop import LoopSettings, TrainLoop, comparable_config
 
@@ -146,8 +147,8 @@ def mark_ffn_trainable(model: torch.nn.Module) -> int:
 
 
 def build_model(job: ExpertJob):
-    """The base (or `job.init`), built already partitioned (ZeRO-3 zero.Init), with the
-    method's trainable set."""
+    """The base (or `job.init`), built already partitioned (ZeRO-3 zero.Init), in train mode,
+    checkpointed when `train.gradient_checkpointing`, with the method's trainable set."""
     from transformers import AutoModelForCausalLM
 
     from ..backends.deepspeed_engine import zero3_init_context
@@ -155,6 +156,8 @@ def build_model(job: ExpertJob):
     dtype = torch.bfloat16 if job.ds_config["bf16"]["enabled"] else torch.float32
     with zero3_init_context(job.ds_config):
         model = AutoModelForCausalLM.from_pretrained(str(job.init or job.base), dtype=dtype)
+    # the baselines' job.cfg.expert.train is expert.train (multitask) or fusion.train (extra steps)
+    prepare_for_training(model, job.cfg.expert.train.gradient_checkpointing)
     if job.cfg.expert.method == "ffn":
         mark_ffn_trainable(model)
         return model

@@ -146,6 +146,10 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     `rows`: already tokenized rows (input_ids, attention_mask, labels, task_label) instead of
     `<run>/data` (tests, custom data). `on_step_end(step, loop)` runs after every optimizer step.
     """
+    from ..stages import require_cuda_for
+    require_cuda_for(cfg, ["fuse"])   # megablocks on a machine without CUDA: before any work
+    from ..backends import require_moe_backend   # megablocks: its compiled ops import
+    require_moe_backend(cfg.fusion.moe_backend, "fusion.moe_backend")
     env = dist_env()
     model_cfg = read_fused_config(paths.init)
     from ..backends.deepspeed_engine import load_ds_config

@@ -18,6 +18,7 @@ from ..config import PipelineConfig, to_dict
 from ..env import dist_env
 from . import fusion_metrics as fm
 from .common import reduce_over_ranks, seed_everything, warmup_cosine
+from .grad_checkpointing import prepare_for_training
 from .loop import LoopSettings, NonFiniteLossError, TrainLoop, comparable_config
 from .signals import install_stop_handlers
 
@@ -198,6 +199,7 @@ class FusionLoop:
 
         zero3 = self.ds["zero_optimization"]["stage"] == 3
         model = self._load_model(H3FusionForCausalLM, dse, zero3)
+        prepare_for_training(model, self.fcfg.train.gradient_checkpointing)
         if zero3:
             dse.set_leaf_modules(model, [H3FusionMoE])
             # ZeRO-3 re-gathers a module's weights in backward from hooks that need grad-carrying
@@ -206,15 +208,25 @@ class FusionLoop:
         set_moe_backend(model, self.fcfg.moe_backend)
         apply_expert_parallel(model, expert_parallel_group(self.fcfg.ep_degree))
         lora = self.fcfg.lora
-        return set_trainable(model, self.fcfg.trainable, lora.r, lora.alpha, lora.dropout)
+        return set_trainable(model, self.fcfg.trainable, lora.r, lora.alpha, lora.dropout,
+                             lora.target_modules)
 
     def _load_model(self, cls, dse, zero3: bool):
-        kwargs = dict(dtype=torch.float32, num_experts_per_tok=self.fcfg.top_k,
-                      moe_backend="torch")
+        """The fused MoE in the training dtype (bf16 under DeepSpeed bf16 on a GPU, fp32 on the
+        CPU). ZeRO-3: transformers' `from_pretrained` under zero.Init, each rank holding only its
+        partition. ZeRO-2: built on meta and read shard by shard straight onto this rank's
+        device (`pipeline.model.loading`), never a full fp32 copy on the host."""
+        from ..model.loading import load_streamed
+
+        dtype, overrides = dse.train_dtype(self.ds), dict(num_experts_per_tok=self.fcfg.top_k,
+                                                          moe_backend="torch")
         if zero3:
             with dse.zero3_init_context(self.ds):
-                return cls.from_pretrained(str(self.paths.init), **kwargs)
-        return cls.from_pretrained(str(self.paths.init), **kwargs)
+                return cls.from_pretrained(str(self.paths.init), dtype=dtype, **overrides)
+        model = load_streamed(self.paths.init, dtype, dse.train_device(), **overrides)
+        if not isinstance(model, cls):
+            raise ValueError(f"{self.paths.init}: holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     def _snapshot_experts(self, model) -> list:
         """Expert weights at fusion start (drift reference; taken before a resume loads the
@@ -222,8 +234,8 @@ class FusionLoop:
         from ..losses import snapshot_expert_params
         if self.fcfg.trainable != "router+experts":
             return []
-        # fp32 copy taken before the engine may cast the model; moved next to the experts once
-        # the engine has placed them (`_place_snapshot`)
+        # a copy in the training dtype, on the model's device (already the engine's, except
+        # under ZeRO-3, where the drift penalty is refused); `_place_snapshot` moves it otherwise
         return snapshot_expert_params(model)
 
     @staticmethod
@@ -249,16 +261,20 @@ class FusionLoop:
     def consolidated_model(self):
         """All ranks call; rank 0 gets a plain H3FusionForCausalLM (LoRA merged), others None."""
         from ..backends import deepspeed_engine as dse
-        from ..model import H3FusionForCausalLM, set_trainable
+        from ..model import set_trainable
+        from ..model.loading import model_from_state_dict
 
         state = dse.consolidated_state_dict(self.engine)
         if state is None:
             return None
-        model = H3FusionForCausalLM.from_pretrained(str(self.paths.init), dtype=torch.float32,
-                                                    num_experts_per_tok=self.fcfg.top_k)
         lora = self.fcfg.lora
-        model = set_trainable(model, self.fcfg.trainable, lora.r, lora.alpha, lora.dropout)
-        model.load_state_dict(state, strict=True)
+        # built on meta around the consolidated tensors themselves (no second copy), in their
+        # dtype: fp32 on the CPU, the engine's 16-bit weights on a GPU
+        model = model_from_state_dict(
+            state, self.paths.init, num_experts_per_tok=self.fcfg.top_k,
+            wrap=lambda m: set_trainable(m, self.fcfg.trainable, lora.r, lora.alpha, lora.dropout,
+                                         lora.target_modules))
+        del state
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         model.config.moe_backend = self.fcfg.moe_backend

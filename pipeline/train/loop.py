@@ -27,11 +27,23 @@ import torch
 
 from .common import RankZeroLog, max_over_ranks, restore_rng_state, rng_state
 
-RESUME_IGNORED = ("log_every", "save_every")   # may change between a run and its resume
+# may change between a run and its resume (checkpointing changes memory and time, not results)
+RESUME_IGNORED = ("log_every", "save_every", "gradient_checkpointing")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: training stops; the message names the step and last checkpoint."""
+    """The loss became NaN/inf: training stops; the message names the step, the first parameter
+    holding NaN/inf (if any) and the last checkpoint."""
+
+
+def first_non_finite_parameter(module: torch.nn.Module) -> Optional[int]:
+    """Index (in `named_parameters()` order) of the first parameter of this rank holding NaN/inf,
+    or None. Under ZeRO-3 a rank holds only its partition of each parameter (`ds_tensor`)."""
+    for i, (_, param) in enumerate(module.named_parameters()):
+        local = getattr(param, "ds_tensor", param)
+        if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+            return i
+    return None
 
 
 def comparable_config(section: dict) -> dict:
@@ -135,6 +147,7 @@ class TrainLoop:
         self.checkpoints, self.stop = checkpoints, stop
         self.on_save, self.on_step_end = on_save, on_step_end
         self.step, self.history, self.last_tag, self.resumed_from = 0, [], None, None
+        self._start_step = 0   # the step `run()` started at (after a resume: the checkpoint's)
         self.tb = RankZeroLog(Path(), 0, 0, enabled=False)
 
     @property
@@ -182,7 +195,21 @@ class TrainLoop:
                 else "none saved yet")
         shown = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
         raise NonFiniteLossError(f"loss is {value} (terms: {shown}) at step {self.step + 1}; "
-                                 f"last good checkpoint: {last}")
+                                 f"last good checkpoint: {last}; {self._non_finite_weights()}")
+
+    def _non_finite_weights(self) -> str:
+        """The first parameter holding NaN/inf on any rank, the same name on every rank (all
+        ranks call: one collective), and whether the run started with it."""
+        names = [name for name, _ in self.engine.module.named_parameters()]
+        mine = first_non_finite_parameter(self.engine.module)
+        first = int(-max_over_ranks(-float(len(names) if mine is None else mine)))
+        if first >= len(names):
+            return "every parameter is finite (the non-finite values arise in the forward pass)"
+        if self.step > self._start_step:
+            return f"parameter {names[first]} holds NaN/inf after {self.step} optimizer steps"
+        start = f"checkpoint {self.resumed_from}" if self.resumed_from else "the input model"
+        return (f"parameter {names[first]} holds NaN/inf already in the weights this run "
+                f"started from ({start})")
 
     def _micro_step(self, micro: int) -> float:
         batch = self.task.batch(self.step, micro)
@@ -202,6 +229,7 @@ class TrainLoop:
     def run(self) -> str:
         """Train to the last step; "stopped" after a stop signal (checkpoint saved first)."""
         s = self.settings
+        self._start_step = self.step
         self.tb = RankZeroLog(s.tb_dir, s.total_steps, self.step, s.rank0 and s.tb_dir is not None,
                               desc=s.desc)
         try:

@@ -12,6 +12,7 @@ import torch
 
 from ..config import TrainConfig
 from .common import warmup_cosine
+from .grad_checkpointing import prepare_for_training
 from .loop import LoopSettings, TorchEngine, TrainLoop
 
 
@@ -86,6 +87,7 @@ def pretrain(model, blocks: torch.Tensor, train: TrainConfig, log=print) -> dict
     eval_blocks, train_blocks = blocks[:n_eval], blocks[n_eval:]
     per_step = train.micro_batch_size * train.grad_accum_steps
     total = train.max_steps if train.max_steps > 0 else max(1, math.ceil(train.epochs * len(train_blocks) / per_step))
+    prepare_for_training(model, train.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
     engine = TorchEngine(model, opt, partial(lr_at, total=total, train=train),
                          train.grad_accum_steps, train.grad_clip)

@@ -135,6 +135,8 @@ def test_ranks_agree_on_non_finite_loss_and_on_stop_signals():
         nan = got[(rank, "nan")]
         assert nan["error"] and "at step 4" in nan["error"], (rank, nan)
         assert "last good checkpoint: /ckpts/step0000002" in nan["error"], (rank, nan)
+        # only rank 1's weights hold the NaN; both ranks name it
+        assert "parameter lin.weight holds NaN/inf after 3 optimizer steps" in nan["error"], nan
         assert nan["step"] == 3 and nan["saved"] == ["step0000002"]
         stop = got[(rank, "stop")]
         assert stop == {"status": "stopped", "step": 3,

@@ -43,11 +43,13 @@ def test_shellcheck_clean():
 
 @pytest.mark.parametrize("procs_per_node", [1, 2])
 def test_two_node_gloo_allreduce(slurm_cluster, tmp_path, procs_per_node):
-    """srun + one torchrun per node + c10d rendezvous: distinct ranks, one process group."""
+    """srun + one torchrun per node + c10d rendezvous: distinct ranks, one process group; the
+    step gets the job's --cpus-per-task and --mem (srun >= 22.05 does not inherit the CPUs)."""
     out, run = tmp_path / "probe", tmp_path / "run"
     out.mkdir()
-    job = slurm_cluster.sbatch(
-        REPO / "tests/slurm/probe_job.sh", *CPU_JOB_ARGS, "--nodes=2", *_logs(tmp_path),
+    job = _run_job(  # the later --cpus-per-task wins over CPU_JOB_ARGS' 1
+        slurm_cluster, REPO / "tests/slurm/probe_job.sh", *CPU_JOB_ARGS, "--nodes=2",
+        "--cpus-per-task=2", "--mem=1500", *_logs(tmp_path),
         env=job_env(H3F_RUN_DIR=str(run), H3F_PROBE_OUT=str(out),
                     H3F_PROCS_PER_NODE=str(procs_per_node)), timeout=300)
     log = _read(tmp_path, job.job_id, "out")
@@ -60,6 +62,14 @@ def test_two_node_gloo_allreduce(slurm_cluster, tmp_path, procs_per_node):
     assert {r["allreduce_sum"] for r in records} == {world * (world + 1) / 2}
     assert {r["slurm_nodeid"] for r in records} == {"0", "1"}  # every node took part
     assert len({r["master"] for r in records}) == 1               # and met at one master
+    # The step: srun was given the job's CPUs per task and memory, and SLURM allocated them
+    # (2 nodes x 2 CPUs, 2 x 1500 MB); every rank sees the job's CPUs per task.
+    assert {r["slurm_cpus_per_task"] for r in records} == {"2"}
+    steps = [r for r in records if r["local_rank"] == 0]
+    assert len(steps) == 2 and all(r["srun_argv"] for r in steps), steps
+    for r in steps:
+        assert {"--cpus-per-task=2", "--mem=1500"} <= set(r["srun_argv"]), r["srun_argv"]
+        assert r["step_cpus"] == "4" and "mem=3000M" in r["step_tres"].split(","), r
     # Both nodes' output reaches the job log (srun --label prefixes the task id) ...
     for node in (0, 1):
         assert re.search(rf"^{node}: \[default0\]:probe rank=\d+ world={world}", log, re.M), log
@@ -72,9 +82,20 @@ def test_two_node_gloo_allreduce(slurm_cluster, tmp_path, procs_per_node):
     assert load_config(str(job_dir / "resolved_config.yaml")).name == "tiny"
 
 
+def _run_job(slurm_cluster, script: Path, *args: str, env: dict, timeout: float):
+    """sbatch, then poll the job each second until it ends; returncode = the job's exit code.
+    (`sbatch --wait` polls at growing intervals: a job that fails after a few seconds is seen
+    ~40 s later.)"""
+    job = slurm_cluster.sbatch(script, *args, env=env, wait=False, timeout=60)
+    assert job.returncode == 0 and job.job_id, job.stderr
+    code, sig = slurm_cluster.wait_finished(job.job_id, timeout=timeout)["ExitCode"].split(":")
+    job.returncode = int(code) or (128 + int(sig) if int(sig) else 0)
+    return job
+
+
 def _bad_job(slurm_cluster, tmp_path, env: dict):
-    job = slurm_cluster.sbatch(REPO / "slurm/stage2_fusion.sh", *CPU_JOB_ARGS, "--nodes=2",
-                               *_logs(tmp_path), env=job_env(**env), timeout=180)
+    job = _run_job(slurm_cluster, REPO / "slurm/stage2_fusion.sh", *CPU_JOB_ARGS, "--nodes=2",
+                   *_logs(tmp_path), env=job_env(**env), timeout=180)
     return job, _read(tmp_path, job.job_id, "out"), _read(tmp_path, job.job_id, "err")
 
 
@@ -99,6 +120,27 @@ def test_bad_input_fails_fast_with_one_message(slurm_cluster, tmp_path, env, mes
     assert "stage " not in out and "[default0]" not in out
     assert not list((tmp_path / "run").glob("slurm/*/ranks"))
     assert slurm_cluster.job_info(job.job_id)["JobState"] == "FAILED"
+
+
+def test_gpu_mode_with_cpu_only_torch_fails_before_srun(slurm_cluster, tmp_path):
+    """GPU mode (nvidia-smi lists a GPU, H3F_GPUS_PER_NODE=1) but torch cannot use CUDA: one
+    error naming the cause, before any job step, never a silent CPU run."""
+    import torch
+    if torch.version.cuda is not None:
+        pytest.skip("torch here is a CUDA build; the case needs a CPU-only torch")
+    fake = tmp_path / "bin" / "nvidia-smi"   # what nvidia-smi -L prints on a GPU node
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    fake.chmod(0o755)
+    env = {"H3F_RUN_DIR": str(tmp_path / "run"), "H3F_GPUS_PER_NODE": "1",
+           "PATH": f"{fake.parent}:{slurm_cluster.env['PATH']}"}
+    job, out, err = _bad_job(slurm_cluster, tmp_path, env)
+    assert job.returncode == 2, f"{job.stderr}\n{out}\n{err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("h3fusion-slurm: error: GPU mode"), err
+    assert f"torch {torch.__version__} is a CPU-only build" in lines[0]
+    assert "stage " not in out and "[default0]" not in out     # no job step ran
+    assert not list((tmp_path / "run").glob("slurm/*/ranks"))
 
 
 def test_gpu_request_on_cpu_cluster_rejected_at_submit(slurm_cluster, tmp_path):

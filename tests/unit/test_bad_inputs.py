@@ -343,3 +343,188 @@ def test_json_config_of_fused_init_is_checked(tmp_path, capsys):
     (init / "config.json").write_text(json.dumps({"model_type": "h3fusion"}) [:-3])
     rc, out = run_cli(capsys, "fuse", "--run-dir", str(tmp_path / "run"), "--init", str(init))
     assert_one_error(rc, out, "fuse", str(init / "config.json"))
+
+
+# ----------------------------------------------------------------------------- issue 31 probe
+
+@pytest.mark.parametrize("config,sets,needle", [
+    ("tiny", ["fusion.top_k=4"], "key 'fusion.top_k' must be <= the number of experts, 3"),
+    ("tiny", ["fusion.ep_degree=4"], "key 'fusion.ep_degree' must be <= the number of experts, 3"),
+    ("two_dims", [], "key 'fusion.top_k' must be <= the number of experts, 2 (one per entry of "
+                     "'dimensions' ['helpful', 'honest']), got 3"),
+])
+def test_fusion_keys_above_the_expert_count_are_refused_when_the_config_loads(
+        tmp_path, capsys, config, sets, needle):
+    """Was: accepted until build_moe, after the base and every expert had trained."""
+    if config == "two_dims":
+        config = str(tmp_path / "two.yaml")
+        Path(config).write_text("dimensions: [helpful, honest]\nfusion: {top_k: 3}\n")
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "data", "--config", config, "--run-dir", str(run),
+                      *[x for s in sets for x in ("--set", s)])
+    assert_one_error(rc, out, "data", needle, Path(config).name if config != "tiny" else "tiny.yaml")
+    assert_no_outputs(run)
+    assert load_config("tiny", ["fusion.top_k=3", "fusion.ep_degree=3"]).fusion.top_k == 3
+
+
+def test_fusion_lora_targets_outside_attention_are_refused_when_the_config_loads():
+    """Was: fusion.lora.target_modules silently ignored (LoRA always on q/k/v/o_proj)."""
+    with pytest.raises(ConfigError, match=r"fusion.lora.target_modules \['gate_proj'\].*"
+                                          r"not allowed: \['gate_proj'\]"):
+        load_config("tiny", ["fusion.lora.target_modules=[gate_proj]"])
+    assert load_config("tiny").fusion.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert load_config("tiny", ["fusion.lora.target_modules=[q_proj, v_proj]"]).fusion.lora.target_modules \
+        == ["q_proj", "v_proj"]
+
+
+def test_fusion_lora_wraps_only_the_configured_targets():
+    from pipeline.model import set_trainable
+    from test_model import tiny_moe
+    model = set_trainable(tiny_moe(), "router+lora", 4, 8.0, 0.0, ["q_proj", "v_proj"])
+    wrapped = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == {"q_proj", "v_proj"}, wrapped
+
+
+def _latin1_csv() -> tuple[bytes, int, int]:
+    """A BeaverTails CSV over 8 KiB whose one non-UTF-8 byte (latin-1 'é') lies beyond the CSV
+    reader's first read buffer; returns (bytes, its offset, its line)."""
+    rows = [f"how do I cook dish {i}?,Like this: step {i}.,False" for i in range(300)]
+    rows[250] = rows[250].replace("cook", "cook a caf\xe9")
+    data = ("prompt,response,is_safe\n" + "\n".join(rows) + "\n").encode("latin-1")
+    return data, data.index(b"\xe9"), 252
+
+
+@pytest.mark.parametrize("key", ["alpaca", "beavertails", "donotanswer"])
+def test_non_utf8_data_file_names_file_byte_offset_and_line(tmp_path, capsys, shared_data, key):
+    """Was: a raw TypeError traceback, exit 1 (UnicodeDecodeError cannot be rebuilt from a
+    message). A folder spec names the file in it that holds the bytes."""
+    if key == "alpaca":
+        bad = tmp_path / "alpaca.json"
+        data = '[{"instruction": "caf\xe9", "input": "", "output": "x"}]'.encode("latin-1")
+        offset, line = data.index(b"\xe9"), 1
+    elif key == "beavertails":
+        bad = tmp_path / "bt.csv"
+        data, offset, line = _latin1_csv()
+    else:
+        folder = tmp_path / "dna"
+        folder.mkdir()
+        (folder / "a_notes.md").write_bytes("caf\xe9\n".encode("latin-1"))  # not read by the loader
+        bad = folder / "b.jsonl"
+        data = '{"question": "ok"}\n{"question": "caf\xe9"}\n'.encode("latin-1")
+        offset, line = data.index(b"\xe9"), 2
+    bad.write_bytes(data)
+    real = {"alpaca": shared_data / "alpaca/alpaca_small.json",
+            "beavertails": shared_data / "beavertails/beavertails_sample.csv",
+            "truthfulqa": shared_data / "truthfulqa/TruthfulQA.csv"}
+    real[key] = folder if key == "donotanswer" else bad
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "data", "--run-dir", str(run), "--set", "data.source=real",
+                      *[x for k, v in real.items() for x in ("--set", f"data.real.{k}={v}")],
+                      *_safety_sets(shared_data, **({"donotanswer": folder} if key == "donotanswer"
+                                                    else {})))
+    assert_one_error(rc, out, "data", f"data.real.{key}: {bad}: not UTF-8 text: byte 0xe9 at "
+                                      f"offset {offset} (line {line})", "convert the file to UTF-8")
+    assert_no_outputs(run)
+
+
+@pytest.mark.parametrize("command,target,extra", [
+    ("train-expert", "pipeline.train.expert.train_expert", ["--dimension", "helpful"]),
+    ("train-baseline", "pipeline.train.multitask.train_baseline", []),
+    ("fuse", "pipeline.train.fuse.train_fusion", []),
+])
+def test_non_finite_loss_stop_is_one_line_on_stderr_with_exit_3(tmp_path, capsys, monkeypatch,
+                                                                command, target, extra):
+    """Was: printed on stdout (docs/reliability.md: every error line goes to stderr)."""
+    from pipeline.train.loop import NonFiniteLossError
+
+    message = "loss is nan (terms: {'ce': nan}) at step 1; parameter w holds NaN/inf"
+
+    def stop(*args, **kwargs):
+        raise NonFiniteLossError(message)
+
+    monkeypatch.setattr(target, stop)
+    rc = cli_main([command, "--run-dir", str(tmp_path / "run"), *extra])
+    captured = capsys.readouterr()
+    assert rc == 3
+    assert "error" not in captured.out.lower(), captured.out
+    assert [line for line in captured.err.splitlines() if "error" in line.lower()] == \
+        [f"h3fusion {command}: error: {message}"]
+
+
+class _NanTask:
+    """A `StageTask` on a 2-layer linear model; `poison_at`: the step whose batch first writes
+    a NaN into `1.weight` (a diverged update), `inf_at`: the step whose loss is inf."""
+
+    def __init__(self, model, poison_at=None, inf_at=None):
+        self.model, self.poison_at, self.inf_at = model, poison_at, inf_at
+
+    def batch(self, step, micro):
+        if step == self.poison_at:
+            with torch.no_grad():
+                self.model[1].weight[0, 1] = float("nan")
+        return {"x": torch.ones(2, 4), "step": step}
+
+    def loss(self, engine, batch):
+        out = engine(input=batch["x"]).pow(2).mean()
+        if batch["step"] == self.inf_at:
+            out = out * float("inf")
+        return out, {"ce": out}
+
+    def observe(self, batch, terms):
+        pass
+
+    def end_step(self, loop, micro_losses, step_s):
+        return None
+
+    def client_state(self):
+        return {}
+
+    def restore(self, client_state):
+        pass
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("input", "at step 1; last good checkpoint: none saved yet; parameter 1.weight holds "
+              "NaN/inf already in the weights this run started from (the input model)"),
+    ("diverged", "at step 3; last good checkpoint: none saved yet; parameter 1.weight holds "
+                 "NaN/inf after 2 optimizer steps"),
+    ("forward", "at step 2; last good checkpoint: none saved yet; every parameter is finite "
+                "(the non-finite values arise in the forward pass)"),
+])
+def test_non_finite_loss_names_the_first_non_finite_parameter(case, needle):
+    from pipeline.train.loop import LoopSettings, NonFiniteLossError, TorchEngine, TrainLoop
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    if case == "input":
+        with torch.no_grad():
+            model[1].weight[0, 2] = float("inf")
+            model[1].bias[0] = float("nan")      # a later one: the first is named
+    task = _NanTask(model, poison_at=2 if case == "diverged" else None,
+                    inf_at=1 if case == "forward" else None)
+    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=0.01), lambda s: 0.01, 1, 0.0)
+    loop = TrainLoop(engine, task, LoopSettings(total_steps=5, grad_accum_steps=1))
+    with pytest.raises(NonFiniteLossError) as err:
+        loop.run()
+    assert needle in str(err.value), str(err.value)
+
+
+def test_refused_build_moe_leaves_no_parent_dir_it_created(family, tmp_path, capsys):
+    """Was: the parents of --out, created before the NaN check streaming the tensors refused,
+    stayed behind empty. A parent that existed before stays."""
+    base, experts = family
+    key = "model.layers.1.mlp.down_proj.weight"
+    experts = {**experts, "harmless": _poison(experts["harmless"], tmp_path / "bad", key, float("nan"))}
+    (tmp_path / "kept").mkdir()
+    for out, gone in ((tmp_path / "some" / "new" / "parent" / "moe", tmp_path / "some"),
+                      (tmp_path / "kept" / "new" / "moe", tmp_path / "kept" / "new")):
+        rc, text = run_cli(capsys, "surgery", "build_moe", "--base", str(base), "--out", str(out),
+                           "--experts", *[f"{n}={d}" for n, d in experts.items()])
+        assert_one_error(rc, text, "surgery build_moe", key, "non-finite")
+        assert not gone.exists(), sorted(tmp_path.rglob("*"))
+    assert (tmp_path / "kept").is_dir()
+    rc, text = run_cli(capsys, "surgery", "build_moe", "--base", str(base), "--out",
+                       str(tmp_path / "other" / "moe"), "--experts",
+                       *[f"{n}={d}" for n, d in {**experts, "honest": tmp_path / "no_expert"}.items()])
+    assert_one_error(rc, text, "surgery build_moe", "no_expert")
+    assert not (tmp_path / "other").exists()

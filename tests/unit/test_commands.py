@@ -6,8 +6,9 @@ import pytest
 
 from pipeline.commands import COMMANDS, main
 
-# surgery: per-tool options; aggregate reads several finished run dirs, no config
-CONFIG_COMMANDS = [name for name in COMMANDS if name not in ("surgery", "aggregate")]
+# surgery: per-tool options; aggregate reads several finished run dirs, no config; plan reads a
+# config and a cluster shape, no run dir (tests/unit/test_memory_plan.py)
+CONFIG_COMMANDS = [name for name in COMMANDS if name not in ("surgery", "aggregate", "plan")]
 
 
 @pytest.mark.parametrize("name", CONFIG_COMMANDS)

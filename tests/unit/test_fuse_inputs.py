@@ -1,6 +1,7 @@
 """`h3fusion fuse` rejects bad input with one clear error before any process group or engine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,7 +17,14 @@ MODEL = {"model_type": "h3fusion", "num_experts": 3, "expert_names": ["helpful",
 
 
 def _fusion(*overrides):
-    return load_config("tiny", list(overrides)).fusion
+    """The tiny preset's fusion section with `overrides`. top_k / ep_degree are set after loading:
+    a config refuses values above its number of dimensions, and fuse.py checks them again
+    against the model it trains (an --init need not have the config's experts)."""
+    late = {k: o.split("=")[1] for o in overrides
+            if (k := o.split("=")[0].removeprefix("fusion.")) in ("top_k", "ep_degree")}
+    rest = [o for o in overrides if o.split("=")[0].removeprefix("fusion.") not in late]
+    return dataclasses.replace(load_config("tiny", rest).fusion,
+                               **{k: int(v) for k, v in late.items()})
 
 
 def test_not_an_h3fusion_model_points_to_build_moe(tmp_path):

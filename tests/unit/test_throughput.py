@@ -46,3 +46,19 @@ def test_bad_sizes_are_rejected(tmp_path):
     tool = _load_tool()
     with pytest.raises(SystemExit):
         tool.parse_args(["--experts", "2", "--top-k", "3", "--out", str(tmp_path)])
+
+
+def test_forced_impls_and_backends_that_cannot_run_here(tmp_path, capsys):
+    tool = _load_tool()
+    base = ["--preset", "tiny", "--tokens", "16", "--warmup", "0", "--repeats", "1"]
+    # grouped_mm needs CUDA bf16: an error naming it, exit 2, nothing written ...
+    assert tool.main(base + ["--backends", "loop", "grouped_mm", "--out", str(tmp_path / "a")]) == 2
+    assert "backend grouped_mm cannot run here (the input is on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # ... or, with --skip-unavailable, left out and named in the JSON
+    assert tool.main(base + ["--backends", "loop", "grouped_mm", "--skip-unavailable",
+                             "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "throughput.json").read_text())
+    assert {r["backend"] for r in report["results"]} == {"loop"}
+    assert list(report["unavailable"]) == ["grouped_mm"] and report["device_name"] == "cpu"
+    assert "not timed: grouped_mm" in capsys.readouterr().out

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Throughput of one MoE layer: forward and forward+backward per backend.
 
-Backends: `torch` (our dropless MoE, pipeline.model.routing), `megablocks` (GPU only),
-`naive` (the common loop over experts with boolean masks). For each it reports the median time
+Backends: `torch` (our dropless MoE, pipeline.model.routing, expert implementation chosen by
+`impl="auto"`), `grouped_mm` / `loop` (the same with the implementation forced: torch._grouped_mm,
+CUDA sm90+ bf16 only, or the loop of per-expert GEMMs), `megablocks` (GPU only), `naive` (the
+common loop over experts with boolean masks). With `--skip-unavailable` a backend that cannot run
+here is left out and named, with the reason, under "unavailable" in the JSON (else: an error). For each it reports the median time
 over `--repeats` runs after `--warmup` runs (CUDA events on GPU, perf_counter on CPU; all
 variants are timed round-robin so load drift on a shared machine hits them alike), the
 spread (min, max, interquartile range), tokens/s, achieved FLOP/s, the time of ONE dense matmul
@@ -14,6 +17,8 @@ into `--out` (written atomically).
   python tools/profiling/throughput.py --tokens 4096 --hidden 512 --ffn 1376 --experts 3 \
       --top-k 2 --backends torch naive --out /tmp/tp
   torchrun --nproc-per-node 2 tools/profiling/throughput.py --preset tiny --ep 2 --out /tmp/ep
+  python tools/profiling/throughput.py --preset llama2-7b-ffn --tokens 8192 --device cuda \
+      --backends megablocks grouped_mm loop --skip-unavailable --out /tmp/tp7b   # a GPU
 
 With `--ep N` (under torchrun, world size N) every rank routes its own `--tokens` tokens and
 experts are sharded over the N ranks (weak scaling); aggregate tokens/s = N * tokens / the
@@ -39,7 +44,7 @@ PRESETS = {
     "tiny": dict(tokens=256, hidden=64, ffn=128, experts=3, top_k=2),
     "llama2-7b-ffn": dict(tokens=4096, hidden=4096, ffn=11008, experts=3, top_k=2),
 }
-BACKENDS = ("torch", "megablocks", "naive")
+BACKENDS = ("torch", "grouped_mm", "loop", "megablocks", "naive")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -53,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"(default: preset value, tiny={default})")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                    help="default: torch naive (+ megablocks when CUDA and megablocks exist)")
+    p.add_argument("--skip-unavailable", action="store_true",
+                   help="leave out (and name in the JSON) backends that cannot run here")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
@@ -93,24 +100,48 @@ def build_layer(sizes: dict, backend: str, device, dtype, seed: int):
                           num_experts=sizes["experts"], num_experts_per_tok=sizes["top_k"],
                           moe_backend="megablocks" if backend == "megablocks" else "torch")
     torch.manual_seed(seed)
-    layer = H3FusionMoE(cfg)
-    with torch.no_grad():
-        torch.nn.init.normal_(layer.router.weight, std=0.02)
-    return layer.to(device=device, dtype=dtype)
+    with torch.device(device):   # initialised where it runs: a 7B-sized layer is 1.6 GB in fp32
+        layer = H3FusionMoE(cfg)
+        with torch.no_grad():
+            torch.nn.init.normal_(layer.router.weight, std=0.02)
+    return layer.to(dtype=dtype)
+
+
+class BackendUnavailable(ValueError):
+    """A requested backend cannot run on this machine (without --skip-unavailable)."""
+
+
+def unavailable(backend: str, device: torch.device, dtype: torch.dtype, sizes: dict) -> str | None:
+    """Why `backend` cannot run here at these sizes, or None when it can."""
+    if backend == "megablocks":
+        from pipeline.backends import megablocks_missing
+        reason = megablocks_missing()
+        if reason is None and (device.type != "cuda" or dtype != torch.bfloat16):
+            reason = f"CUDA and bfloat16 (MegaBlocks' grouped GEMM), not {device.type} {dtype}"
+        return reason
+    if backend == "grouped_mm":
+        from pipeline.model.routing import grouped_mm_unavailable
+        return grouped_mm_unavailable(device, dtype, sizes["ffn"], sizes["hidden"])
+    return None
 
 
 def _layer_fn(layer, backend: str):
     """x_BSH -> (out_BSH, routing) for the backend under test."""
-    from pipeline.model.routing import naive_per_expert_moe
-    if backend != "naive":
+    from pipeline.model.routing import dropless_moe, naive_per_expert_moe
+    if backend in ("torch", "megablocks"):
         return layer
     e = layer.experts
 
-    def naive(x_BSH):
-        out, routing = naive_per_expert_moe(x_BSH.flatten(0, 1), layer.router.weight,
-                                            e.w1, e.v1, e.w2, layer.top_k)
+    def forced(x_BSH):   # naive loop, or the torch backend with its expert impl forced
+        x_TH = x_BSH.flatten(0, 1)
+        if backend == "naive":
+            out, routing = naive_per_expert_moe(x_TH, layer.router.weight, e.w1, e.v1, e.w2,
+                                                layer.top_k)
+        else:
+            out, routing = dropless_moe(x_TH, layer.router.weight, e.w1, e.v1, e.w2, layer.top_k,
+                                        impl=backend)
         return out.view_as(x_BSH), routing
-    return naive
+    return forced
 
 
 class Timer:
@@ -274,8 +305,16 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ep_group, args.rank, world = (None, 0, 1) if args.ep == 1 else _init_ep(args.ep)
     backends = args.backends or _default_backends(device)
-    if ep_group is not None:
-        backends = [b for b in backends if b != "naive"]   # the naive loop has no EP path
+    if ep_group is not None:   # the naive loop and the forced impls have no EP path
+        backends = [b for b in backends if b not in ("naive", "grouped_mm", "loop")]
+    missing = {b: why for b in backends if (why := unavailable(b, device, dtype, args.sizes))}
+    if missing and not args.skip_unavailable:
+        raise BackendUnavailable("; ".join(f"backend {b} cannot run here ({why})"
+                                           for b, why in missing.items())
+                                 + " (--skip-unavailable leaves them out)")
+    backends = [b for b in backends if b not in missing]
+    if not backends:
+        raise BackendUnavailable(f"no backend left to time: {missing}")
     rows, ceiling = bench(backends, args, device, dtype, Timer(device), ep_group)
     if ep_group is not None:
         _slowest_rank(rows + [ceiling])
@@ -285,17 +324,24 @@ def run(args) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             # other processes' load skews CPU ratios; the 1-minute load average says how much
             "load_avg_1m": [load_before, os.getloadavg()[0]],
-            "dense_ceiling": ceiling, "results": rows}
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            "cpu", "unavailable": missing, "dense_ceiling": ceiling, "results": rows}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except BackendUnavailable as exc:   # one line, exit 2
+        print(f"throughput.py: error: {exc}", file=sys.stderr)
+        return 2
     if args.rank == 0:
         print(f"sizes={report['sizes']} device={report['device']} dtype={report['dtype']} "
               f"ep={report['ep']} threads={report['threads']} "
               f"load_avg_1m(before,after)={report['load_avg_1m']}")
         print(format_table(report["results"]))
+        for backend, why in report["unavailable"].items():
+            print(f"not timed: {backend} ({why})")
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
             write_json(Path(tmp) / "throughput.json", report)
         print(f"wrote {Path(args.out) / 'throughput.json'}")

@@ -89,7 +89,8 @@ def build_fusion_model(shape: dict, fcfg, num_experts: int):
     model = H3FusionForCausalLM(H3FusionConfig(**shape, num_experts=num_experts,
                                                num_experts_per_tok=fcfg.top_k))
     set_moe_backend(model, fcfg.moe_backend)
-    return set_trainable(model, fcfg.trainable, fcfg.lora.r, fcfg.lora.alpha, fcfg.lora.dropout)
+    return set_trainable(model, fcfg.trainable, fcfg.lora.r, fcfg.lora.alpha, fcfg.lora.dropout,
+                         fcfg.lora.target_modules)
 
 
 def step_flops(shape: dict, tokens: int, seq: int, trainable: str, experts_per_token: int = 1
