@@ -51,8 +51,13 @@ h3f_collect_overrides_for_pipeline
 RESOLVED="$H3F_RUN_DIR/resolved_config.yaml"
 device=()  # a CPU-only pipeline of a config that needs CUDA: refused now, not in its fusion job
 if [ "${H3F_GPUS_PER_NODE:-}" = 0 ]; then device=(--device=cpu); fi
+# hub models (hf: base/tokenizer) are fetched here, on the login node, into the HF cache the
+# jobs read (HF_HOME / HF_HUB_CACHE must be on a shared filesystem); compute nodes often have no
+# network. A dry run fetches nothing.
+fetch=(--fetch-hub)
+if [ "$DRY_RUN" = 1 ]; then fetch=(); fi
 "$H3F_PYTHON" "$H3F_REPO/slurm/stage_info.py" resolve "$H3F_CONFIG" "$RESOLVED" --must-match \
-    "${device[@]}" "${H3F_OVERRIDES[@]}" || exit 2
+    "${device[@]}" "${fetch[@]}" "${H3F_OVERRIDES[@]}" || exit 2
 mkdir -p "$H3F_RUN_DIR/slurm"
 # The jobs read the resolved file; the overrides are already in it.
 export H3F_REPO H3F_RUN_DIR H3F_CONFIG="$RESOLVED" H3F_SET=""

@@ -3,12 +3,16 @@
 The batch scripts never restate stage arguments or output paths; they ask `pipeline.stages`
 (the graph `h3fusion run` also executes) through this helper:
 
-    python slurm/stage_info.py resolve SRC OUT [--must-match] [--device=MODE[:NPROC]] [KEY=VALUE ...]
+    python slurm/stage_info.py resolve SRC OUT [--must-match] [--device=MODE[:NPROC]] [--fetch-hub]
+                                       [KEY=VALUE ...]
         load the preset/YAML SRC with the overrides, validate, write the resolved YAML to OUT
         (atomically). --must-match: OUT may already exist only with identical content.
         --device=cuda:N (lib.sh's GPU mode): torch must see N GPUs here (else one error naming
         why: CPU-only torch build, CUDA_VISIBLE_DEVICES, driver); --device=cpu: the config must
         not need CUDA (fusion.moe_backend=megablocks does). Checked before OUT is written.
+        --fetch-hub (slurm/pipeline.sh, on the login node, which usually has network where
+        compute nodes have none): fetch every hub model (`hf:` base/tokenizer) into the HF
+        cache now, or fail with the hub's one-line error before any job is submitted.
     python slurm/stage_info.py argv CONFIG RUN_DIR STAGE    # h3fusion argv, one item per line
     python slurm/stage_info.py done CONFIG RUN_DIR STAGE    # exit 0 when the outputs exist
     python slurm/stage_info.py dimensions CONFIG             # the run's dimensions, one per line
@@ -46,10 +50,13 @@ def check_device(src: str, cfg, device: str) -> None:
 
 
 def resolve(src: str, out: str, overrides: list[str], must_match: bool,
-            device: str | None = None) -> None:
+            device: str | None = None, fetch_hub: bool = False) -> None:
     cfg = load_config(src, overrides)
     if device:
         check_device(src, cfg, device)
+    if fetch_hub:
+        from pipeline.hub import resolve_config_models
+        resolve_config_models(cfg, log=lambda line: print(f"h3fusion-slurm: {line}", file=sys.stderr))
     text = dump_yaml(cfg)
     target = Path(out)
     if must_match and target.exists() and target.read_text() != text:
@@ -80,12 +87,13 @@ def main(argv: list[str]) -> int:
         return 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "resolve":
-        must_match = "--must-match" in rest
+        must_match, fetch_hub = "--must-match" in rest, "--fetch-hub" in rest
         device = next((a.split("=", 1)[1] for a in rest if a.startswith("--device=")), None)
-        rest = [a for a in rest if a != "--must-match" and not a.startswith("--device=")]
+        rest = [a for a in rest if a not in ("--must-match", "--fetch-hub")
+                and not a.startswith("--device=")]
         if len(rest) < 2:
             raise ValueError("resolve needs SRC OUT [KEY=VALUE ...]")
-        resolve(rest[0], rest[1], rest[2:], must_match, device)
+        resolve(rest[0], rest[1], rest[2:], must_match, device, fetch_hub)
         return 0
     if cmd == "dimensions":
         if len(rest) != 1:

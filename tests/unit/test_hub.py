@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +205,21 @@ def test_config_checks_hub_spec_syntax_and_hints_at_the_prefix(tmp_path):
     with pytest.raises(FileNotFoundError, match="write base.path: hf:meta-llama/Llama-2-7b-hf"):
         run_base_stage(BaseConfig(path="meta-llama/Llama-2-7b-hf"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_slurm_resolve_fetch_hub_fails_before_writing_and_passes_with_a_cached_id(
+        hub_cache, tiny_model_dir, tmp_path, capsys):
+    """slurm/pipeline.sh fetches hub models on the login node (`resolve --fetch-hub`)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[2] / "slurm" / "stage_info.py"
+    spec = importlib.util.spec_from_file_location("stage_info_for_hub_test", path)
+    stage_info = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage_info)
+    out = tmp_path / "resolved.yaml"
+    argv = ["resolve", "tiny", str(out), "--fetch-hub", "base.path=hf:org/base"]
+    with pytest.raises(FileNotFoundError, match="hf:org/base is not in the Hugging Face cache"):
+        stage_info.main(argv)
+    assert not out.exists()
+    add_to_cache(hub_cache, "org/base", tiny_model_dir)
+    assert stage_info.main(argv) == 0 and out.is_file()
+    assert "base.path: hf:org/base ->" in capsys.readouterr().err
