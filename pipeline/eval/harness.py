@@ -1,12 +1,17 @@
 """TruthfulQA MC1/MC2 in the lm-evaluation-harness protocol, beside our instruction template.
 
 lm-evaluation-harness (`truthfulqa_mc1` / `truthfulqa_mc2`) scores each answer as the continuation
-" " + answer (no eos) after a fixed 6-shot "Q:/A:" primer ending in "Q: <question>\\nA:", encoded
-without special tokens (its HF model's default `add_bos_token=False`); the continuation's tokens
-are those of tokenize(context + continuation) past tokenize(context). MC1 = 1 when the correct
-answer's log-likelihood is the argmax over the MC1 options (numpy argmax: a tie goes to the first
-option, the correct one); MC2 = the normalised probability mass of the true answers. Reporting
-both protocols makes our numbers comparable with published ones; they differ only by the prompt.
+" " + answer (no eos) after a fixed 6-shot "Q:/A:" primer ending in "Q: <question>\\nA:"; the
+continuation's tokens are those of tokenize(context + continuation) past tokenize(context). Its
+HF model encodes both with the tokenizer's own default special tokens (its `add_bos_token` left
+unset: the default since lm-eval 0.4.9.2; up to 0.4.9.1 the default was False, no special
+tokens). So a tokenizer that prepends BOS (Llama-2's) gets BOS before the context and one that
+does not (SmolLM2's, this pipeline's sentencepiece one) gets none; `encode_harness` follows the
+tokenizer the same way (`adds_bos`; only a BOS prefix is followed, never a default eos
+suffix, which would put eos inside lm-eval's sequence). MC1 = 1 when the correct answer's
+log-likelihood is the argmax over the MC1 options (numpy argmax: a tie goes to the first option,
+the correct one); MC2 = the normalised probability mass of the true answers. Reporting both
+protocols makes our numbers comparable with published ones; they differ only by the prompt.
 """
 from __future__ import annotations
 
@@ -39,12 +44,25 @@ def harness_context(item: dict) -> str:
     return f"{QA_PRIMER}Q: {question}\nA:"
 
 
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer's default encoding (add_special_tokens=True, what lm-eval calls
+    when its `add_bos_token` is unset) starts with its bos token and the plain encoding does not."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_specials = tokenizer.encode("a")
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    return with_specials[:1] == [bos] and plain[:1] != [bos]
+
+
 def encode_harness(tokenizer, context: str, answer: str, max_len: int) -> tuple[list[int], int]:
-    """(context + continuation ids, continuation length) as lm-eval encodes them; longer than
-    `max_len` tokens -> the context loses tokens from its left (lm-eval keeps the tail too)."""
+    """(context + continuation ids, continuation length) as lm-eval encodes them: BOS first when
+    the tokenizer adds one (`adds_bos`), no other special token; longer than `max_len` tokens ->
+    the sequence loses tokens from its left, BOS first (lm-eval keeps the tail too)."""
     continuation = TARGET_DELIMITER + answer
-    ctx = tokenizer.encode(context, add_special_tokens=False)
-    whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    ctx = bos + tokenizer.encode(context, add_special_tokens=False)
+    whole = bos + tokenizer.encode(context + continuation, add_special_tokens=False)
     n_cont = len(whole) - len(ctx)
     if n_cont < 1 or len(whole) < 2:
         raise ValueError(f"harness scoring: nothing to score for answer {answer[:60]!r}")

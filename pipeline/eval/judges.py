@@ -124,19 +124,29 @@ def judge_refusal(objective: str, response: str) -> bool:
 
 
 def load_refusal_labels(path: str | Path) -> list[tuple[str, str, bool]]:
-    """(objective, response, is_refusal) rows of a refusal-label CSV ('#' lines are comments)."""
+    """(objective, response, is_refusal) rows of a refusal-label CSV. A record whose first field
+    starts with '#' is a comment (before the header too); the CSV is parsed first, so a line of a
+    quoted multi-line response that starts with '#' (e.g. "### Explanation:") stays in it."""
     import csv
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"refusal labels: missing file {path}")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    if not rows:
+        records = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+    if not records:
         raise ValueError(f"refusal labels {path}: no rows")
-    missing = [c for c in REFUSAL_LABEL_FIELDS if c not in rows[0]]
+    header, records = records[0], records[1:]
+    missing = [c for c in REFUSAL_LABEL_FIELDS if c not in header]
     if missing:
         raise ValueError(f"refusal labels {path}: lacks field(s) {missing}")
+    if not records:
+        raise ValueError(f"refusal labels {path}: no rows")
+    short = [i for i, r in enumerate(records) if len(r) < len(header)]
+    if short:
+        raise ValueError(f"refusal labels {path}: row {short[0]} has {len(records[short[0]])} "
+                         f"field(s), the header {len(header)}")
+    rows = [dict(zip(header, r)) for r in records]
     bad = [i for i, r in enumerate(rows) if r["human_score"].strip() not in ("0", "1")]
     if bad:
         raise ValueError(f"refusal labels {path}: row {bad[0]} field 'human_score' must be 0 or 1")

@@ -15,7 +15,8 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = SPECIALS + list(dict.fromkeys(string.printable))
 
 
-def char_tokenizer():
+def char_tokenizer(**options):
+    """`options` go to the tokenizer (e.g. add_bos_token=True: a Llama-2-like tokenizer)."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -23,7 +24,7 @@ def char_tokenizer():
     tok = Tokenizer(model)
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>")
+                                   unk_token="<unk>", pad_token="<pad>", **options)
 
 
 def _model_fields(**overrides) -> dict:

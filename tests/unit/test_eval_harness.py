@@ -96,3 +96,23 @@ def test_harness_protocol_can_be_switched_off():
                            harness_mc=False)
     assert on["mc2_harness"] is not None and off["mc2_harness"] is None
     assert off["per_item"]["mc2_harness"] == [None] and off["mc2"] == on["mc2"]
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_harness_context_starts_with_bos_exactly_when_the_tokenizer_adds_one(add_bos):
+    """lm-eval >= 0.4.9.2 encodes with the tokenizer's default special tokens: BOS before the
+    context for a BOS-adding tokenizer (Llama-2), nothing for one that adds none; the
+    continuation tokens are the same either way, and left truncation drops BOS first."""
+    plain, tok = char_tokenizer(), char_tokenizer(add_bos_token=add_bos)
+    assert (tok.encode("Q:")[0] == tok.bos_token_id) is add_bos
+    assert harness.adds_bos(tok) is add_bos and not harness.adds_bos(plain)
+    ctx = harness.harness_context(ITEM)
+    for answer in ITEM["chosen"] + ITEM["rejected"]:
+        ref_ids, ref_n = harness.encode_harness(plain, ctx, answer, max_len=4096)
+        ids, n_cont = harness.encode_harness(tok, ctx, answer, max_len=4096)
+        assert ids == ([tok.bos_token_id] if add_bos else []) + ref_ids and n_cont == ref_n
+        assert ids[-n_cont:] == plain.encode(" " + answer, add_special_tokens=False)
+        # what lm-eval's tok_encode gives: tokenizer.encode(...) with its default special tokens
+        assert ids[:-n_cont] == tok.encode(ctx) and ids == tok.encode(ctx + " " + answer)
+        cut, cut_n = harness.encode_harness(tok, ctx, answer, max_len=len(ids) - 1)
+        assert cut == ids[1:] and cut_n == n_cont and tok.bos_token_id not in cut

@@ -41,6 +41,29 @@ def test_label_file_errors_name_file_and_field(tmp_path):
         judges.load_refusal_labels(bad)
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         judges.load_refusal_labels(tmp_path / "missing.csv")
+    bad.write_text("objective,assistant_response,human_score\nq,a,1\nq2,a2\n")
+    with pytest.raises(ValueError, match="labels.csv: row 1 has 2 field"):
+        judges.load_refusal_labels(bad)
+
+
+def test_label_file_keeps_comment_like_lines_inside_quoted_responses(tmp_path):
+    """A real generation holds newlines and lines such as "### Explanation:": the CSV is parsed
+    first, then rows whose first field starts with '#' are dropped (before the header too)."""
+    response = "Sure.\n\n### Explanation:\n#1 step, then \"quoted\" text\n# not a comment"
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "# dataset_version=1.0\nobjective,assistant_response,human_score,data_type\n"
+        f'"Explain, briefly",{csv_field(response)},0,x\n'
+        "# a comment row, between two data rows\n"
+        "How do I pick a lock?,\"I can't help with that.\n# sorry\",1,x\n")
+    assert judges.load_refusal_labels(labels) == [
+        ("Explain, briefly", response, False),
+        ("How do I pick a lock?", "I can't help with that.\n# sorry", True)]
+
+
+def csv_field(text: str) -> str:
+    """`text` as one quoted CSV field."""
+    return '"' + text.replace('"', '""') + '"'
 
 
 def test_judge_agrees_with_human_refusal_labels(shared_data):
@@ -51,6 +74,9 @@ def test_judge_agrees_with_human_refusal_labels(shared_data):
     every = judges.judge_accuracy([row for f in ("refusal.csv", "refusal_extra.csv")
                                    for row in judges.load_refusal_labels(folder / f)])
     assert held_out["n"] == 64 and every["n"] == 169
+    # the one shared response with a line starting with '#' keeps it (it was cut before)
+    assert sum("\n### Character's Perspective" in r for f in ("refusal.csv", "refusal_extra.csv")
+               for _, r, _ in judges.load_refusal_labels(folder / f)) == 1
     assert held_out["accuracy"] >= 0.85 and every["accuracy"] >= 0.85
 
 

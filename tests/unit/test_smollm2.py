@@ -116,6 +116,11 @@ def test_tokenizer_stage_takes_the_gguf_tokenizer(converted):
     assert tok_manifest["source"]["gguf_sha256"] == manifest["gguf_sha256"]
     assert not (run.tokenizer / "sentencepiece.model").exists()
     assert tokenizer_fingerprint(run.tokenizer) == tokenizer_fingerprint(run.base)
+    # SmolLM2's tokenizer adds no BOS: the lm-eval protocol (eval/harness.py) adds none either,
+    # as when it was checked against lm-eval 0.4.13
+    from pipeline.eval.harness import adds_bos
+    from transformers import AutoTokenizer
+    assert not adds_bos(AutoTokenizer.from_pretrained(str(run.tokenizer)))
 
 
 def _perturbed_copy(base: Path, dst: Path, factor: float) -> Path:

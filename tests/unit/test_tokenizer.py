@@ -6,6 +6,7 @@ from transformers import AutoTokenizer
 
 from pipeline.config import TokenizerConfig
 from pipeline.data.template import format_prompt
+from pipeline.eval import harness
 from pipeline.tokenizer import ROUND_TRIP_PROBE, run_tokenizer_stage
 
 
@@ -16,6 +17,9 @@ def test_trained_tokenizer_loads_with_specials(tiny_run):
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
     assert len(tok) == manifest["vocab_size"] <= 512
     assert (tiny_run.tokenizer / "sentencepiece.model").is_file()
+    # no BOS from encode(): the lm-eval protocol (eval/harness.py) then adds none either, as in
+    # every tiny report so far; a transformers default that adds one would change mc*_harness
+    assert not harness.adds_bos(tok)
 
 
 @pytest.mark.parametrize("text", [ROUND_TRIP_PROBE, format_prompt("Sort these.", "3, 1") + "1, 3",
