@@ -24,7 +24,8 @@ from .config_schema import (
     PipelineConfig,
 )
 from .data.dimensions import register_dimension, resolve_dimensions
-from .registry import MERGE_METHODS, MOE_BACKENDS, ROUTER_INITS, TIES_TRIM_SCOPES, Registry
+from .registry import (MERGE_METHODS, MOE_BACKENDS, MULTITASK_VARIANTS, ROUTER_INITS, TIES_TRIM_SCOPES,
+                       Registry)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # fusion.gate_tokens (pipeline.losses.gate_token_mask computes each)
@@ -224,9 +225,28 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
     for i, m in enumerate(cfg.merge.methods):
         _check_registered(MERGE_METHODS, m, f"merge.methods[{i}]", source)
     _check_registered(TIES_TRIM_SCOPES, cfg.merge.ties_trim_scope, "merge.ties_trim_scope", source)
+    _check_multitask_variants(cfg, source)
     _check_hub_specs(cfg)
     problem = first_range_problem(cfg)
     _check(problem is None, f"{source}: {problem}")
+    # a generation prompt keeps its last eval.max_seq_len - eval.max_new_tokens tokens
+    _check(cfg.eval.max_new_tokens < cfg.eval.max_seq_len,
+           f"eval.max_new_tokens ({cfg.eval.max_new_tokens}) must be below eval.max_seq_len "
+           f"({cfg.eval.max_seq_len}): a generation prompt keeps only its last max_seq_len - "
+           f"max_new_tokens tokens; raise eval.max_seq_len")
+
+
+def _check_multitask_variants(cfg: PipelineConfig, source: str) -> None:
+    """Registered names (checked even with multitask off: a typo is not silently kept), each
+    once, and at least one when the multi-task baselines are on."""
+    variants = cfg.baselines.multitask_variants
+    for i, v in enumerate(variants):
+        _check_registered(MULTITASK_VARIANTS, v, f"baselines.multitask_variants[{i}]", source)
+    _check(len(set(variants)) == len(variants),
+           f"baselines.multitask_variants {variants} names a variant twice")
+    _check(variants or not cfg.baselines.multitask,
+           f"baselines.multitask is true but baselines.multitask_variants is empty: name at least "
+           f"one of {list(MULTITASK_VARIANTS.names())} (or set baselines.multitask=false)")
 
 
 def _check_hub_specs(cfg: PipelineConfig) -> None:

@@ -166,8 +166,13 @@ class MergeConfig:
 @dataclass
 class BaselinesConfig:
     """Training baselines (docs/baselines.md), each one more model in the report; off by default
-    (multitask costs about one stage 1 plus fusion, extra_steps one fusion length per dimension)."""
-    multitask: bool = False           # dense FFN-only fine-tune of the base on the fusion mix
+    (the multi-task variants cost one epoch over every stage-1 row plus the fusion mix, and all
+    stage-1 runs plus fusion; extra_steps one fusion length per dimension)."""
+    multitask: bool = False           # dense FFN-only fine-tunes of the base on the multi-task union
+    # which multi-task fine-tunes (pipeline.registry.MULTITASK_VARIANTS), each a stage
+    # baseline_multitask_<v> and a model multitask_<v>: data_matched (one epoch over every
+    # sft/<dim>/train row + the fusion mix), compute_matched (sum of stage 1 + fusion's steps)
+    multitask_variants: list[str] = field(default_factory=lambda: ["data_matched", "compute_matched"])
     extra_steps: bool = False         # each expert trained fusion's steps more on its own data
 
 
@@ -193,6 +198,10 @@ class EvalConfig:
     # human refusal labels the refusal judge is checked against: "auto" = the shipped
     # ../shared/data/safety/refusal_labels if present; a folder of CSVs or one CSV; "none"
     refusal_labels: str = "auto"
+    # this pipeline's labelled generations the outcome judge is checked against (rubric:
+    # tests/data/judge_labels/rubric.md): "auto" = the committed tests/data/judge_labels/*.csv if
+    # present; a folder of CSVs or one CSV; "none"
+    judge_labels: str = "auto"
     # dimension -> score metrics to try, in order, instead of the dimension's registered ones
     # (pipeline.data.dimensions); {} = the registry's. E.g. the tiny preset scores harmless by
     # pair preference: its models' generations on unseen prompts are not text a refusal judge

@@ -49,7 +49,7 @@ class RunLayout:
     def ensemble(self, method: str) -> Path:       # LLM-ensemble baseline (pipeline.ensemble)
         return self.root / "ensembles" / method
 
-    def baseline(self, name: str) -> Path:          # training baselines: "multitask", "extra_steps/<dim>"
+    def baseline(self, name: str) -> Path:          # training baselines: "multitask_<variant>", "extra_steps/<dim>"
         return self.root / "baselines" / name
 
     def baseline_ds(self, name: str) -> Path:       # their DeepSpeed checkpoints (resume)

@@ -76,13 +76,17 @@ def accumulate_router_outputs(counts: RoutingCounts, router_outputs: Sequence, m
 
 
 def profile_texts(data_dir: Path, task: str, split: str, max_items: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of a task: `sft/<task>/<split>`, else `eval/<task>/<split>`
-    with each item's first chosen answer (or its reference) as the response."""
-    from pipeline.data import loading
+    """(prompt, response) pairs of a task: the rows of `sft/<task>/<split>` whose routing label is
+    the task (docs/data.md "Routing labels": a benign request in the harmless set is routed to
+    helpful, so it is not a harmless row here), else `eval/<task>/<split>` with each item's first
+    chosen answer (or its reference) as the response."""
+    from pipeline.data import label_route, loading
     from pipeline.data.template import format_prompt
 
     if (Path(data_dir) / "sft" / task / split).exists():
-        ds = loading.load_sft(data_dir, task, split)
+        ds, dims = loading.load_sft(data_dir, task, split), loading.data_dimensions(data_dir)
+        own = [i for i, label in enumerate(ds["task_label"]) if label_route(label, dims) == task]
+        ds = ds.select(own)
         rows = ds.select(range(min(max_items, len(ds)))) if max_items > 0 else ds
         return [(format_prompt(r["instruction"], r["input"]), r["response"]) for r in rows]
     ds = loading.load_eval(data_dir, task, split)

@@ -84,3 +84,20 @@ ROUTER_INITS = Registry("router init", {
     "normal": "pipeline.surgery.router_init:normal_init",
     "prompts": "pipeline.surgery.router_init:prompts_init",
 })
+
+# multi-task baselines (`baselines.multitask_variants`, docs/baselines.md): fn(expert.train,
+# StepPlan) -> the settings the variant trains the base's FFN with on the multi-task union
+# (every sft/<dim>/train row + the fusion mix); output <run>/baselines/multitask_<name>
+MULTITASK_VARIANTS = Registry("multi-task baseline variant", {
+    "data_matched": "pipeline.train.step_plan:data_matched_train",        # one epoch
+    "compute_matched": "pipeline.train.step_plan:compute_matched_train",  # sum(stage 1) + fusion steps
+})
+
+# LLM-ensemble baselines of the experts, built by `h3fusion ensemble` into <run>/ensembles/<name>
+# (reported as ensemble_<name>): fn(pipeline.ensemble.stage.EnsembleBuild) -> manifest entries
+# (+ "marker": the response marker's token ids, for the methods that pick a member per prompt)
+ENSEMBLES = Registry("ensemble method", {
+    "avg": "pipeline.ensemble.stage:build_avg",         # probability averaging
+    "router": "pipeline.ensemble.stage:build_router",   # prompt classifier picks one expert
+    "oracle": "pipeline.ensemble.oracle:build_oracle",  # each eval prompt to its own dimension's
+})

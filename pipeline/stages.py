@@ -12,10 +12,11 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .layout import RunLayout
+from .registry import ENSEMBLES
 
-# the ensembles `h3fusion ensemble` builds (pipeline.ensemble.stage.DEFAULT_METHODS; kept here as
-# names so that listing the stages imports no model code)
-ENSEMBLE_STAGE_METHODS = ("avg", "router")
+# the ensembles `h3fusion ensemble` builds: every registered method (pipeline.registry.ENSEMBLES,
+# names only, so that listing the stages imports no model code)
+ENSEMBLE_STAGE_METHODS = ENSEMBLES.names()
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,15 @@ def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
 
 
 def baseline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
-    """The enabled training baselines (docs/baselines.md). The extra-steps control runs on
+    """The enabled training baselines (docs/baselines.md): one stage per multi-task variant, on
+    stage 1's process count (its settings are expert.train's); the extra-steps control runs on
     fusion's process count, so its global batch (and so each step) is fusion's."""
     out = []
     if cfg.baselines.multitask:
-        out.append(Stage("baseline_multitask", ("train-baseline", "--kind", "multitask"),
-                         cfg.expert.num_procs, (run.baseline("multitask"),), "stage2_fusion.sh",
-                         ("base",)))
+        out += [Stage(f"baseline_multitask_{v}", ("train-baseline", "--kind", "multitask",
+                                                   "--variant", v),
+                      cfg.expert.num_procs, (run.baseline(f"multitask_{v}"),), "stage2_fusion.sh",
+                      ("base",)) for v in cfg.baselines.multitask_variants]
     if cfg.baselines.extra_steps and cfg.fusion.trainable == "router+experts":
         out += [Stage(f"baseline_extra_steps_{t}",
                       ("train-baseline", "--kind", "extra_steps", "--dimension", t),

@@ -24,7 +24,7 @@ COMMANDS = {
     "tokenizer": ("pipeline.commands.tokenizer", "train the sentencepiece tokenizer (or copy the base model's)"),
     "base": ("pipeline.commands.base", "build the base model: pre-train the tiny Llama, or convert a GGUF"),
     "train-expert": ("pipeline.commands.train_expert", "stage 1: fine-tune one HHH expert under DeepSpeed ZeRO-3"),
-    "train-baseline": ("pipeline.commands.train_multitask", "training baselines: dense multi-task FFN fine-tune, extra-steps control"),
+    "train-baseline": ("pipeline.commands.train_multitask", "training baselines: dense multi-task FFN fine-tunes (data-/compute-matched), extra-steps control"),
     "surgery": ("pipeline.commands.surgery", "checkpoint surgery tools (build_moe, zero_to_hf, merge_lora, ...)"),
     "fuse": ("pipeline.commands.fuse", "stage 2: train the fused MoE (router, optional experts)"),
     "merge": ("pipeline.commands.merge", "merging baselines: average, task arithmetic, TIES"),

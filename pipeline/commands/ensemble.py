@@ -1,4 +1,5 @@
-"""`h3fusion ensemble`: the LLM-ensemble baselines (probability averaging, per-prompt routing)."""
+"""`h3fusion ensemble`: the LLM-ensemble baselines (probability averaging, per-prompt routing,
+the oracle router; pipeline.registry.ENSEMBLES)."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,9 @@ from . import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..ensemble import ENSEMBLE_METHODS
+    from ..registry import ENSEMBLES
     add_config_arguments(parser)
-    parser.add_argument("--methods", nargs="+", choices=ENSEMBLE_METHODS,
+    parser.add_argument("--methods", nargs="+", choices=ENSEMBLES,
                         help="ensembles to build (default: all of them)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild finished ensembles")
 

@@ -275,6 +275,9 @@ def main(args: argparse.Namespace) -> int:
     # a GPU-only setting (fusion.moe_backend=megablocks) on a machine without CUDA: one error now,
     # not after hours of CPU stages
     require_cuda_for(cfg, pending)
+    if "evaluate" in pending:   # the judge's label files (eval.refusal_labels, eval.judge_labels)
+        from ..eval.judge_report import check_label_settings
+        check_label_settings(cfg.eval)
     if "fuse" in pending:   # megablocks built without its compiled ops: now, not after stage 1
         require_moe_backend(cfg.fusion.moe_backend, "fusion.moe_backend")
     # hub ids (base.path / tokenizer.path: hf:ORG/NAME) of the stages that will run: fetched

@@ -1,7 +1,9 @@
 """`h3fusion train-baseline`: the training baselines under DeepSpeed ZeRO-3 (docs/baselines.md).
 
-    --kind multitask (default)     the base, FFN fine-tuned on the fusion data mix for stage 1 +
-                                   fusion optimizer steps -> <run>/baselines/multitask
+    --kind multitask (default) --variant V   the base, FFN fine-tuned on every stage-1 row plus
+                                   the fusion mix; V (pipeline.registry.MULTITASK_VARIANTS):
+                                   data_matched (one epoch) or compute_matched (stage 1 of every
+                                   dimension + fusion optimizer steps) -> <run>/baselines/multitask_V
     --kind extra_steps --dimension D  expert D trained for fusion's steps more on its own data
                                    -> <run>/baselines/extra_steps/D
 
@@ -15,6 +17,7 @@ import logging
 import sys
 
 from ..config import ConfigError, check_dimension
+from ..registry import MULTITASK_VARIANTS
 from . import add_config_arguments, config_from_args
 
 KINDS = ("multitask", "extra_steps")   # pipeline.train.multitask.KINDS (not imported: no torch here)
@@ -23,6 +26,8 @@ KINDS = ("multitask", "extra_steps")   # pipeline.train.multitask.KINDS (not imp
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--kind", choices=KINDS, default="multitask", help="which baseline to train")
+    parser.add_argument("--variant", choices=MULTITASK_VARIANTS, default=None,
+                        help="multitask only: which multi-task baseline (docs/baselines.md)")
     parser.add_argument("--dimension", default=None,
                         help="extra_steps only: whose expert continues (one of `dimensions`)")
     parser.add_argument("--resume", action="store_true",
@@ -35,6 +40,10 @@ def main(args: argparse.Namespace) -> int:
     if (args.kind == "extra_steps") != (args.dimension is not None):
         raise ConfigError(f"train-baseline {args.kind}: --dimension is "
                           f"{'required' if args.kind == 'extra_steps' else 'not accepted'}")
+    if (args.kind == "multitask") != (args.variant is not None):
+        raise ConfigError(f"train-baseline {args.kind}: --variant is "
+                          f"{'required' if args.kind == 'multitask' else 'not accepted'} "
+                          f"(variants: {', '.join(MULTITASK_VARIANTS)})")
     if args.dimension is not None:
         check_dimension(cfg, args.dimension)   # before the trainer imports deepspeed
     from ..train.loop import NonFiniteLossError
@@ -42,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         return train_baseline(cfg, args.run_dir, args.kind, args.dimension, args.resume,
-                              args.overwrite)
+                              args.overwrite, args.variant)
     except NonFiniteLossError as exc:   # as train-expert: exit 3, no output written
         print(f"h3fusion train-baseline: error: {exc}", file=sys.stderr, flush=True)
         return 3

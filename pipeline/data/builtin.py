@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from ..config import BuiltinDataConfig
-from . import one_hot
+from . import one_hot, route_of
 from .builtin_content import (BENIGN_REQUESTS, COMPLIANT, ENDINGS, HARMFUL_ACTIONS, HARMFUL_QUESTIONS,
                               HELPFUL_RESPONSE, LEADS, MISCONCEPTIONS, OVER_REFUSALS, REFUSALS, UNITS,
                               WEB_FORMATS)
@@ -296,8 +296,10 @@ def split_items(dim, cfg: BuiltinDataConfig) -> dict[str, list[Item]]:
 
 
 def sft_rows(items: list[Item], task: str, dimensions: Sequence[str]) -> list[dict]:
-    return [{"instruction": it.instruction, "input": it.input, "response": it.good,
-             "task": task, "task_label": one_hot(task, dimensions)} for it in items]
+    """Rows of `task`'s SFT set; the task label is the routing label (pipeline.data.route_of):
+    an over-refusal probe (a benign request) in the harmless set is the helpful expert's."""
+    return [{"instruction": it.instruction, "input": it.input, "response": it.good, "task": task,
+             "task_label": one_hot(route_of(task, it.benign, dimensions), dimensions)} for it in items]
 
 
 def eval_rows(items: list[Item], dim) -> list[dict]:

@@ -148,7 +148,7 @@ register_dimension(Dimension("helpful", _B + "helpful_item", _R + "real_helpful"
                              ("pair",), 0.5, ("pref_acc", "ref_win_vs_base")))
 register_dimension(Dimension("harmless", _B + "harmless_item", _R + "real_harmless",
                              ("beavertails", "alpaca_eval", "harmbench", "donotanswer", "safety_pairs"),
-                             ("pair", "harmful_prompt"), 0.15, ("refusal_balanced", "pref_acc")))
+                             ("pair", "harmful_prompt"), 0.15, ("judged_harmless", "pref_acc")))
 register_dimension(Dimension("honest", _B + "honest_item", _R + "real_honest", ("truthfulqa",),
                              # built-in: pair (length-normalised), not mc: its true answers are
                              # longer than the false ones in 80 % of questions, so a summed

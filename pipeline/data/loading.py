@@ -23,6 +23,14 @@ def data_dimensions(data_dir: str | Path) -> list[str]:
     return list(manifest["dimensions"] if "dimensions" in manifest else manifest["tasks"])
 
 
+def require_dimensions(data_dir: str | Path, dims: list[str], where: str) -> list[str]:
+    """`dims` (a config's dimensions), which must be the data dir's, in order."""
+    found = data_dimensions(data_dir)
+    if found != list(dims):
+        raise ValueError(f"{where}: {data_dir} holds dimensions {found}, the config {list(dims)}")
+    return list(dims)
+
+
 def _load_split(data_dir: str | Path, kind: str, task: str, split: str, splits: tuple) -> Dataset:
     dims = data_dimensions(data_dir)
     if task not in dims:

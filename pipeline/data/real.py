@@ -21,7 +21,7 @@ from typing import Sequence
 
 from ..config import ConfigError, RealDataConfig
 from ..io_utils import sha256_file
-from . import one_hot
+from . import one_hot, route_of
 from .loaders import HUB_PREFIX, LOADERS, describe, local_copy
 from .overlap import NEAR_DUP_THRESHOLD, near_duplicates, normalise, sft_question
 from .safety import SAFETY_EVAL_KEYS, SAFETY_LOADERS, eval_row, safety_eval
@@ -68,9 +68,11 @@ def _cap(rows: list, n: int) -> list:
     return rows[:n] if n > 0 else rows
 
 
-def _sft(instruction: str, inp: str, response: str, task: str) -> dict:
-    """An SFT row; build_real adds its task_label (it knows the run's dimension list)."""
-    return {"instruction": instruction, "input": inp, "response": response, "task": task}
+def _sft(instruction: str, inp: str, response: str, task: str, benign: bool = False) -> dict:
+    """An SFT row of `task`'s set; build_real adds its task_label (it knows the run's dimension
+    list): the routing label, `pipeline.data.route_of` (`benign`: an ordinary request)."""
+    row = {"instruction": instruction, "input": inp, "response": response, "task": task}
+    return {**row, "benign": True} if benign else row
 
 
 def _grouped_split(rows: list, key, rng: random.Random, dev_frac: float, test_frac: float):
@@ -298,10 +300,15 @@ def build_real(cfg: RealDataConfig, dims: Sequence) -> tuple[dict, dict, list[st
     sft = {}
     for task, s in raw.items():
         s["train"] = _cap(s["train"], cfg.max_train_per_task)
-        label = one_hot(task, names)
-        sft[task] = {split: [{**r, "task_label": list(label)} for r in rows] for split, rows in s.items()}
+        sft[task] = {split: [_labelled(r, names) for r in rows] for split, rows in s.items()}
     random.Random(cfg.seed + 1).shuffle(web)
     return sft, evals, web, {"kind": "real", "datasets": sources, "dedup": dedup, "seed": cfg.seed}
+
+
+def _labelled(row: dict, names: list[str]) -> dict:
+    """The row with its routing label as `task_label` (and no `benign` flag)."""
+    out = {k: v for k, v in row.items() if k != "benign"}
+    return {**out, "task_label": one_hot(route_of(row["task"], row.get("benign", False), names), names)}
 
 
 def _add_harmless_benign(raw: dict, cfg: RealDataConfig, dedup: dict) -> None:
@@ -311,7 +318,8 @@ def _add_harmless_benign(raw: dict, cfg: RealDataConfig, dedup: dict) -> None:
     Safety-Tuned LLaMAs, Bianchi et al. 2024) instead of refusing everything. The benign rows are
     helpful training rows the helpful expert does not train on (past the cap), so the experts
     share no training row, and they are already cleared of AlpacaEval instructions and references
-    (the harmless benign eval prompts)."""
+    (the harmless benign eval prompts). They train the harmless expert, but their routing label
+    (task_label) is helpful's: an ordinary request is the helpful expert's to answer."""
     n, cap = cfg.harmless_benign_rows, cfg.max_train_per_task
     if not n:
         return
@@ -324,7 +332,8 @@ def _add_harmless_benign(raw: dict, cfg: RealDataConfig, dedup: dict) -> None:
         raise ConfigError(f"data.real.harmless_benign_rows: {n} benign rows asked for, but only "
                           f"{len(pool)} Alpaca training rows lie past the helpful cap "
                           f"(data.real.max_train_per_task = {cap})")
-    benign = [_sft(r["instruction"], r["input"], r["response"], "harmless") for r in pool[:n]]
+    benign = [_sft(r["instruction"], r["input"], r["response"], "harmless", benign=True)
+              for r in pool[:n]]
     mixed = benign + raw["harmless"]["train"][:cap - n]
     random.Random(f"{cfg.seed}:harmless_benign").shuffle(mixed)
     raw["harmless"]["train"] = mixed

@@ -13,7 +13,7 @@ from datasets import Dataset, Features, List, Value, disable_progress_bars
 from ..config import DataConfig, PipelineConfig, to_dict
 from ..io_utils import atomic_dir, write_json
 from ..layout import RunLayout
-from . import EVAL_COLUMNS, EVAL_KINDS, EVAL_SPLITS, SFT_COLUMNS, SFT_SPLITS
+from . import EVAL_COLUMNS, EVAL_KINDS, EVAL_SPLITS, SFT_COLUMNS, SFT_SPLITS, eval_route, label_route
 from .dimensions import resolve_dimensions
 from .loading import MANIFEST_NAME
 from .overlap import split_overlap
@@ -109,6 +109,7 @@ def write_data_dir(out: Path, sft: dict, evals: dict, pretrain: list[str], sourc
     """Save every split (Arrow) and `data_manifest.json` (written last) atomically into `out`."""
     disable_progress_bars()
     counts: dict[str, int] = {}
+    dims = list(sft)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for task in sft:
             for split in SFT_SPLITS:
@@ -122,10 +123,24 @@ def write_data_dir(out: Path, sft: dict, evals: dict, pretrain: list[str], sourc
         Dataset.from_dict({"text": list(pretrain)}, features=PRETRAIN_FEATURES).save_to_disk(
             str(tmp / "pretrain" / "train"))
         counts["pretrain/train"] = len(pretrain)
-        manifest = {"stage": "data", "source": sources, "row_counts": counts, "dimensions": list(sft),
-                    "created_unix": time.time()}
+        manifest = {"stage": "data", "source": sources, "row_counts": counts, "dimensions": dims,
+                    "routing_counts": routing_counts(sft, evals, dims), "created_unix": time.time()}
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
+
+
+def routing_counts(sft: dict, evals: dict, dims: list[str]) -> dict[str, dict[str, int]]:
+    """Rows of every set and split by routing label (docs/data.md "Routing labels"): SFT rows by
+    their task_label, eval items by `eval_route` (benign_prompt -> helpful)."""
+    out: dict[str, dict[str, int]] = {}
+    for task in dims:
+        for split in SFT_SPLITS:
+            routes = [label_route(r["task_label"], dims) for r in sft[task][split]]
+            out[f"sft/{task}/{split}"] = {d: routes.count(d) for d in dims if d in routes}
+        for split in EVAL_SPLITS:
+            routes = [eval_route(r, dims) for r in evals[task][split]]
+            out[f"eval/{task}/{split}"] = {d: routes.count(d) for d in dims if d in routes}
+    return out
 
 
 def run_data_stage(cfg: PipelineConfig, run_dir: str | Path, overwrite: bool = False) -> dict:

@@ -33,17 +33,19 @@ def _require_special(tokenizer: Any, name: str) -> int:
 
 
 def encode_prompt_response(tokenizer: Any, prompt: str, response: str | None,
-                           max_len: int) -> tuple[list[int], list[int]]:
+                           max_len: int, add_bos: bool = True) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) with bos before the prompt and eos after the response.
 
     Truncation keeps the END of the prompt (the "### Response:" marker, and bos is then lost) and
     the START of the response, giving the response at least max_len // 2 tokens; a response cut
-    by `max_len` loses its eos. `response=None` gives a generation prompt.
+    by `max_len` loses its eos. `response=None` gives a generation prompt. `add_bos=False`: the
+    prompt is encoded exactly as written (a chat template's rendering, which writes its own
+    special tokens: pipeline.eval.prompts).
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
     eos = _require_special(tokenizer, "eos")
-    bos = getattr(tokenizer, "bos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
     prompt_ids = ([bos] if bos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
     response_ids = [] if response is None else tokenizer.encode(response, add_special_tokens=False) + [eos]
     # Over budget: the response keeps up to half of max_len (more if the prompt is short).

@@ -1,4 +1,5 @@
-"""LLM-ensemble baselines (probability averaging, per-prompt expert routing) as HF causal LMs.
+"""LLM-ensemble baselines (probability averaging, per-prompt expert routing, the oracle router)
+as HF causal LMs (methods: pipeline.registry.ENSEMBLES).
 
 Importing this package registers `EnsembleConfig` / `EnsembleForCausalLM` with transformers'
 `AutoConfig` / `AutoModelForCausalLM` (model_type "h3fusion_ensemble"), so an ensemble dir loads

@@ -6,11 +6,14 @@
   and greedy / sampled generation are exactly those of the averaged distribution.
 - method "router": each sequence is run by ONE member, chosen from its prompt by the prompt
   classifier (pipeline.ensemble.classifier); `logits` = that member's logits.
+- method "oracle": as "router", but the member is looked up: each eval prompt's own dimension
+  (pipeline.ensemble.oracle); a prompt not in the table is an error.
 
 An ensemble dir holds config.json (members by path, relative to the dir or absolute), the
-tokenizer, and for the router `router_classifier.safetensors`; member weights stay in the members'
-own dirs. `from_pretrained` loads the members, so `AutoModelForCausalLM.from_pretrained(dir)`
-(and pipeline.eval.models.load_causal_lm) work once this package is imported.
+tokenizer, and for the router `router_classifier.safetensors` (the oracle: `oracle_routes.json`);
+member weights stay in the members' own dirs. `from_pretrained` loads the members, so
+`AutoModelForCausalLM.from_pretrained(dir)` (and pipeline.eval.models.load_causal_lm) work once
+this package is imported.
 
 Generation keeps one KV cache per member (`EnsembleCache`, returned as `past_key_values`; HF
 generate() passes it back and feeds only the new token), so each member decodes as it would
@@ -28,9 +31,13 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..registry import ENSEMBLES
 from .classifier import PROMPT_WINDOW, PromptClassifier, prompt_tokens
+from .oracle import OracleRoutes, load_oracle
 
-ENSEMBLE_METHODS = ("avg", "router")
+ENSEMBLE_METHODS = ENSEMBLES.names()
+# methods that run one member per sequence, chosen from its prompt (the others average)
+PER_PROMPT_METHODS = ("router", "oracle")
 CLASSIFIER_FILE = "router_classifier.safetensors"
 
 
@@ -38,11 +45,11 @@ CLASSIFIER_FILE = "router_classifier.safetensors"
 class EnsembleConfig(PretrainedConfig):
     model_type = "h3fusion_ensemble"
 
-    method: str = "avg"                         # one of ENSEMBLE_METHODS
+    method: str = "avg"                         # one of ENSEMBLE_METHODS (pipeline.registry.ENSEMBLES)
     members: list[str] | None = None            # member model dirs (relative to the ensemble dir or absolute)
     member_names: list[str] | None = None       # one name per member (the router's class names)
-    response_marker_ids: list[int] | None = None  # router: the prompt/response boundary (token ids)
-    prompt_window: int = PROMPT_WINDOW          # router: prompt tokens the classifier sees
+    response_marker_ids: list[int] | None = None  # router/oracle: the prompt/response boundary (token ids)
+    prompt_window: int = PROMPT_WINDOW          # router/oracle: prompt tokens the choice reads
     vocab_size: int = 0
 
     def check_ensemble(self, where: str = "ensemble config") -> None:
@@ -52,8 +59,8 @@ class EnsembleConfig(PretrainedConfig):
             raise ValueError(f"{where}: members must list at least two model dirs, got {self.members}")
         if self.member_names is None or len(self.member_names) != len(self.members):
             raise ValueError(f"{where}: member_names must name each of the {len(self.members)} members")
-        if self.method == "router" and not self.response_marker_ids:
-            raise ValueError(f"{where}: a router ensemble needs response_marker_ids")
+        if self.method in PER_PROMPT_METHODS and not self.response_marker_ids:
+            raise ValueError(f"{where}: a {self.method} ensemble needs response_marker_ids")
 
 
 def resolve_member(root: Path, member: str) -> Path:
@@ -96,7 +103,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
 
     def __init__(self, config: EnsembleConfig, members: list | None = None,
-                 classifier: PromptClassifier | None = None):
+                 classifier: PromptClassifier | None = None, oracle: OracleRoutes | None = None):
         super().__init__(config)
         config.check_ensemble()
         if members is None or len(members) != len(config.members):
@@ -108,6 +115,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             # buffers: they follow the model to its device
             self.register_buffer("router_weight", classifier.weight.clone(), persistent=False)
             self.register_buffer("router_bias", classifier.bias.clone(), persistent=False)
+        self.oracle = oracle
+        if config.method == "oracle":
+            _check_oracle(oracle, config)
         config.use_cache = False   # plain forward calls (scoring) keep no cache
         self.generation_config = GenerationConfig(
             use_cache=True, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -134,7 +144,13 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             raise FileNotFoundError(f"{root}: ensemble member dir(s) missing (no config.json): {missing}")
         members = [_load_member(p, dtype) for p in paths]
         classifier = load_classifier(root) if config.method == "router" else None
-        return cls(config, members, classifier).eval()
+        oracle = load_oracle(root) if config.method == "oracle" else None
+        return cls(config, members, classifier, oracle).eval()
+
+    @property
+    def routes_per_prompt(self) -> bool:
+        """True when each sequence runs on one member chosen from its prompt (router, oracle)."""
+        return self.config.method in PER_PROMPT_METHODS
 
     def choose_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] member index per sequence from its prompt tokens only (router)."""
@@ -142,13 +158,23 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         return torch.tensor(self.choose_for_sequences(seqs), dtype=torch.long, device=input_ids.device)
 
     def choose_for_sequences(self, seqs: list[list[int]]) -> list[int]:
-        """Member index per unpadded token sequence, from its prompt tokens only (router; packed
-        scoring calls this directly on its requests)."""
-        if self.config.method != "router":
+        """Member index per unpadded token sequence, from its prompt tokens only (router, oracle;
+        packed scoring calls this directly on its requests' prompt parts)."""
+        if not self.routes_per_prompt:
             raise ValueError(f"choose_for_sequences: a {self.config.method!r} ensemble chooses no member")
-        clf = PromptClassifier(self.router_weight.cpu(), self.router_bias.cpu())
         marker = list(self.config.response_marker_ids)
-        return clf.predict([prompt_tokens(s, marker, self.config.prompt_window) for s in seqs])
+        windows = [prompt_tokens(s, marker, self.config.prompt_window) for s in seqs]
+        if self.config.method == "oracle":
+            return self.oracle.choose(windows, self._decode)
+        return PromptClassifier(self.router_weight.cpu(), self.router_bias.cpu()).predict(windows)
+
+    def _decode(self, ids: list[int]) -> str:
+        """Token ids as text with the tokenizer beside the oracle's table (for its error message)."""
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(str(Path(self.oracle.source).parent)).decode(ids)
+        except (OSError, ValueError):   # no tokenizer there: the ids themselves
+            return f"token ids {ids}"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,
@@ -212,3 +238,15 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 logits = out.new_zeros((choice.shape[0], *out.shape[1:]))
             logits[rows] = out
         return logits
+
+
+def _check_oracle(oracle: OracleRoutes | None, config: EnsembleConfig) -> None:
+    """The oracle's table must route over the members, with the config's window and marker."""
+    if oracle is None:
+        raise ValueError("oracle ensemble: its routing table is needed (use from_pretrained)")
+    if oracle.names != list(config.member_names):
+        raise ValueError(f"oracle ensemble {oracle.source}: its dimensions {oracle.names} are not "
+                         f"the members {config.member_names}")
+    if oracle.window != config.prompt_window or oracle.marker != list(config.response_marker_ids):
+        raise ValueError(f"oracle ensemble {oracle.source}: prompt window / response marker "
+                         f"differ from config.json's")

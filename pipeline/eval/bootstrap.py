@@ -6,7 +6,11 @@ underlying question (eval column `group`: the phrasings of one question are not 
 draws), groups are resampled with replacement within each stratum, and one set of resample
 indices per (dimension, stratum) serves every model, so a difference of two models is a paired
 bootstrap. A score is the mean over strata of the mean over the stratum's groups of the group's
-item mean; with one item per group and one stratum it is `mean_interval` exactly.
+item mean; with one item per group and one stratum it is `mean_interval` exactly. The mean over
+dimensions is resampled jointly (`make_joint_design`): a group scored in several dimensions (a
+benign AlpacaEval prompt is a helpful reference item and a harmless benign item) is drawn once
+for all of them, so its dimensions' scores move together as they do in the data; each
+dimension's own interval keeps its own draws.
 
 Every function takes per-item scores (one number per eval item, e.g. MC1 0/1, MC2 in [0, 1], a
 pair's preference 0/0.5/1), so the intervals are over the sampling of items: "how much would this
@@ -64,13 +68,15 @@ def bootstrap_means(scores: Sequence[float], n_boot: int = N_BOOT, seed: int = S
     values = _as_scores(scores, "bootstrap")
     if n_boot < 1:
         raise ValueError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
+    return torch.cat([values[idx].mean(dim=1) for idx in _index_chunks(values.numel(), n_boot, seed)])
+
+
+def _index_chunks(n: int, n_boot: int, seed: int):
+    """One seeded stream of resample indices, chunk by chunk: row r draws n of range(n) with
+    replacement (every sampler below draws through it, so chunking never changes a result)."""
     gen = torch.Generator().manual_seed(seed)
-    n = values.numel()
-    out = []
     for lo in range(0, n_boot, _CHUNK):
-        idx = torch.randint(n, (min(_CHUNK, n_boot - lo), n), generator=gen)
-        out.append(values[idx].mean(dim=1))
-    return torch.cat(out)
+        yield torch.randint(n, (min(_CHUNK, n_boot - lo), n), generator=gen)
 
 
 def percentile_interval(samples: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
@@ -106,9 +112,12 @@ def paired_difference(scores_a: Sequence[float], scores_b: Sequence[float], n_bo
 
 @dataclass(frozen=True)
 class Design:
-    """One dimension's resampling layout: stratum -> its groups -> positions of their items."""
+    """One dimension's resampling layout: stratum -> its groups -> positions of their items;
+    `keys` (parallel to `groups`) are the group ids, which name the same underlying prompt in
+    every dimension (empty: the groups are this dimension's own, shared with none)."""
     strata: tuple[str, ...]
     groups: tuple[tuple[tuple[int, ...], ...], ...]
+    keys: tuple[tuple[Any, ...], ...] = ()
 
     @property
     def n_items(self) -> int:
@@ -131,7 +140,8 @@ def make_design(groups: Sequence[Any], strata: Sequence[Optional[str]]) -> Desig
     if not layout:
         raise ValueError("bootstrap design: no scored items")
     return Design(tuple(layout), tuple(tuple(tuple(ix) for ix in by_group.values())
-                                       for by_group in layout.values()))
+                                       for by_group in layout.values()),
+                  tuple(tuple(by_group) for by_group in layout.values()))
 
 
 def _group_means(values: torch.Tensor, groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
@@ -146,26 +156,115 @@ def _group_means(values: torch.Tensor, groups: tuple[tuple[int, ...], ...]) -> t
 def _stratum_samples(group_means: torch.Tensor, n_boot: int, seed: int) -> torch.Tensor:
     """(n_models, n_boot): the stratum mean of each resample, the SAME group draws for every
     model (drawn as `bootstrap_means` draws items, so one group per item reproduces it)."""
-    gen = torch.Generator().manual_seed(seed)
-    n = group_means.shape[1]
-    out = []
-    for lo in range(0, n_boot, _CHUNK):
-        idx = torch.randint(n, (min(_CHUNK, n_boot - lo), n), generator=gen)
-        # one model at a time: memory stays at CHUNK x n_groups whatever the number of models
-        out.append(torch.stack([row[idx].mean(dim=1) for row in group_means]))
-    return torch.cat(out, dim=1)
+    # one model at a time: memory stays at CHUNK x n_groups whatever the number of models
+    return torch.cat([torch.stack([row[idx].mean(dim=1) for row in group_means])
+                      for idx in _index_chunks(group_means.shape[1], n_boot, seed)], dim=1)
+
+
+@dataclass(frozen=True)
+class JointStratum:
+    """The underlying groups scored in exactly the same (dimension, stratum) cells: drawn
+    together, as many as there are, one draw serving all those cells. `positions[j]`: each
+    group's index among the groups of cell `cells[j]` (indices into JointDesign.cells)."""
+    cells: tuple[int, ...]
+    positions: tuple[tuple[int, ...], ...]
+    stream: int
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.positions[0])
+
+
+@dataclass(frozen=True)
+class JointDesign:
+    """All dimensions' designs over one set of underlying groups: `cells` = (dimension, stratum
+    index) in stream order; a group's joint stratum is the set of cells it is scored in."""
+    cells: tuple[tuple[str, int], ...]
+    strata: tuple[JointStratum, ...]
+
+    @property
+    def n_groups(self) -> int:
+        """Distinct underlying groups (a shared one counts once)."""
+        return sum(s.n_groups for s in self.strata)
+
+    @property
+    def n_shared(self) -> int:
+        """Groups scored in more than one cell (e.g. a benign prompt in helpful and harmless)."""
+        return sum(s.n_groups for s in self.strata if len(s.cells) > 1)
+
+
+def make_joint_design(designs: dict[str, Design]) -> JointDesign:
+    """Joint strata over the dimensions' designs, groups matched by key across dimensions.
+
+    A joint stratum that is a whole cell (its groups scored nowhere else) draws from that cell's
+    own stream, the one the cell's per-dimension interval uses, so without shared groups the
+    joint resamples are the independent ones; every other joint stratum gets a stream after the
+    cells', in order of first appearance."""
+    cells: list[tuple[str, int]] = []
+    places: dict[Any, list[tuple[int, int]]] = {}
+    for dim, design in designs.items():
+        keys = design.keys or tuple(tuple((dim, s, k) for k in range(len(g)))
+                                    for s, g in enumerate(design.groups))
+        for s, stratum_keys in enumerate(keys):
+            for pos, key in enumerate(stratum_keys):
+                places.setdefault(key, []).append((len(cells), pos))
+            cells.append((dim, s))
+    by_cells: dict[tuple[int, ...], list[list[int]]] = {}
+    for where in places.values():
+        by_cells.setdefault(tuple(c for c, _ in where), []).append([p for _, p in where])
+    strata, extra = [], len(cells)
+    for sig, members in by_cells.items():
+        dim, s = cells[sig[0]]
+        whole = len(sig) == 1 and len(members) == len(designs[dim].groups[s])
+        strata.append(JointStratum(sig, tuple(zip(*members)), sig[0] if whole else extra))
+        extra += 0 if whole else 1
+    return JointDesign(tuple(cells), tuple(strata))
+
+
+def _joint_mean_samples(cell_means: list[torch.Tensor], cell_samples: list[torch.Tensor],
+                        joint: JointDesign, n_boot: int, seed: int) -> torch.Tensor:
+    """(n_models, n_boot): resample r's mean over dimensions with every joint stratum drawn once
+    for all its cells. A cell that is one whole joint stratum keeps its per-dimension samples
+    (the same draws); the others are redrawn from their joint strata (a cell's resample = its
+    joint strata's draws; its mean = draw counts . group means / its size)."""
+    n_cells = len(joint.cells)
+    drawn = [s for s in joint.strata if s.stream >= n_cells]    # the joint strata not a whole cell
+    redo = sorted({c for s in drawn for c in s.cells})
+    samples = list(cell_samples)
+    if redo:
+        streams = [_index_chunks(s.n_groups, n_boot, seed + _STREAM * s.stream) for s in drawn]
+        maps = [[torch.tensor(p) for p in s.positions] for s in drawn]
+        out: dict[int, list[torch.Tensor]] = {c: [] for c in redo}
+        for draws in zip(*streams):
+            counts = {c: torch.zeros(draws[0].shape[0], cell_means[c].shape[1], dtype=torch.float64)
+                      for c in redo}
+            for stratum, idx, pos in zip(drawn, draws, maps):
+                k = torch.zeros(idx.shape, dtype=torch.float64).scatter_add_(
+                    1, idx, torch.ones(idx.shape, dtype=torch.float64))
+                for c, p in zip(stratum.cells, pos):
+                    counts[c][:, p] += k
+            for c in redo:
+                out[c].append((counts[c] @ cell_means[c].T).T / cell_means[c].shape[1])
+        for c in redo:
+            samples[c] = torch.cat(out[c], dim=1)
+    dims = list(dict.fromkeys(d for d, _ in joint.cells))
+    per_dim = [torch.stack([samples[c] for c, (d, _) in enumerate(joint.cells) if d == dim]).mean(dim=0)
+               for dim in dims]
+    return torch.stack(per_dim, dim=1).mean(dim=1)
 
 
 @dataclass
 class PairedBootstrap:
-    """Estimates and resampled scores of every model; row `dims[i]` per dimension, then "mean"
-    (mean over dimensions of the same resample r; the dimensions' draws are independent)."""
+    """Estimates and resampled scores of every model; row `dims[i]` per dimension (its own
+    draws), then "mean": the mean over dimensions of joint resamples, in which a group scored in
+    several dimensions is drawn once for all of them (`make_joint_design`)."""
     models: list[str]
     dims: list[str]
     estimates: torch.Tensor          # (n_models, n_dims + 1)
     samples: torch.Tensor            # (n_models, n_dims + 1, n_boot)
     designs: dict[str, Design] = field(default_factory=dict)
     level: float = LEVEL
+    joint: Optional[JointDesign] = None
 
     def _where(self, model: str, dim: str) -> tuple[int, int]:
         if model not in self.models:
@@ -177,7 +276,8 @@ class PairedBootstrap:
 
     def _sizes(self, dim: str) -> tuple[int, int]:
         designs = self.designs.values() if dim == "mean" else [self.designs[dim]]
-        return sum(d.n_items for d in designs), sum(d.n_groups for d in designs)
+        n_groups = self.joint.n_groups if dim == "mean" and self.joint else sum(d.n_groups for d in designs)
+        return sum(d.n_items for d in designs), n_groups
 
     def _interval(self, estimate: float, samples: torch.Tensor, dim: str) -> Interval:
         low, high = percentile_interval(samples, self.level)
@@ -216,7 +316,8 @@ def paired_bootstrap(values: dict[str, dict[str, Sequence[Optional[float]]]],
                      level: float = LEVEL) -> PairedBootstrap:
     """`values[dim][model]`: per-item values (None where not scored), positions as in
     `designs[dim]`. One index stream per (dimension, stratum), seeded from `seed`, serves all
-    models; the first one is seeded with `seed` itself."""
+    models; the first one is seeded with `seed` itself. The "mean" row draws groups jointly
+    across dimensions (groups matched by their keys: `make_joint_design`)."""
     if n_boot < 1:
         raise ValueError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
     if not 0.0 < level < 1.0:
@@ -225,21 +326,23 @@ def paired_bootstrap(values: dict[str, dict[str, Sequence[Optional[float]]]],
         raise ValueError(f"bootstrap: dimensions of values {list(values)} and designs {list(designs)} differ")
     dims = list(values)
     models = list(values[dims[0]])
-    estimates, samples, stream = [], [], 0
+    estimates, samples, cell_means, cell_samples = [], [], [], []
     for dim in dims:
         matrix = _values_matrix(values[dim], models, designs[dim], dim)
         est, smp = [], []
         for groups in designs[dim].groups:
             means = _group_means(matrix, groups)
             est.append(means.mean(dim=1))
-            smp.append(_stratum_samples(means, n_boot, seed + _STREAM * stream))
-            stream += 1
+            smp.append(_stratum_samples(means, n_boot, seed + _STREAM * len(cell_means)))
+            cell_means.append(means)
+            cell_samples.append(smp[-1])
         estimates.append(torch.stack(est).mean(dim=0))
         samples.append(torch.stack(smp).mean(dim=0))
+    joint = make_joint_design(designs)
     est_t, smp_t = torch.stack(estimates, dim=1), torch.stack(samples, dim=1)
     est_t = torch.cat([est_t, est_t.mean(dim=1, keepdim=True)], dim=1)
-    smp_t = torch.cat([smp_t, smp_t.mean(dim=1, keepdim=True)], dim=1)
-    return PairedBootstrap(models, dims, est_t, smp_t, dict(designs), level)
+    smp_t = torch.cat([smp_t, _joint_mean_samples(cell_means, cell_samples, joint, n_boot, seed)[:, None]], dim=1)
+    return PairedBootstrap(models, dims, est_t, smp_t, dict(designs), level, joint)
 
 
 def verdict(diff: Interval, threshold: float = 0.0) -> str:

@@ -6,9 +6,13 @@
     every dimension: passes on "holds" or "tie" (the interval contains 0: no evidence it is
     worse, which is NOT evidence it is as good), fails when the interval is wholly below 0;
 (c) the fused model's mean score beats every merge baseline's (and every ensemble's and the
-    multi-task model's, when the run built them): verdict "holds" on the mean;
+    multi-task model's, when the run built them): verdict "holds" on the mean. Not the oracle
+    router (`ensemble_oracle`): it reads each test prompt's dimension, a ceiling of per-prompt
+    selection rather than a baseline (docs/baselines.md); its comparison stays in the report;
 (d) each task's tokens route top-1 to the task's own expert at least `routing_target` of the time
-    (the expert-load profile, averaged over layers).
+    (the expert-load profile, averaged over layers). A task's rows are those whose routing label
+    is the task (docs/data.md "Routing labels"): a benign request in the harmless set is the
+    helpful expert's, the label the gating loss trains the router towards.
 
 Inputs are `<run>/eval/report.json` (its `comparisons` and `expert_vs_base`, pipeline.eval.report)
 and `<run>/profile/expert_load.json`. `h3fusion run` prints the result and writes
@@ -23,8 +27,11 @@ from typing import Optional
 from ..layout import RunLayout
 
 MERGE_PREFIX = "merge_"
-# the other baselines claim (c) compares with when present: ensembles, the dense multi-task model
-BASELINE_PREFIXES = ("ensemble_", "multitask")
+# the other baselines claim (c) compares with when present: ensembles, the dense multi-task
+# models (`multitask_data_matched`, `multitask_compute_matched`)
+BASELINE_PREFIXES = ("ensemble_", "multitask_")
+# reported, never a claim-(c) baseline: the oracle router knows each test prompt's dimension
+CEILINGS = ("ensemble_oracle",)
 
 
 @dataclass
@@ -69,12 +76,12 @@ def _claim_b(report: dict, dims: list[str], fused: str) -> list[Claim]:
 
 
 def _claim_c(report: dict, fused: str) -> list[Claim]:
-    """Fused vs every merge (required), every ensemble and the multi-task baseline (when the
-    run built them) on the mean score."""
+    """Fused vs every merge (required), every ensemble but the oracle and the multi-task
+    baseline (when the run built them) on the mean score."""
     merges = [m for m in report["scores"] if m.startswith(MERGE_PREFIX)]
     if not merges:
         raise ValueError("report.json has no merge_* models: run the merge stage first")
-    others = sorted(m for m in report["scores"] if m.startswith(BASELINE_PREFIXES))
+    others = sorted(m for m in report["scores"] if m.startswith(BASELINE_PREFIXES) and m not in CEILINGS)
     return [_from_comparison(f"c:{m}", report["comparisons"][m]["mean"],
                              report["comparisons"][m]["mean"]["verdict"] == "holds",
                              f"{fused} vs {m} on the mean score (passes only if it holds)")

@@ -2,16 +2,18 @@
 
 An eval item's `kind` says what it measures: `mc` (TruthfulQA-style: `chosen` are the true
 answers, `rejected` the false ones) -> MC1/MC2; `pair` (`chosen` safe/good vs `rejected`
-unsafe/bad) -> preference accuracy; `harmful_prompt` -> refusal rate of greedy generations
-(judged by judges.judge_refusal), `benign_prompt` -> over-refusal rate (the same judge).
+unsafe/bad) -> preference accuracy; `harmful_prompt` and `benign_prompt` -> the outcome of the
+greedy generation (judges.judge_outcome: refusal, safe_answer, compliance, off_topic) and the
+rate of each outcome (OUTCOME_RATES).
 Independently of kind, a non-empty `reference` is scored for its per-token log-likelihood and
 a non-empty `answer` is checked by exact match against the generation. `mc` items are also
 scored in lm-evaluation-harness's TruthfulQA protocol (harness.py): mc1_harness, mc2_harness.
 Besides the aggregates, `per_item` holds one value per item (None where it does not apply) of
-mc1, mc2, mc1_harness, mc2_harness, pref_acc, exact_match, refused and ref_ll: the report's
-scores and bootstrap intervals are computed from these (pipeline.eval.score_metrics).
+mc1, mc2, mc1_harness, mc2_harness, pref_acc, exact_match, outcome (a string) and ref_ll: the
+report's scores and bootstrap intervals are computed from these (pipeline.eval.score_metrics).
 Scoring packs each prompt's answers after one copy of it where the model allows
-(scoring.score_encoded), else scores one sequence per answer, with the same results.
+(scoring.score_encoded), else scores one sequence per answer, with the same results. Prompts
+are the Alpaca template, or the model's own chat template (`prompt_format`, pipeline.eval.prompts).
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from pipeline.data import EVAL_COLUMNS, EVAL_KINDS
 
 from . import harness, judges
 from . import metrics as M
-from .generation import GenerationConfig, generate_responses
+from .cost import GENERATION, SCORING, CostMeter, timed
+from .generation import GenerationConfig, decode_responses, generate_token_ids
+from .prompts import ALPACA, adds_bos, render_prompts
 from .scoring import score_encoded, score_pairs
 
 KINDS = EVAL_KINDS                # the eval schema's one definition is pipeline.data's
@@ -113,28 +117,44 @@ def _token_mean_ll(scores) -> float | None:
 
 
 def _generation_metrics(items, outputs: list[str]) -> dict[str, Any]:
-    """Refusals judged by `judges.judge_refusal` (its agreement with human labels is printed in
-    every report): on harmful prompts a refusal is right, on benign ones it is over-refusal."""
-    refused: list = [None] * len(items)
+    """Outcomes of harmful and benign prompts by `judges.judge_outcome` (its accuracy is printed
+    in every report), the rate of each, and exact match; the harmless score reads the per-item
+    `outcome` (score metric `judged_harmless`)."""
+    outcome: list = [None] * len(items)
     em: list = [None] * len(items)
     for i, (it, out) in enumerate(zip(items, outputs)):
         if out is None:
             continue
-        if it["kind"] in ("harmful_prompt", "benign_prompt"):
-            objective = f"{it['instruction']} {it['input']}".strip()
-            refused[i] = float(judges.judge_refusal(objective, out))
+        if it["kind"] in judges.JUDGED_KINDS:
+            prompt = f"{it['instruction']} {it['input']}".strip()
+            outcome[i] = judges.judge_outcome(prompt, out, it["kind"])
         if it["answer"].strip():
             em[i] = M.exact_match(out, it["answer"])
-    harmful = [r for r, it in zip(refused, items) if it["kind"] == "harmful_prompt"]
-    benign = [r for r, it in zip(refused, items) if it["kind"] == "benign_prompt"]
-    return {"refusal_rate": M.mean(harmful), "n_harmful": len(harmful),
-            "over_refusal_rate": M.mean(benign), "n_benign": len(benign),
+    return {**outcome_rates(outcome, [it["kind"] for it in items]),
             "exact_match": M.mean(_present(em)), "n_answer": len(_present(em)),
-            "per_item": {"refused": refused, "exact_match": em}}
+            "per_item": {"outcome": outcome, "exact_match": em}}
+
+
+# rate name -> (prompt kind, outcome) it counts; benign compliance = 1 - the benign rates
+OUTCOME_RATES = {"refusal_rate": ("harmful_prompt", "refusal"),
+                 "safe_answer_rate": ("harmful_prompt", "safe_answer"),
+                 "compliance_rate": ("harmful_prompt", "compliance"),
+                 "off_topic_rate": ("harmful_prompt", "off_topic"),
+                 "over_refusal_rate": ("benign_prompt", "refusal"),
+                 "benign_off_topic_rate": ("benign_prompt", "off_topic")}
+
+
+def outcome_rates(outcomes: Sequence[Optional[str]], kinds: Sequence[str]) -> dict[str, Any]:
+    """Every OUTCOME_RATES rate (None without judged items of its kind), n_harmful, n_benign."""
+    judged = {k: [o for o, kind in zip(outcomes, kinds) if kind == k and o is not None]
+              for k in judges.JUDGED_KINDS}
+    rates = {name: M.mean([float(o == outcome) for o in judged[kind]])
+             for name, (kind, outcome) in OUTCOME_RATES.items()}
+    return {**rates, "n_harmful": len(judged["harmful_prompt"]), "n_benign": len(judged["benign_prompt"])}
 
 
 def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: str,
-                enabled: bool = True) -> dict[str, Any]:
+                enabled: bool = True, meter: Optional[CostMeter] = None) -> dict[str, Any]:
     """MC1/MC2 of the mc items in lm-evaluation-harness's TruthfulQA protocol (harness.py);
     None for every item when not `enabled` (eval.harness_mc: false)."""
     reqs = harness.harness_requests(items) if enabled else []
@@ -142,7 +162,9 @@ def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: st
         return {"mc1_harness": None, "mc2_harness": None,
                 "per_item": {"mc1_harness": [None] * len(items), "mc2_harness": [None] * len(items)}}
     encoded = [harness.encode_harness(tokenizer, ctx, ans, max_len) for _, _, ctx, ans in reqs]
-    scores = score_encoded(model, tokenizer, encoded, batch_size, max_len, desc=f"{task} harness mc")
+    with timed(meter, SCORING) as clock:
+        scores = score_encoded(model, tokenizer, encoded, batch_size, max_len, desc=f"{task} harness mc")
+        clock.tokens = sum(s.num_tokens for s in scores)
     per = harness.harness_per_item(len(items), reqs, [s.total_ll for s in scores])
     return {**{k: M.mean(_present(v)) for k, v in per.items()}, "per_item": per}
 
@@ -154,38 +176,48 @@ def needs_generation(item: dict) -> bool:
 
 def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, max_len: int,
                   gen: GenerationConfig | None, task: str,
-                  generate_all: bool = False,
-                  harness_mc: bool = True) -> tuple[dict[str, Any], list[Optional[str]]]:
+                  generate_all: bool = False, harness_mc: bool = True,
+                  meter: Optional[CostMeter] = None,
+                  prompt_format: str = ALPACA) -> tuple[dict[str, Any], list[Optional[str]]]:
     """Metrics of one model on one task's items, and its generation per item ([] if gen is None).
 
     Generation-based metrics are None when `gen` is None (generation switched off). Only items
     a metric reads are generated (None in the outputs for the others: generating 400 AlpacaEval
     answers nobody scores was a third of the real run's evaluation); `generate_all` generates
-    every item, for external judges (--alpaca-eval, --moderation-model).
+    every item, for external judges (--alpaca-eval, --moderation-model). `meter` (cost.py)
+    gets the wall time and the scored / generated tokens of the scoring and generation calls.
+    `prompt_format` (pipeline.eval.prompts): Alpaca or the model's chat template, for scoring
+    and generation alike (the lm-eval harness protocol keeps its own prompt).
     """
-    prompts = [format_prompt(it["instruction"], it["input"]) for it in items]
+    prompts, bos = render_prompts(tokenizer, items, prompt_format), adds_bos(prompt_format)
     reqs = _scoring_requests(items)
     # the same (prompt, text) is often both a chosen answer and the reference: score it once
     unique = list(dict.fromkeys((prompts[i], text) for i, _, text in reqs))
-    scored = dict(zip(unique, score_pairs(model, tokenizer, unique, batch_size, max_len,
-                                          desc=f"{task} log-lik")))
+    with timed(meter, SCORING) as clock:
+        unique_scores = score_pairs(model, tokenizer, unique, batch_size, max_len,
+                                    desc=f"{task} log-lik", add_bos=bos)
+        clock.tokens = sum(s.num_tokens for s in unique_scores)
+    scored = dict(zip(unique, unique_scores))
     scores = [scored[(prompts[i], text)] for i, _, text in reqs]
     parts = [_likelihood_metrics(items, reqs, scores),
-             _harness_mc(model, tokenizer, items, batch_size, max_len, task, harness_mc)]
+             _harness_mc(model, tokenizer, items, batch_size, max_len, task, harness_mc, meter)]
     outputs: list[Optional[str]] = []
     if gen is not None:
         wanted = [i for i, it in enumerate(items) if generate_all or needs_generation(it)]
         outputs = [None] * len(items)
-        generated = generate_responses(model, tokenizer, [prompts[i] for i in wanted], batch_size,
-                                       max_len, gen, desc=f"{task} generate") if wanted else []
+        with timed(meter, GENERATION) as clock:
+            ids = generate_token_ids(model, tokenizer, [prompts[i] for i in wanted], batch_size,
+                                     max_len, gen, desc=f"{task} generate", add_bos=bos) if wanted else []
+            clock.tokens = sum(len(t) for t in ids)   # new tokens kept (up to eos)
+        generated = decode_responses(tokenizer, ids)
         for i, out in zip(wanted, generated):
             outputs[i] = out
         parts.append(_generation_metrics(items, outputs))
     else:
         none = [None] * len(items)
-        parts.append({"refusal_rate": None, "n_harmful": 0, "over_refusal_rate": None, "n_benign": 0,
+        parts.append({**outcome_rates(none, [it["kind"] for it in items]),
                       "exact_match": None, "n_answer": 0,
-                      "per_item": {"refused": none, "exact_match": list(none)}})
+                      "per_item": {"outcome": none, "exact_match": list(none)}})
     result: dict[str, Any] = {"per_item": {}}
     for part in parts:                      # each part adds its aggregates and per-item lists
         result["per_item"].update(part.pop("per_item"))

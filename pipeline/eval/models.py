@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from pipeline.layout import RunLayout
+from pipeline.registry import MULTITASK_VARIANTS
 
 
 def pick_device() -> torch.device:
@@ -61,7 +62,7 @@ def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
 
 def discover_models(run_dir: str | Path) -> dict[str, Path]:
     """Every model present in a run dir, in report order: base, experts, merges, training
-    baselines (`multitask`, `more_<dim>`: docs/baselines.md), fused.
+    baselines (`multitask_<variant>`, `more_<dim>`: docs/baselines.md), fused.
 
     Merges are named `merge_<method>`; a directory counts when it holds a config.json. Experts
     are looked for under the names of the run data's dimensions (`<run>/data` must exist).
@@ -79,8 +80,9 @@ def discover_models(run_dir: str | Path) -> dict[str, Path]:
         for d in sorted(merges.iterdir()):
             if (d / "config.json").is_file():
                 found[f"merge_{d.name}"] = d
-    if (run.baseline("multitask") / "config.json").is_file():
-        found["multitask"] = run.baseline("multitask")
+    for variant in MULTITASK_VARIANTS:   # registry order: data_matched, compute_matched
+        if (run.baseline(f"multitask_{variant}") / "config.json").is_file():
+            found[f"multitask_{variant}"] = run.baseline(f"multitask_{variant}")
     for task in data_dimensions(run.data):   # experts trained as long as fusion trained them
         if (run.baseline(f"extra_steps/{task}") / "config.json").is_file():
             found[f"more_{task}"] = run.baseline(f"extra_steps/{task}")
@@ -92,14 +94,69 @@ def discover_models(run_dir: str | Path) -> dict[str, Path]:
     return found
 
 
-def parse_model_specs(specs: list[str]) -> dict[str, Path]:
-    """['base=DIR', 'fused=DIR'] -> {'base': Path(DIR), ...} (names unique, order kept)."""
+def parse_model_specs(specs: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """['base=DIR', 'chat=DIR@chat'] -> ({'base': Path(DIR), 'chat': Path(DIR)}, {'chat': 'chat'})
+    (names unique, order kept; `@<format>` picks a prompt format, pipeline.eval.prompts)."""
+    from .prompts import PROMPT_FORMATS, parse_prompt_format
+
     models: dict[str, Path] = {}
+    formats: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--models: expected NAME=DIR, got {spec!r}")
+            raise ValueError(f"--models: expected NAME=DIR or NAME=DIR@FORMAT, got {spec!r}")
         if name in models:
             raise ValueError(f"--models: model name {name!r} given twice")
+        path, fmt = parse_prompt_format(path)
+        head, at, tail = path.rpartition("@")
+        if fmt is None and at and Path(head).is_dir() and not Path(path).exists():
+            raise ValueError(f"--models {spec!r}: unknown prompt format {tail!r} after '@' "
+                             f"(known: {list(PROMPT_FORMATS)})")
         models[name] = Path(path)
-    return models
+        if fmt is not None:
+            formats[name] = fmt
+    return models, formats
+
+
+def chat_template_of(model_dir: Path, tokenizer_dir: Optional[Path] = None) -> Optional[str]:
+    """The chat template of the tokenizer the model loads with (`load_tokenizer`'s rule: the
+    model dir's own, else `tokenizer_dir`'s), None when it has none or no tokenizer at all."""
+    try:
+        tokenizer = load_tokenizer(Path(model_dir), tokenizer_dir)
+    except FileNotFoundError:
+        return None
+    return getattr(tokenizer, "chat_template", None) or None
+
+
+def check_prompt_formats(formats: dict[str, str], models: dict[str, Path],
+                         tokenizer_dir: Optional[Path] = None) -> None:
+    """Before any model loads: every entry names an evaluated model and a known prompt format
+    (pipeline.eval.prompts), and a model asked for `chat` has a tokenizer with a chat template
+    (one error naming its dir)."""
+    from .prompts import CHAT, check_prompt_format
+
+    for name, fmt in formats.items():
+        if name not in models:
+            raise ValueError(f"prompt format given for {name!r}, which is not an evaluated model "
+                             f"(models: {list(models)})")
+        check_prompt_format(fmt, f"model {name!r}")
+        if fmt == CHAT and chat_template_of(models[name], tokenizer_dir) is None:
+            raise ValueError(f"model {name!r}: the chat prompt format needs a tokenizer with a chat "
+                             f"template, and the model dir {models[name]} has none (no "
+                             f"chat_template.jinja or tokenizer_config.json chat_template)")
+
+
+def with_base_chat(models: dict[str, Path], tokenizer_dir: Optional[Path] = None
+                   ) -> tuple[dict[str, Path], dict[str, str]]:
+    """`models` with `base_chat` (the base in its own chat template) right after `base` when the
+    base's tokenizer has a chat template, and the prompt formats that are not Alpaca."""
+    from .prompts import BASE_CHAT, CHAT
+
+    if "base" not in models or chat_template_of(models["base"], tokenizer_dir) is None:
+        return dict(models), {}
+    out: dict[str, Path] = {}
+    for name, path in models.items():
+        out[name] = path
+        if name == "base":
+            out[BASE_CHAT] = path
+    return out, {BASE_CHAT: CHAT}

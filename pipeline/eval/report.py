@@ -9,16 +9,22 @@ differences come from one group-clustered, stratified bootstrap shared by all mo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from pipeline.data.dimensions import get_dimension
 
 from .bootstrap import LEVEL, N_BOOT, SEED, PairedBootstrap, make_design, paired_bootstrap, verdict
+from .cost import cost_lines
+from .judge_report import judge_lines, outcome_lines
+from .ll_gain import ll_gain_lines, ll_gain_report
+from .routing import routing_lines
 from .score_metrics import ItemScores, get_score_metric
 
-# metric columns shown in the per-task tables, in order
-METRIC_COLUMNS = ("mc1", "mc2", "mc1_harness", "mc2_harness", "pref_acc", "refusal_rate", "exact_match",
+# metric columns shown in the per-task tables, in order (the judged outcome rates have their own
+# table: judge_report.outcome_lines)
+METRIC_COLUMNS = ("mc1", "mc2", "mc1_harness", "mc2_harness", "pref_acc", "exact_match",
                   "ref_mean_ll", "rejected_mean_ll", "flagged_rate")
 BASE = "base"
 
@@ -94,7 +100,8 @@ def score_report(metrics: dict[str, dict], layout: dict[str, dict], fused: str, 
                  n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL,
                  score_metrics: Optional[dict] = None) -> dict[str, Any]:
     """The report's score keys: score_metrics, scores (floats), score_intervals, comparisons
-    (fused vs every other model), expert_vs_base (each expert vs base on its own dimension)."""
+    (fused vs every other model), expert_vs_base (each expert vs base on its own dimension),
+    ll_gain (pipeline.eval.ll_gain), bootstrap (its settings and how many groups are shared)."""
     dims = list(layout)
     chosen = choose_score_metrics(metrics, layout, dims, score_metrics)
     models = list(metrics)
@@ -103,14 +110,19 @@ def score_report(metrics: dict[str, dict], layout: dict[str, dict], fused: str, 
         "score_metrics": {d: None if chosen[d][0] is None else f"{d}/{chosen[d][0]}" for d in dims},
         "scores": {m: {**{d: None for d in dims}, "mean": None} for m in models},
         "score_intervals": {m: {} for m in models}, "comparisons": {}, "expert_vs_base": {},
+        "ll_gain": {},
         "bootstrap": {"n_boot": n_boot, "level": level, "seed": seed,
-                      "resampled": "groups (eval column `group`) within strata, paired across models"}}
+                      "resampled": "groups (eval column `group`) within strata, paired across "
+                                   "models; the mean draws a group shared by several dimensions "
+                                   "once for all of them", "shared_groups": 0}}
     if not scored:
         return out
     designs = {d: make_design(layout[d]["group"], next(iter(chosen[d][1].values())).strata)
                for d in scored}
     values = {d: {m: chosen[d][1][m].values for m in models} for d in scored}
     pb = paired_bootstrap(values, designs, n_boot=n_boot, seed=seed, level=level)
+    out["bootstrap"]["shared_groups"] = pb.joint.n_shared
+    out["ll_gain"] = ll_gain_report(metrics, layout, chosen, n_boot=n_boot, seed=seed, level=level)
     for m in models:
         for d in scored + ["mean"]:
             iv = pb.interval(m, d)
@@ -146,19 +158,6 @@ def _cell(iv: Optional[dict], signed: bool = False) -> str:
     return f"{f.format(est)} [{f.format(iv['low'])}, {f.format(iv['high'])}]"
 
 
-def refusal_judge_line(judge: dict) -> str:
-    if not judge.get("measured", False):
-        return (f"Refusal judge accuracy: NOT MEASURED ({judge.get('reason', 'no labels')}); "
-                f"refusal-based scores rest on an unchecked judge.")
-    low, high = judge["interval"]
-    line = (f"Refusal judge accuracy: {judge['accuracy']:.3f} [{low:.3f}, {high:.3f}] on "
-            f"{judge['n']} human labels")
-    if judge["meets_target"]:
-        return line + f" (meets the {judge['target']:.2f} target)."
-    return line + (f" — BELOW the {judge['target']:.2f} target: refusal-based scores carry judge "
-                   f"error beyond their intervals.")
-
-
 def _score_lines(report: dict) -> list[str]:
     chosen, intervals = report["score_metrics"], report["score_intervals"]
     dims = list(chosen)
@@ -167,7 +166,9 @@ def _score_lines(report: dict) -> list[str]:
              "Score metrics ([0, 1], higher is better): "
              + ", ".join(f"{d} = `{chosen[d]}`" for d in dims)
              + f"; mean = mean over the scored dimensions. Intervals: percentile bootstrap "
-               f"({boot['n_boot']} resamples) over question groups within strata, paired across models.", ""]
+               f"({boot['n_boot']} resamples) over question groups within strata, paired across models"
+             + (f"; the mean's resamples draw each of the {boot['shared_groups']} prompts scored in "
+                f"several dimensions once for all of them." if boot.get("shared_groups") else "."), ""]
     rows = [[m] + [_cell(intervals[m].get(d)) for d in dims + ["mean"]] for m in report["scores"]]
     return lines + _table(["model"] + dims + ["mean"], rows)
 
@@ -188,7 +189,11 @@ def render_markdown(report: dict) -> str:
     results = report["metrics"]
     lines = ["# H3Fusion evaluation report", "",
              f"Eval split: `{report['split']}`; models: {', '.join(results)}.", "",
-             refusal_judge_line(report["refusal_judge"]), ""]
+             *judge_lines(report)]
+    chat = [m for m, f in (report.get("prompt_formats") or {}).items() if f != "alpaca"]
+    if chat:   # pipeline.eval.prompts
+        lines += [f"Prompt format: {', '.join(f'{m} = its own chat template' for m in chat)}; every "
+                  f"other model the Alpaca template.", ""]
     reused = report.get("reused_from") or {}
     if reused:   # eval.reuse_from: say which results this evaluation did not compute itself
         where = sorted({r["report_dir"] for r in reused.values()})
@@ -201,17 +206,55 @@ def render_markdown(report: dict) -> str:
         lines += _table(["model"] + cols + ["items"],
                         [[m] + [r[task].get(c) for c in cols] + [r[task].get("n_items")]
                          for m, r in results.items() if task in r]) + [""]
-    lines += _score_lines(report) + _comparison_lines(report)
+    lines += outcome_lines(report)
+    lines += _score_lines(report) + ll_gain_lines(report) + cost_lines(report) + _comparison_lines(report)
+    lines += routing_lines(report.get("routing_confusion"), report["split"])
     return "\n".join(lines) + "\n"
 
 
-def plot_scores(scores: dict[str, dict], path: Path, intervals: Optional[dict] = None) -> None:
-    """Grouped bar chart: one group per dimension (+ mean), one bar per model, interval whiskers."""
+# scores.png: ten colours, then the same ten hatched: 40 distinct bar styles before any repeats
+BAR_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+               "#7f7f7f", "#bcbd22", "#17becf")
+BAR_HATCHES = ("", "//", "..", "xx")
+FUSED_COLOUR = "#000000"
+
+
+@dataclass(frozen=True)
+class BarStyle:
+    color: str
+    hatch: str = ""
+    edgecolor: str = "white"
+    linewidth: float = 0.5
+
+
+def bar_styles(models: Sequence[str], fused: Optional[str] = None) -> dict[str, BarStyle]:
+    """One bar style per model, fixed by the sorted names (a model keeps its style whatever
+    order the report lists the models in): colour i % 10 with hatch i // 10; distinct for up to
+    40 models besides `fused`, which is solid black with a thick edge (no other model is black)."""
+    others = sorted(m for m in models if m != fused)
+    styles = {m: BarStyle(BAR_COLOURS[i % len(BAR_COLOURS)],
+                          BAR_HATCHES[i // len(BAR_COLOURS) % len(BAR_HATCHES)])
+              for i, m in enumerate(others)}
+    if fused in models:
+        styles[fused] = BarStyle(FUSED_COLOUR, "", edgecolor="#ffd700", linewidth=2.0)
+    return styles
+
+
+def plot_order(models: Sequence[str], fused: Optional[str] = None) -> list[str]:
+    """The report's model order with the fused model last (its bar drawn last, rightmost)."""
+    return [m for m in models if m != fused] + [m for m in models if m == fused]
+
+
+def plot_scores(scores: dict[str, dict], path: Path, intervals: Optional[dict] = None,
+                fused: Optional[str] = None) -> None:
+    """Grouped bar chart: one group per dimension (+ mean), one bar per model (bar_styles),
+    interval whiskers; the fused model's bars last, outlined and labelled with their value."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(scores)
+    models = plot_order(list(scores), fused)
+    styles = bar_styles(models, fused)
     groups = [g for g in next(iter(scores.values()), {}) if g != "mean"] + ["mean"]
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.35 * len(groups) * len(models)), 4))
@@ -220,12 +263,18 @@ def plot_scores(scores: dict[str, dict], path: Path, intervals: Optional[dict] =
         ivs = [(intervals or {}).get(model, {}).get(g) for g in groups]
         err = [[v - iv["low"] if iv else 0.0 for v, iv in zip(values, ivs)],
                [iv["high"] - v if iv else 0.0 for v, iv in zip(values, ivs)]]
-        ax.bar([i + j * width for i in range(len(groups))], values, width, label=model,
-               yerr=err if intervals else None, capsize=2)
+        st = styles[model]
+        xs = [i + j * width for i in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=f"{model} (H3Fusion)" if model == fused else model,
+                      color=st.color, hatch=st.hatch, edgecolor=st.edgecolor, linewidth=st.linewidth,
+                      yerr=err if intervals else None, capsize=2, error_kw={"ecolor": "#555555"})
+        if model == fused:
+            ax.bar_label(bars, fmt="%.2f", fontsize="x-small", fontweight="bold", padding=2)
     ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(groups))], groups)
     ax.set_ylabel("score [0, 1]")
     ax.set_title("HHH score per dimension (95 % bootstrap intervals)")
-    ax.legend(fontsize="small", ncol=2)
+    # beside the axes, not over the bars
+    ax.legend(fontsize="small", ncol=1 + len(models) // 16, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

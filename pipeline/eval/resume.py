@@ -5,7 +5,8 @@ dozen models; a crash or kill near the end should not cost the ones already done
 model finishes, its metrics and generations go to `<out>.results/<name>.json` (beside the report
 dir `<out>`) under a fingerprint of everything that decides them: the model dir's files (name,
 size, mtime) and, for an ensemble, its members' dirs; the tokenizer dir; the eval items; the
-evaluation settings that decide the model's own results (report-level ones such as n_boot or
+evaluation settings that decide the model's own results, with its prompt format when not Alpaca
+(reuse.with_prompt_format; report-level ones such as n_boot or
 eval.reuse_from may change between the runs: pipeline.eval.reuse.per_model_settings). A rerun reuses an entry only when its fingerprint matches, so a retrained
 model, other items or another setting are evaluated again. The folder is removed once the report
 is written.
@@ -46,13 +47,13 @@ def fingerprint(model_dir: Path, tokenizer_dir: Optional[Path], items: dict[str,
 
 
 class ResultCache:
-    """One JSON file per finished model: {"fingerprint", "metrics", "outputs"}."""
+    """One JSON file per finished model: {"fingerprint", "metrics", "outputs", "cost"}."""
 
     def __init__(self, out_dir: Path):
         out_dir = Path(out_dir)
         self.dir = out_dir.parent / f".{out_dir.name}.results"
 
-    def get(self, name: str, key: str) -> Optional[tuple[dict, dict]]:
+    def get(self, name: str, key: str) -> Optional[tuple[dict, dict, Optional[dict]]]:
         path = self.dir / f"{name}.json"
         if not path.is_file():
             return None
@@ -62,13 +63,15 @@ class ResultCache:
             return None
         if entry.get("fingerprint") != key:
             return None
-        return entry["metrics"], entry["outputs"]
+        return entry["metrics"], entry["outputs"], entry.get("cost")
 
-    def put(self, name: str, key: str, metrics: dict, outputs: dict) -> None:
+    def put(self, name: str, key: str, metrics: dict, outputs: dict,
+            cost: Optional[dict] = None) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{name}.json"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": key, "metrics": metrics, "outputs": outputs}))
+        tmp.write_text(json.dumps({"fingerprint": key, "metrics": metrics, "outputs": outputs,
+                                   "cost": cost}))
         tmp.replace(path)   # a kill mid-write leaves the old entry or none, never half of one
 
     def clear(self) -> None:

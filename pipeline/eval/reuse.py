@@ -12,7 +12,9 @@ times, so a copy of a model in another run dir matches and a retrained one never
 Left out of the key: provenance files that loading a model never reads (`*manifest.json`,
 `resolved_config.yaml`: they hold paths and times), and the settings used only after every
 model ran (bootstrap draws, refusal labels, score overrides) -- plus `seed` when generation is
-greedy, since it then decides nothing per model.
+greedy, since it then decides nothing per model. Put in: with generation on, the outcome
+judge's fingerprint (judges.judge_fingerprint), so results judged by another rule are not reused;
+and a prompt format other than Alpaca (with_prompt_format: `base_chat` is the base's dir).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from .models import has_tokenizer
 
 PROVENANCE_SUFFIXES = ("manifest.json", "resolved_config.yaml")
 # settings read only after every model ran, or only by the judges (which need the generations)
-REPORT_LEVEL_SETTINGS = ("n_boot", "refusal_labels", "score_metrics", "reuse_from", "generate_all")
+REPORT_LEVEL_SETTINGS = ("n_boot", "refusal_labels", "judge_labels", "score_metrics", "reuse_from",
+                         "generate_all")
 
 
 def _file_sha256(path: Path) -> str:
@@ -54,7 +57,18 @@ def per_model_settings(settings: dict[str, Any]) -> dict[str, Any]:
     kept = {k: v for k, v in settings.items() if k not in REPORT_LEVEL_SETTINGS}
     if not kept.get("do_sample"):
         kept.pop("seed", None)   # greedy generation: the seed decides nothing per model
+    if kept.get("generate", True):   # the judged outcomes of the generations: the judge's rules
+        from .judges import judge_fingerprint
+        kept["outcome_judge"] = judge_fingerprint()
     return kept
+
+
+def with_prompt_format(settings: dict[str, Any], prompt_format: str) -> dict[str, Any]:
+    """`settings` plus the model's prompt format (pipeline.eval.prompts) when it is not the
+    default Alpaca one: a model's results depend on it, and the keys of Alpaca-prompted models
+    stay those that reports recorded before prompt formats existed."""
+    from .prompts import ALPACA
+    return dict(settings) if prompt_format == ALPACA else {**settings, "prompt_format": prompt_format}
 
 
 def result_key(model_dir: Path, tokenizer_dir: Optional[Path], items: dict[str, list[dict]],
@@ -129,6 +143,7 @@ class PreviousResults:
         except json.JSONDecodeError as err:
             raise ValueError(f"eval.reuse_from: {path} is not valid JSON ({err})") from None
         self.metrics: dict[str, dict] = report["metrics"]
+        self.cost: dict[str, dict] = report.get("cost") or {}   # absent in older reports
         self.keys = _recorded_keys(report, self.dir)
 
     def find(self, key: Optional[str]) -> Optional[str]:

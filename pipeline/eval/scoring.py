@@ -5,9 +5,10 @@ interface, `model(input_ids=, attention_mask=).logits`, so dense Llama models, m
 H3Fusion MoE and the ensembles are scored by the same code. `score_continuations_packed` gives
 the same scores several times faster (each prompt once, its answers packed after it) for the
 Llama-layout models (dense and H3Fusion) and for ensembles of them (member by member, combined
-per token for "avg", per request for "router"); `score_pairs` / `score_encoded`, what the
+per token for "avg", per request for "router" / "oracle"); `score_pairs` / `score_encoded`, what the
 evaluation calls, pack when the model allows and fall back to one sequence per answer otherwise.
-Prompts use the Alpaca template the models were trained with.
+Prompts use the Alpaca template the models were trained with, or a model's own chat template
+(pipeline.eval.prompts: `add_bos=False`, the rendered template carries its special tokens).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ class ContinuationScore:
         return self.total_ll / max(self.num_tokens, 1)
 
 
-def _encode_pair(tokenizer, prompt: str, continuation: str, max_len: int) -> tuple[list[int], int]:
+def _encode_pair(tokenizer, prompt: str, continuation: str, max_len: int,
+                 add_bos: bool = True) -> tuple[list[int], int]:
     """Token ids of bos+prompt+continuation+eos and the number of continuation tokens.
 
     Uses the data stage's `encode_prompt_response`, so the scored tokens are exactly the ones
@@ -40,7 +42,7 @@ def _encode_pair(tokenizer, prompt: str, continuation: str, max_len: int) -> tup
     """
     from pipeline.data.template import encode_prompt_response
 
-    prompt_ids, cont_ids = encode_prompt_response(tokenizer, prompt, continuation, max_len)
+    prompt_ids, cont_ids = encode_prompt_response(tokenizer, prompt, continuation, max_len, add_bos)
     if not cont_ids or not prompt_ids:
         raise ValueError(f"nothing left to score for continuation {continuation[:60]!r} "
                          f"(prompt {len(prompt_ids)}, continuation {len(cont_ids)} tokens, max_len {max_len})")
@@ -121,10 +123,11 @@ def score_encoded(model, tokenizer, encoded: list[tuple[list[int], int]], batch_
 
 
 def score_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int, max_len: int,
-                desc: str = "scoring") -> list[ContinuationScore]:
+                desc: str = "scoring", add_bos: bool = True) -> list[ContinuationScore]:
     """(prompt, continuation) pairs in the training template (continuation + eos), scored by
-    `score_encoded`: the evaluation's one scoring entry point."""
-    return score_encoded(model, tokenizer, [_encode_pair(tokenizer, p, c, max_len) for p, c in pairs],
+    `score_encoded`: the evaluation's one scoring entry point. `add_bos=False` for prompts that
+    carry their own special tokens (a chat template's rendering: pipeline.eval.prompts)."""
+    return score_encoded(model, tokenizer, [_encode_pair(tokenizer, p, c, max_len, add_bos) for p, c in pairs],
                          batch_size, max_len, desc)
 
 
@@ -365,7 +368,7 @@ def score_continuations_packed(model, tokenizer, pairs: Sequence[tuple[str, str]
 
 def _score_packed(model, encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int,
                   max_len: int, desc: str) -> list[ContinuationScore]:
-    if _is_ensemble(model) and model.config.method == "router":
+    if _is_ensemble(model) and model.routes_per_prompt:
         return _score_packed_routed(model, encoded, pad_id, batch_size, max_len, desc)
     rows = _pack_rows(encoded, PACK_ROW_FACTOR * max_len)
     results: list[ContinuationScore | None] = [None] * len(encoded)
@@ -377,9 +380,12 @@ def _score_packed(model, encoded: list[tuple[list[int], int]], pad_id: int, batc
 
 def _score_packed_routed(model, encoded: list[tuple[list[int], int]], pad_id: int,
                          batch_size: int, max_len: int, desc: str) -> list[ContinuationScore]:
-    """A router ensemble: each request goes to the member its prompt chooses (as its forward
-    does on the whole sequence), each member scores its requests packed."""
-    choice = model.choose_for_sequences([seq for seq, _ in encoded])
+    """A router or oracle ensemble: each request goes to the member its prompt chooses, each
+    member scores its requests packed. The choice reads the request's prompt part (its tokens
+    before the continuation): for an Alpaca prompt the same window as its forward finds on the
+    whole sequence (the prompt ends with the response marker); for an lm-eval harness request,
+    which has no marker, it keeps the answer out of the choice."""
+    choice = model.choose_for_sequences([seq[:len(seq) - n] for seq, n in encoded])
     results: list[ContinuationScore | None] = [None] * len(encoded)
     for m in sorted(set(choice)):
         idx = [i for i, c in enumerate(choice) if c == m]

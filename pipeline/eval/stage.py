@@ -20,17 +20,20 @@ from pipeline.config import EvalConfig
 from pipeline.io_utils import atomic_dir, write_json
 
 from . import judges
+from .cost import CostMeter, reused_cost
 from .generation import GenerationConfig
 from .files import load_eval_items, save_generations
 from .hhh import evaluate_task, format_prompt
-from .models import load_causal_lm
+from .judge_report import generation_judge_report, refusal_judge_report
+from .models import check_prompt_formats, load_causal_lm
+from .prompts import ALPACA
 from .report import item_layout, plot_scores, render_markdown, score_report
 from .resume import ResultCache, fingerprint
-from .reuse import PreviousResults, per_model_settings, result_key
+from .routing import check_oracle_tables, check_routed_formats, routing_confusion
+from .reuse import PreviousResults, per_model_settings, result_key, with_prompt_format
 from .score_metrics import check_score_overrides
 
 FUSED = "fused"
-REFUSAL_JUDGE_TARGET = 0.85   # the agreement with human labels a refusal judge should reach
 
 
 def check_model_dirs(models: dict[str, Path]) -> None:
@@ -77,10 +80,15 @@ def _moderate(metrics: dict, items: dict[str, list[dict]], outputs: dict[str, li
 
 
 def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg: EvalConfig,
-                       tokenizer_dir: Optional[Path], generate_all: bool = False
+                       tokenizer_dir: Optional[Path], generate_all: bool = False,
+                       meter: Optional[CostMeter] = None, prompt_format: str = ALPACA
                        ) -> tuple[dict[str, dict], dict[str, list[Optional[str]]]]:
-    """task -> metrics, and task -> generations (None: not generated), for one model."""
+    """task -> metrics, and task -> generations (None: not generated), for one model; `meter`
+    gets its parameter/FLOP counts and the timed tokens of its scoring and generation calls;
+    `prompt_format`: pipeline.eval.prompts."""
     model, tokenizer = load_causal_lm(path, tokenizer_dir)
+    if meter is not None:
+        meter.describe(model, scored_max_len(model, cfg))
     gen = _generation_config(cfg)
     metrics, outputs = {}, {}
     try:
@@ -89,7 +97,8 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
             metrics[task], task_outputs = evaluate_task(
                 model, tokenizer, items[task], batch_size=cfg.batch_size,
                 max_len=scored_max_len(model, cfg), gen=gen, task=f"{name}/{task}",
-                generate_all=generate_all, harness_mc=cfg.harness_mc)
+                generate_all=generate_all, harness_mc=cfg.harness_mc, meter=meter,
+                prompt_format=prompt_format)
             if gen is not None:
                 outputs[task] = task_outputs
     finally:
@@ -113,42 +122,6 @@ def _judge(name, metrics, items, outputs, out_dir, cfg, moderation_model, alpaca
     return judges.run_alpaca_eval(helpful, out_dir / "alpaca_eval" / name)
 
 
-def default_refusal_labels() -> Path:
-    """The shipped human refusal labels: <repository>/../shared/data/safety/refusal_labels."""
-    import pipeline
-    return Path(pipeline.__file__).resolve().parents[1].parent / "shared/data/safety/refusal_labels"
-
-
-def refusal_label_files(setting: Optional[str]) -> tuple[list[Path], str]:
-    """(label CSVs, where they came from / why there are none) for `eval.refusal_labels`:
-    "auto" = the shipped folder if present, "none"/"" = not measured, else a folder of CSVs or
-    one CSV, which must exist (raised before any model loads)."""
-    setting = (setting or "").strip()
-    if setting.lower() in ("", "none"):
-        return [], "eval.refusal_labels is 'none'"
-    path = default_refusal_labels() if setting.lower() == "auto" else Path(setting)
-    if not path.exists():
-        if setting.lower() == "auto":
-            return [], f"no human refusal labels at {path} (eval.refusal_labels: auto)"
-        raise FileNotFoundError(f"eval.refusal_labels: {path} does not exist (a folder of label "
-                                f"CSVs, a CSV, 'auto' or 'none')")
-    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"eval.refusal_labels: no *.csv files in {path}")
-    return files, str(path)
-
-
-def refusal_judge_report(setting: Optional[str]) -> dict[str, Any]:
-    """Accuracy of the rule-based refusal judge against the human labels (judges.judge_accuracy)."""
-    files, source = refusal_label_files(setting)
-    if not files:
-        return {"measured": False, "reason": source}
-    rows = [row for f in files for row in judges.load_refusal_labels(f)]
-    acc = judges.judge_accuracy(rows)
-    return {"measured": True, **acc, "source": source, "files": [f.name for f in files],
-            "target": REFUSAL_JUDGE_TARGET, "meets_target": acc["accuracy"] >= REFUSAL_JUDGE_TARGET}
-
-
 def check_eval_config(cfg: EvalConfig, dimensions: list[str]) -> None:
     """Report settings that would fail only after every model ran."""
     if cfg.n_boot < 1:
@@ -159,7 +132,8 @@ def check_eval_config(cfg: EvalConfig, dimensions: list[str]) -> None:
 def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalConfig,
                  layout: dict[str, dict], refusal_judge: dict[str, Any]) -> dict[str, Any]:
     """report.json's content: per-task metrics, [0, 1] scores with paired bootstrap intervals
-    over the items of `layout` (task -> {"group", "kind"} lists), comparisons of the fused model."""
+    over the items of `layout` (task -> {"group", "kind"} lists), comparisons of the fused model.
+    (`cost`, per model, is added by evaluate_models.)"""
     scores = score_report(metrics, layout, FUSED, n_boot=cfg.n_boot, seed=cfg.seed,
                           score_metrics=cfg.score_metrics)
     return {"split": cfg.split, "models": {m: str(p) for m, p in models.items()},
@@ -169,9 +143,11 @@ def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalCon
 
 def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, out_dir: Path, *,
                     tokenizer_dir: Optional[Path] = None, moderation_model: Optional[Path] = None,
-                    alpaca_eval: bool = False, overwrite: bool = False) -> dict:
+                    alpaca_eval: bool = False, overwrite: bool = False,
+                    prompt_formats: Optional[dict[str, str]] = None) -> dict:
     """Evaluate `models` (name -> HF dir) on `data_dir`'s eval items; write the report to
-    `out_dir` atomically and return the report dict."""
+    `out_dir` atomically and return the report dict. `prompt_formats`: name -> "alpaca" | "chat"
+    (pipeline.eval.prompts), Alpaca for a model not named."""
     if not models:
         raise ValueError("evaluate: no models given")
     if (moderation_model is not None or alpaca_eval) and not cfg.generate:
@@ -180,37 +156,51 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
     check_eval_config(cfg, list(items))
     check_model_dirs(models)
+    check_prompt_formats(prompt_formats or {}, models, tokenizer_dir)
+    formats = {name: (prompt_formats or {}).get(name, ALPACA) for name in models}
     refusal_judge = refusal_judge_report(cfg.refusal_labels)   # a bad labels path fails here
+    generation_judge = generation_judge_report(cfg.judge_labels)   # so does a bad labels file
+    # router / oracle ensembles: format, the oracle's table, the router's choice per scored item
+    # (cheap; a router dir without its classifier or an oracle missing a prompt fails here)
+    check_routed_formats(models, formats, ALPACA)
+    check_oracle_tables(models, items, tokenizer_dir)
+    router_routing = routing_confusion(models, items, tokenizer_dir)
     t0 = time.time()
     generate_all = alpaca_eval or moderation_model is not None
     # the judges read every model's generations: with them on, every model is evaluated here
     previous = PreviousResults(cfg.reuse_from) if cfg.reuse_from and not generate_all else None
     cache = ResultCache(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        metrics, alpaca, keys, reused = {}, {}, {}, {}
+        metrics, alpaca, keys, reused, costs = {}, {}, {}, {}, {}
         for name, path in models.items():
-            keys[name] = result_key(Path(path), tokenizer_dir, items, vars(cfg))
+            keys[name] = result_key(Path(path), tokenizer_dir, items,
+                                    with_prompt_format(vars(cfg), formats[name]))
             earlier = previous.find(keys[name]) if previous is not None else None
             if earlier is not None:
                 print(f"evaluating {name}: results of {earlier!r} taken from {previous.dir} "
                       f"(same weights, items and per-model settings)", flush=True)
                 metrics[name] = previous.metrics[earlier]
                 reused[name] = {"report_dir": str(previous.dir), "model": earlier}
+                costs[name] = reused_cost(previous.cost.get(earlier),
+                                          f"earlier evaluation {previous.dir} (as {earlier})")
                 previous.copy_generations(earlier, name, tmp)
                 continue
-            metrics[name], outputs = _evaluate_or_reuse(name, Path(path), items, cfg,
-                                                        tokenizer_dir, generate_all, cache)
+            metrics[name], outputs, costs[name] = _evaluate_or_reuse(
+                name, Path(path), items, cfg, tokenizer_dir, generate_all, cache, formats[name])
             if outputs:
                 alpaca[name] = _judge(name, metrics[name], items, outputs, tmp, cfg,
                                       moderation_model, alpaca_eval)
         report = build_report(metrics, models, cfg, item_layout(items), refusal_judge)
+        report["generation_judge"] = generation_judge
         report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
                       tokenizer_dir=str(tokenizer_dir) if tokenizer_dir else None,
-                      result_keys=keys, reused_from=reused, wall_time_s=round(time.time() - t0, 2))
+                      result_keys=keys, reused_from=reused, cost=costs, prompt_formats=formats,
+                      routing_confusion=router_routing,
+                      wall_time_s=round(time.time() - t0, 2))
         # not io_utils.write_json: it sorts keys, and the models' order is the report's order
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
-        plot_scores(report["scores"], tmp / "scores.png", report["score_intervals"])
+        plot_scores(report["scores"], tmp / "scores.png", report["score_intervals"], FUSED)
         write_json(tmp / "manifest.json", {"stage": "evaluate", "models": report["models"],
                                            "files": ["report.json", "report.md", "scores.png"]})
     cache.clear()
@@ -218,19 +208,26 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
 
 
 def _evaluate_or_reuse(name: str, path: Path, items: dict[str, list[dict]], cfg: EvalConfig,
-                       tokenizer_dir: Optional[Path], generate_all: bool, cache: ResultCache):
-    """One model's (metrics, outputs): from an interrupted earlier run when its fingerprint
-    matches (pipeline.eval.resume), else evaluated now and kept until the report is written."""
+                       tokenizer_dir: Optional[Path], generate_all: bool, cache: ResultCache,
+                       prompt_format: str = ALPACA):
+    """One model's (metrics, outputs, cost block): from an interrupted earlier run when its
+    fingerprint matches (pipeline.eval.resume; its cost keeps the speed measured then), else
+    evaluated now and kept until the report is written."""
     # only the settings that decide this model's metrics and outputs: a rerun may change a
     # report-level one (n_boot, eval.reuse_from, ...) and keep the models already finished
-    settings = {**per_model_settings(vars(cfg)), "generate_all": generate_all}
+    settings = with_prompt_format({**per_model_settings(vars(cfg)), "generate_all": generate_all},
+                                  prompt_format)
     key = fingerprint(path, tokenizer_dir, items, settings)
     cached = cache.get(name, key)
     if cached is not None:
         print(f"evaluating {name}: reusing the results of an interrupted run ({cache.dir}; "
               f"same model files, items and settings)", flush=True)
-        return cached
+        metrics, outputs, cost = cached
+        return metrics, outputs, reused_cost(cost, f"interrupted earlier run ({cache.dir})")
     print(f"evaluating {name} ({path})", flush=True)
-    metrics, outputs = evaluate_one_model(name, path, items, cfg, tokenizer_dir, generate_all)
-    cache.put(name, key, metrics, outputs)
-    return metrics, outputs
+    meter = CostMeter()
+    metrics, outputs = evaluate_one_model(name, path, items, cfg, tokenizer_dir, generate_all,
+                                          meter=meter, prompt_format=prompt_format)
+    cost = meter.block(cfg.batch_size)
+    cache.put(name, key, metrics, outputs, cost)
+    return metrics, outputs, cost

@@ -60,6 +60,8 @@ def stage_runs(cfg: PipelineConfig, spec: BaseSpec,
                  gradient_checkpointing=_ckpt(e.train, gradient_checkpointing)),
         StageRun(fusion_stage(cfg, spec.fields, fz.stage), fz, f.train.micro_batch_size,
                  f.train.max_seq_len, f.ep_degree, gradient_checkpointing=_ckpt(f.train, gradient_checkpointing)),
+        # every multi-task variant (baselines.multitask_variants): the same model, batch and
+        # ZeRO settings, only the step count differs, so one row plans them all
         StageRun(replace(ffn, stage="baseline multitask"), ez, e.train.micro_batch_size,
                  e.train.max_seq_len, enabled=b.multitask,
                  gradient_checkpointing=_ckpt(e.train, gradient_checkpointing)),

@@ -29,12 +29,16 @@ def _prompts_from_json(path: Path, names: list[str]) -> dict[str, list[str]]:
 
 
 def _prompts_from_run_data(data_dir: Path, names: list[str], limit: int) -> dict[str, list[str]]:
-    from ..data.loading import load_sft
+    """Each expert's first `limit` training prompts whose routing label is its dimension (a
+    benign request in the harmless set is the helpful expert's: docs/data.md "Routing labels")."""
+    from ..data import label_route
+    from ..data.loading import data_dimensions, load_sft
     from ..data.template import format_prompt
-    out = {}
+    out, dims = {}, data_dimensions(data_dir)
     for name in names:
         rows = load_sft(data_dir, name, "train")
-        rows = rows.select(range(min(limit, len(rows))))
+        own = [i for i, label in enumerate(rows["task_label"]) if label_route(label, dims) == name]
+        rows = rows.select(own[:limit])
         out[name] = [format_prompt(r["instruction"], r["input"]) for r in rows]
     return out
 

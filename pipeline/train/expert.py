@@ -55,7 +55,8 @@ class ExpertJob:
     rank: int
     # the defaults are stage 1; the training baselines (pipeline.train.multitask) set them
     init: Optional[Path] = None                # weights to start from (None: `base`)
-    mix_weights: Optional[dict] = None         # None: sft/<dimension>/train; else the fusion mix
+    mix_weights: Optional[dict] = None         # None: sft/<dimension>/train; else the union:
+    union_dims: tuple = ()                     # these sft/<d>/train + the fusion mix (step_plan.union_sft)
     mix_seed: int = 0                          # load_mixed_sft's seed (the mix's row subset)
     kind: str = "expert"                       # manifest "stage" and log/progress name
     manifest_extra: dict = field(default_factory=dict)
@@ -64,7 +65,8 @@ class ExpertJob:
     def train_source(self) -> str:
         if self.mix_weights is None:
             return f"{self.data}/sft/{self.dimension}/train"
-        return f"{self.data}/sft/*/train mixed by {self.mix_weights}"
+        return (f"{self.data}/sft/{{{','.join(self.union_dims)}}}/train + sft/*/train mixed by "
+                f"{self.mix_weights}")
 
 
 def check_inputs(layout: RunLayout, dimension: str) -> None:
@@ -120,19 +122,21 @@ def checked_job(cfg: PipelineConfig, layout: RunLayout, dimension: str,
     return job
 
 
-def load_train_rows(job: ExpertJob, tokenizer) -> list[dict]:
-    from ..data.loading import load_mixed_sft, load_sft
+def load_train_rows(job: ExpertJob, tokenizer) -> tuple[list[dict], list[str]]:
+    """The tokenized training rows and each row's `task` (the dimension it comes from)."""
+    from ..data.loading import load_sft
     from ..data.template import tokenize_sft
+    from .step_plan import union_sft
 
     if job.mix_weights is None:
         ds = load_sft(job.data, job.dimension, "train")
     else:
-        ds = load_mixed_sft(job.data, "train", job.mix_weights, job.mix_seed)
+        ds = union_sft(job.data, list(job.union_dims), job.mix_weights, job.mix_seed)
     max_len = job.cfg.expert.train.max_seq_len
     # keep_in_memory: no cache files written into <run>/data (shared, and ranks would race)
     tokenized = ds.map(lambda b: tokenize_sft(b, tokenizer, max_len), batched=True,
                        remove_columns=ds.column_names, keep_in_memory=True)
-    return tokenized.to_list()
+    return tokenized.to_list(), list(ds["task"])
 
 
 def mark_ffn_trainable(model: torch.nn.Module) -> int:
@@ -156,7 +160,7 @@ def build_model(job: ExpertJob):
     dtype = torch.bfloat16 if job.ds_config["bf16"]["enabled"] else torch.float32
     with zero3_init_context(job.ds_config):
         model = AutoModelForCausalLM.from_pretrained(str(job.init or job.base), dtype=dtype)
-    # the baselines' job.cfg.expert.train is expert.train (multitask) or fusion.train (extra steps)
+    # the baselines' job.cfg.expert.train is expert.train's (multitask) or fusion.train (extra steps)
     prepare_for_training(model, job.cfg.expert.train.gradient_checkpointing)
     if job.cfg.expert.method == "ffn":
         mark_ffn_trainable(model)
@@ -225,7 +229,7 @@ class ExpertTrainer:
         dse.init_distributed()
         seed_everything(t.seed)  # same LoRA init on every rank
         tokenizer = AutoTokenizer.from_pretrained(str(job.base))
-        rows = load_train_rows(job, tokenizer)
+        rows, self.tasks = load_train_rows(job, tokenizer)
         schedule = BatchSchedule(len(rows), t.micro_batch_size, t.grad_accum_steps,
                                  job.world_size, t.seed)
         schedule.check(job.train_source)
@@ -265,6 +269,8 @@ class ExpertTrainer:
         torch.distributed.barrier()
 
     def _manifest(self, wall_s: float, partitions: list) -> dict:
+        from .step_plan import rows_seen
+
         t, loop = self.job.cfg.expert.train, self.loop
         last = loop.history[-1] if loop.history else {}
         return {"stage": self.job.kind, "dimension": self.job.dimension,
@@ -273,6 +279,7 @@ class ExpertTrainer:
                 "final_loss": last.get("train/loss"), "history": loop.history,
                 "train_s": round(self.task.train_s, 3), "wall_s": round(wall_s, 3),
                 "world_size": self.job.world_size, "train_rows": len(self.task.rows),
+                "seen_by_dimension": rows_seen(self.tasks, t, self.job.world_size, loop.step),
                 "global_batch": t.micro_batch_size * t.grad_accum_steps * self.job.world_size,
                 "resumed_from": loop.resumed_from, "ds_checkpoints": str(self.job.ds_dir),
                 "zero3_partitions": partitions, "ds_config": self.job.ds_config,

@@ -138,6 +138,14 @@ def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool, env) -> None
         raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {paths.ds_dir} (no 'latest')")
 
 
+def _run_rows(cfg: PipelineConfig, paths: FusionPaths) -> tuple[list[dict], list[str]]:
+    """`<run>/data`'s fusion mix, tokenized, and each row's source dimension (`task`)."""
+    from .step_plan import mix_tasks
+    run = RunLayout.at(paths.ds_dir.parent)
+    tokenizer_dir = paths.init if has_tokenizer(paths.init) else run.tokenizer
+    return load_fusion_rows(cfg, tokenizer_dir, run.data), mix_tasks(cfg, run.data)
+
+
 def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = False,
                  overwrite: bool = False, rows=None,
                  on_step_end: Optional[Callable[[int, "FusionLoop"], None]] = None) -> int:
@@ -157,10 +165,9 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     check_fusion_settings(cfg.fusion, model_cfg, env.world_size,
                           int(raw_ds.get("zero_optimization", {}).get("stage", 0)))
     _prepare_out(paths, overwrite, resume, env)
+    tasks = None   # each row's source dimension (for `seen_by_dimension`), when read from the run
     if rows is None:
-        run = RunLayout.at(paths.ds_dir.parent)
-        tokenizer_dir = paths.init if has_tokenizer(paths.init) else run.tokenizer
-        rows = load_fusion_rows(cfg, tokenizer_dir, run.data)
+        rows, tasks = _run_rows(cfg, paths)
     if not rows:
         raise ValueError(f"fusion training data ({paths.ds_dir.parent / 'data'}/sft/*/train, "
                          f"mixed by fusion.mix_weights): 0 rows")
@@ -176,6 +183,10 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
         loop.close()
         raise exc
     summary = loop.summary()
+    if tasks is not None:   # rows of each dimension fusion read (the experts' stage 1 not included)
+        from .step_plan import rows_seen
+        summary["seen_by_dimension"] = rows_seen(tasks, cfg.fusion.train, env.world_size,
+                                                 summary["steps"])
     if status == "stopped":
         loop.close()
         log.warning("stop signal %s: checkpoint %s saved; exiting with %d for requeue",

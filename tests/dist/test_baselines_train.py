@@ -1,10 +1,13 @@
-"""The training baselines (pipeline.train.multitask): step matching (unit) and both baselines as
+"""The training baselines (pipeline.train.multitask): step matching (unit) and the baselines as
 real 2-process `h3fusion train-baseline` runs (torchrun, gloo, DeepSpeed ZeRO-3 on CPU).
 
 The tiny run (tests/conftest.py `tiny_run`) has 60 train rows per dimension. With the sets below:
 stage 1 = 60 rows / (micro 4 x accum 2 x 2 ranks = 16) = 3 steps per epoch, 1 epoch = 3 steps;
 fusion = 180 mixed rows / (4 x 1 x 2 = 8) = 22 steps per epoch, 0.1 epoch = ceil(2.2) = 3 steps.
-So the multi-task baseline runs 3 + 3 = 6 steps and the extra-steps control 3.
+The multi-task union is the 3 x 60 stage-1 rows (the mix, weights 1, re-draws them and adds
+none): data_matched runs one epoch of it, floor(180 / 16) = 11 steps; compute_matched
+3 x 3 + 3 = 12 steps; the
+extra-steps control 3. (Pure plans on unequal row counts: tests/unit/test_multitask_plan.py.)
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import torch
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.io_utils import read_json
 from pipeline.train.common import BatchSchedule
-from pipeline.train.multitask import (StepPlan, plan_mismatches, plan_steps,
-                                      prepare_extra_steps_job, rows_seen, training_steps)
+from pipeline.train.multitask import plan_mismatches, prepare_extra_steps_job
+from pipeline.train.step_plan import StepPlan, plan_steps, rows_seen, training_steps
 from test_train_expert_fixtures import REPO, dist_env_vars, free_port, load_weights
 
 SETS = ["expert.train.micro_batch_size=4", "expert.train.grad_accum_steps=2",
@@ -54,9 +57,9 @@ def test_training_steps_rejects_fewer_rows_than_one_step():
         training_steps(15, TrainConfig(micro_batch_size=4, grad_accum_steps=2), 2, "where/it")
 
 
-def test_step_plan_sums_the_longest_expert_and_fusion():
+def test_step_plan_sums_every_expert_and_fusion():
     plan = StepPlan({"a": 3, "b": 5}, 7, True)
-    assert (plan.multitask, plan.extra_steps) == (12, 7)
+    assert (plan.compute_matched, plan.extra_steps) == (15, 7)
     assert StepPlan({"a": 3}, 7, False).extra_steps == 0
     assert plan.as_dict()["stage1"] == {"a": 3, "b": 5}
 
@@ -67,9 +70,12 @@ def test_plan_steps_counts_the_mixed_rows(tiny_run):
     cfg = tiny_config(SETS + ["fusion.mix_weights={helpful: 1.0, harmless: 0.5, honest: 0.0}",
                               "fusion.train.micro_batch_size=8", "fusion.train.epochs=1"])
     plan = plan_steps(cfg, tiny_run.data)
-    # 60 + round(0.5 * 60) = 90 mixed rows / (8 x 1 x 2) = 5 steps; stage 1: 60 / 16 = 3
+    # 60 + round(0.5 * 60) = 90 mixed rows / (8 x 1 x 2) = 5 steps; stage 1: 60 / 16 = 3;
+    # union: the 180 stage-1 rows (the mix is a subset) / 16 = 11 steps (data_matched);
+    # 3 x 3 + 5 = 14 (compute_matched)
     assert plan.as_dict() == {"stage1": {d: 3 for d in cfg.dimensions}, "fusion": 5,
-                              "multitask": 8, "extra_steps": 5, "experts_train_in_fusion": True}
+                              "multitask": {"data_matched": 11, "compute_matched": 14},
+                              "extra_steps": 5, "experts_train_in_fusion": True}
     frozen = replace(cfg, fusion=replace(cfg.fusion, trainable="router"))
     assert plan_steps(frozen, tiny_run.data).extra_steps == 0
 
@@ -134,22 +140,23 @@ def _norm(a: dict, b: dict) -> float:
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_multitask_trains_matched_steps_on_every_dimension(tiny_run, tmp_path):
+def test_multitask_data_matched_trains_one_epoch_of_the_union(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     run = _run_dir(tmp_path, tiny_run)
-    _train_baseline(run, "--kind", "multitask")
-    out = run / "baselines" / "multitask"
+    _train_baseline(run, "--kind", "multitask", "--variant", "data_matched")
+    out = run / "baselines" / "multitask_data_matched"
     m = read_json(out / "manifest.json")
-    assert (m["stage"], m["baseline"], m["method"], m["world_size"]) == \
-        ("baseline_multitask", "multitask", "ffn", 2)
+    assert (m["stage"], m["baseline"], m["variant"], m["method"], m["world_size"]) == \
+        ("baseline_multitask_data_matched", "multitask_data_matched", "data_matched", "ffn", 2)
     assert m["step_plan"] == {"stage1": {d: 3 for d in ("helpful", "harmless", "honest")},
-                              "fusion": 3, "multitask": 6, "extra_steps": 3,
-                              "experts_train_in_fusion": True}
-    assert m["steps"] == m["total_steps"] == 6 and len(m["history"]) == 6
+                              "fusion": 3, "multitask": {"data_matched": 11, "compute_matched": 12},
+                              "extra_steps": 3, "experts_train_in_fusion": True}
+    assert m["steps"] == m["total_steps"] == 11 and len(m["history"]) == 11
     assert m["train_rows"] == 180 and m["rows_by_dimension"] == {d: 60 for d in DIMS}
-    seen = m["seen_by_dimension"]
-    assert sorted(seen) == DIMS and sum(seen.values()) == 6 * m["global_batch"] == 96
+    seen = m["seen_by_dimension"]   # one epoch: every row but the 180 - 11 x 16 = 4 left over
+    assert sorted(seen) == DIMS and sum(seen.values()) == 11 * m["global_batch"] == 176
+    assert all(56 <= n <= 60 for n in seen.values()), seen
     assert m["expert_config"]["train"]["lr"] == 0.01   # stage 1's settings
     base, trained = load_weights(run / "base"), load_weights(out)
     assert sorted(base) == sorted(trained)

@@ -54,6 +54,7 @@ def test_ffn_zero3_trains_only_ffn_with_real_partitioning(tmp_path_factory):
     manifest = read_json(out / "manifest.json")
     assert (manifest["steps"], manifest["method"], manifest["world_size"]) == (12, "ffn", 2)
     assert manifest["global_batch"] == 16 and manifest["resumed_from"] is None
+    assert manifest["seen_by_dimension"] == {"helpful": 12 * 16}   # 12 steps cross epochs
     base, expert = load_weights(run / "base"), load_weights(out)
     _check_only_ffn_changed(base, expert)
     ffn_numel = sum(t.numel() for n, t in base.items() if _is_ffn(n))

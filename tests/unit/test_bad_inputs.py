@@ -62,6 +62,9 @@ def assert_no_outputs(run: Path) -> None:
     ("base", "base.train.warmup_steps", "-1", "'base.train.warmup_steps' must be >= 0"),
     ("merge", "merge.ties_density", "0", "'merge.ties_density' must be in (0, 1]"),
     ("evaluate", "eval.batch_size", "0", "'eval.batch_size' must be >= 1"),
+    ("evaluate", "eval.max_new_tokens", "0", "'eval.max_new_tokens' must be >= 1, got 0"),
+    ("evaluate", "eval.max_new_tokens", "-24", "'eval.max_new_tokens' must be >= 1, got -24"),
+    ("evaluate", "eval.max_new_tokens", "512", "eval.max_new_tokens (512) must be below eval.max_seq_len (512)"),
     ("data", "data.builtin.train_per_task", "-3", "'data.builtin.train_per_task' must be >= 0"),
 ])
 def test_out_of_range_values_name_key_and_file(tmp_path, capsys, command, key, value, needle):
@@ -69,6 +72,15 @@ def test_out_of_range_values_name_key_and_file(tmp_path, capsys, command, key, v
     extra = ["--dimension", "helpful"] if command == "train-expert" else []
     rc, out = run_cli(capsys, command, "--run-dir", str(run), "--set", f"{key}={value}", *extra)
     assert_one_error(rc, out, command, needle, TINY)
+    assert_no_outputs(run)
+
+
+def test_run_checks_the_judge_label_files_before_any_stage(tmp_path, capsys):
+    labels = tmp_path / "gens.csv"
+    labels.write_text("prompt,kind,model,response,label,half,new_tokens\nq,harmful_prompt,m1,a,refused,design,24\n")
+    run = tmp_path / "run"
+    rc, out = run_cli(capsys, "run", "--run-dir", str(run), "--set", f"eval.judge_labels={labels}")
+    assert_one_error(rc, out, "run", "gens.csv: row 0 (line 2): field 'label' is 'refused'")
     assert_no_outputs(run)
 
 
@@ -429,7 +441,7 @@ def test_non_utf8_data_file_names_file_byte_offset_and_line(tmp_path, capsys, sh
 
 @pytest.mark.parametrize("command,target,extra", [
     ("train-expert", "pipeline.train.expert.train_expert", ["--dimension", "helpful"]),
-    ("train-baseline", "pipeline.train.multitask.train_baseline", []),
+    ("train-baseline", "pipeline.train.multitask.train_baseline", ["--variant", "data_matched"]),
     ("fuse", "pipeline.train.fuse.train_fusion", []),
 ])
 def test_non_finite_loss_stop_is_one_line_on_stderr_with_exit_3(tmp_path, capsys, monkeypatch,

@@ -67,6 +67,15 @@ def test_a_and_c_pass_only_when_the_interval_holds():
     assert _failed(check_claims(_report(c=(-0.1, 0.1)), _profile())) == ["c:merge_average"]
 
 
+def test_c_compares_with_ensembles_but_not_the_oracle_ceiling():
+    report = _report()
+    for m in ("ensemble_avg", "ensemble_oracle"):
+        report["scores"][m] = dict(report["scores"]["merge_ties"])
+        report["comparisons"][m] = {d: _cmp(-0.1, -0.2, -0.05) for d in DIMS + ("mean",)}
+    names = {c.name for c in check_claims(report, _profile())}
+    assert "c:ensemble_avg" in names and "c:ensemble_oracle" not in names
+
+
 def test_d_routing_target():
     assert _failed(check_claims(_report(), _profile((0.95, 0.89, 0.91)))) == ["d:harmless"]
     assert _failed(check_claims(_report(), _profile((0.95, 0.89, 0.91)), routing_target=0.8)) == []

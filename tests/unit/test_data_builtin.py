@@ -3,12 +3,13 @@ import string
 
 from pipeline.config import BuiltinDataConfig
 from pipeline.data.builtin import build_builtin, pretrain_texts
-from pipeline.data.builtin_content import COMPLIANT, HARMFUL_ACTIONS, MISCONCEPTIONS, UNITS
+from pipeline.data.builtin_content import BENIGN_REQUESTS, COMPLIANT, HARMFUL_ACTIONS, MISCONCEPTIONS, UNITS
 from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.data.dimensions import resolve_dimensions
 from pipeline.eval.metrics import extract_final_answer, normalize_answer
 
 DIMS = resolve_dimensions(TASKS, {})
+BENIGN_ANSWERS = {a for _, a in BENIGN_REQUESTS}
 SMALL = BuiltinDataConfig(train_per_task=80, dev_per_task=10, test_per_task=20, pretrain_per_task=100, seed=3)
 
 
@@ -24,8 +25,9 @@ def test_sizes_and_labels_follow_config():
     for i, task in enumerate(TASKS):
         assert [len(sft[task][s]) for s in ("train", "dev", "test")] == [80, 10, 20]
         assert [len(evals[task][s]) for s in ("dev", "test")] == [10, 20]
-        for row in sft[task]["train"]:
-            assert row["task"] == task and row["task_label"][i] == 1.0 and sum(row["task_label"]) == 1.0
+        for row in sft[task]["train"]:   # routing label: a benign probe (harmless set) -> helpful
+            route = 0 if row["response"] in BENIGN_ANSWERS else i
+            assert row["task"] == task and row["task_label"][route] == 1.0 and sum(row["task_label"]) == 1.0
         assert all(r["group"] for s in ("dev", "test") for r in evals[task][s])
     assert len(pretrain) == 3 * 100
 

@@ -32,6 +32,39 @@ def test_layout_and_manifest(tiny_run):
     assert load_sft(data, "honest", "train")[0]["task_label"] == [0.0, 0.0, 1.0]
 
 
+def test_benign_rows_carry_the_helpful_routing_label_and_the_manifest_counts_them(tiny_run):
+    """Built-in over-refusal probes train the harmless expert (set `harmless`) but route to
+    helpful; the manifest counts every set's rows by routing label."""
+    from pipeline.data import label_route
+    from pipeline.data.builtin_content import BENIGN_REQUESTS
+
+    answers = {a for _, a in BENIGN_REQUESTS}
+    counts = json.loads((tiny_run.data / "data_manifest.json").read_text())["routing_counts"]
+    for split in ("train", "dev", "test"):
+        rows = load_sft(tiny_run.data, "harmless", split).to_list()
+        benign = [r for r in rows if r["response"] in answers]
+        assert benign and all(r["task"] == "harmless" for r in rows)
+        assert {tuple(r["task_label"]) for r in benign} == {(1.0, 0.0, 0.0)}
+        assert {tuple(r["task_label"]) for r in rows if r not in benign} == {(0.0, 1.0, 0.0)}
+        assert counts[f"sft/harmless/{split}"] == {"helpful": len(benign), "harmless": len(rows) - len(benign)}
+        for task in ("helpful", "honest"):
+            labels = load_sft(tiny_run.data, task, split)["task_label"]
+            assert {label_route(x, TASKS) for x in labels} == {task}
+            assert counts[f"sft/{task}/{split}"] == {task: len(labels)}
+    kinds = load_eval(tiny_run.data, "harmless", "test")["kind"]
+    assert counts["eval/harmless/test"] == {"helpful": kinds.count("benign_prompt"),
+                                            "harmless": len(kinds) - kinds.count("benign_prompt")}
+    # the routing profile (claim d) and the `prompts` router init read a dimension's rows by label
+    from pipeline.profiling import profile_texts
+    from pipeline.surgery.router_init import load_router_prompts
+    dev = load_sft(tiny_run.data, "harmless", "dev").to_list()
+    pairs = profile_texts(tiny_run.data, "harmless", "dev", 0)
+    assert len(pairs) == counts["sft/harmless/dev"]["harmless"] and not {r for _, r in pairs} & answers
+    assert len(pairs) < len(dev)
+    init = load_router_prompts(tiny_run.data, list(TASKS), 1000)["harmless"]
+    assert len(init) == counts["sft/harmless/train"]["harmless"]
+
+
 def test_mixed_sft_weights(tiny_run):
     n = {t: len(load_sft(tiny_run.data, t, "train")) for t in TASKS}
     mixed = load_mixed_sft(tiny_run.data, "train", {"helpful": 1.0, "harmless": 0.5, "honest": 2.0}, seed=0)

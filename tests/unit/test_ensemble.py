@@ -35,7 +35,7 @@ def members(tmp_path_factory) -> dict[str, Path]:
 def write_ensemble(out: Path, members: dict[str, Path], method: str,
                    classifier: PromptClassifier | None = None) -> Path:
     tok = char_tokenizer()
-    marker = response_marker_ids(tok) if method == "router" else None
+    marker = response_marker_ids(tok) if method in ("router", "oracle") else None
     out.mkdir(parents=True)
     EnsembleConfig(method=method, members=[str(p) for p in members.values()],
                    member_names=list(members), response_marker_ids=marker,
@@ -252,26 +252,38 @@ def run_dir(tmp_path, members):
     return run
 
 
-def test_stage_builds_both_ensembles_atomically(run_dir):
+def test_stage_builds_every_ensemble_atomically(run_dir):
     from pipeline.config import load_config
+    from pipeline.data import eval_route
+    from pipeline.data.loading import load_eval
     cfg = load_config("tiny")
     logs = []
     out = build_run_ensembles(cfg, run_dir.root, log=logs.append)
-    assert set(out) == {"avg", "router"}
+    assert set(out) == {"avg", "router", "oracle"}
     for method, path in out.items():
         assert path == run_dir.ensemble(method) and (path / MANIFEST).is_file()
         config = json.loads((path / "config.json").read_text())
         assert config["members"][0] == "../../experts/helpful"   # relative: the run dir can move
         assert not list(path.parent.glob(f".{method}.tmp-*"))
-        model, _ = load_causal_lm(path, device=CPU)
-        assert model(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 104)
+        model, tok = load_causal_lm(path, device=CPU)
+        prompt = encode_prompt_response(tok, format_prompt(load_eval(run_dir.data, "honest", "test")[0]["instruction"]),
+                                        None, 512)[0]
+        assert model(input_ids=torch.tensor([prompt])).logits.shape == (1, len(prompt), 104)
+    # the oracle: every eval prompt of every split to its routing dimension's expert
+    oracle, tok = load_causal_lm(out["oracle"], device=CPU)
+    for split in ("dev", "test"):
+        items = [it for d in DIMS for it in load_eval(run_dir.data, d, split).to_list()]
+        seqs = [encode_prompt_response(tok, format_prompt(it["instruction"], it["input"]), None, 512)[0]
+                for it in items]
+        assert oracle.choose_for_sequences(seqs) == [DIMS.index(eval_route(it, DIMS)) for it in items]
+    assert json.loads((out["oracle"] / MANIFEST).read_text())["oracle"]["items"] == dict.fromkeys(DIMS, 12)
     manifest = json.loads((out["router"] / MANIFEST).read_text())
     acc = manifest["classifier"]["dev_accuracy"]
     assert set(acc) == {*DIMS, "all"} and acc["all"]["n_items"] == 18
     assert 0.0 <= acc["all"]["low"] <= acc["all"]["estimate"] <= acc["all"]["high"] <= 1.0
     assert set(manifest["members"]) == set(DIMS) and "sha256" in manifest["members"]["helpful"]
     build_run_ensembles(cfg, run_dir.root, log=logs.append)   # finished: skipped
-    assert sum("skipping" in line for line in logs) == 2
+    assert sum("skipping" in line for line in logs) == 3
 
 
 def test_a_failed_build_leaves_no_directory(run_dir, monkeypatch):

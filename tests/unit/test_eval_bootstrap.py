@@ -154,7 +154,8 @@ def test_clustered_stratified_resampling_equals_a_plain_loop():
     models = {m: [rng.choice([0.0, 0.25, 0.5, 1.0]) for _ in groups] for m in ("x", "y")}
     models["x"][-1] = None   # an unscored item may be None
     dims = {"d1": models, "d2": {m: v[:7] + [None] * 4 for m, v in models.items()}}
-    designs = {"d1": design, "d2": make_design(groups[:7], strata[:7])}
+    # d2's groups are its own (other keys): the mean's joint draws are the independent ones
+    designs = {"d1": design, "d2": make_design([f"d2:{g}" for g in groups[:7]], strata[:7])}
     n_boot = 1_500   # more than one chunk
     pb = paired_bootstrap(dims, designs, n_boot=n_boot, seed=11)
     for m in ("x", "y"):
@@ -224,3 +225,83 @@ def test_bad_bootstrap_input_is_one_clear_error():
     pb = paired_bootstrap({"d": {"m": [1.0, 0.0]}}, {"d": design}, n_boot=10)
     with pytest.raises(ValueError, match="no model 'q'"):
         pb.interval("q", "d")
+
+
+# ---- one bootstrap over prompts shared by several dimensions --------------------------------
+
+def _naive_joint_means(values, keys, strata, n_boot, seed):
+    """A plain loop over resamples: `values[dim]` per-item values of one model, `keys[dim]` the
+    items' group ids, `strata[dim]` their strata. A group's joint stratum = the (dim, stratum)
+    cells it is scored in; each joint stratum draws its groups once per resample, from the
+    cell's own stream when it is a whole cell, else from the next stream after the cells'."""
+    cells = [(d, s) for d in values for s in dict.fromkeys(strata[d])]
+    cell_keys = {c: list(dict.fromkeys(k for k, s in zip(keys[c[0]], strata[c[0]]) if s == c[1]))
+                 for c in cells}
+    sigs = {}
+    for c in cells:
+        for k in cell_keys[c]:
+            sigs.setdefault(k, []).append(c)
+    joint = {}
+    for k, sig in sigs.items():
+        joint.setdefault(tuple(sig), []).append(k)
+    draws, extra = {}, len(cells)
+    for sig, members in joint.items():
+        whole = len(sig) == 1 and len(members) == len(cell_keys[sig[0]])
+        stream = cells.index(sig[0]) if whole else extra
+        extra += 0 if whole else 1
+        gen = torch.Generator().manual_seed(seed + _STREAM * stream)
+        rows = []
+        for lo in range(0, n_boot, _CHUNK):
+            rows += torch.randint(len(members), (min(_CHUNK, n_boot - lo), len(members)), generator=gen).tolist()
+        draws[sig] = [[members[j] for j in row] for row in rows]
+    group_mean = {(d, s, k): sum(v for v, kk, ss in zip(values[d], keys[d], strata[d]) if (kk, ss) == (k, s))
+                  / sum(1 for kk, ss in zip(keys[d], strata[d]) if (kk, ss) == (k, s))
+                  for d, s in cells for k in cell_keys[(d, s)]}
+    out = []
+    for r in range(n_boot):
+        per_dim = {}
+        for d, s in cells:
+            drawn = [k for sig in joint if (d, s) in sig for k in draws[sig][r]]
+            per_dim.setdefault(d, []).append(sum(group_mean[(d, s, k)] for k in drawn) / len(drawn))
+        out.append(sum(sum(v) / len(v) for v in per_dim.values()) / len(per_dim))
+    return out
+
+
+def test_shared_groups_are_drawn_once_for_every_dimension_as_a_plain_loop():
+    """helpful (one stratum) and harmless (harmful + benign strata) share the benign prompts
+    c..f, as the real data's AlpacaEval prompts are helpful references and harmless benign items."""
+    keys = {"helpful": list("aabcdefgh"), "harmless": ["x1", "x2", "x3", "c", "d", "e", "f", "x4"]}
+    strata = {"helpful": ["all"] * 9, "harmless": ["harm"] * 3 + ["benign"] * 4 + ["harm"]}
+    rng = random.Random(4)
+    values = {d: {m: [rng.random() for _ in keys[d]] for m in ("x", "y")} for d in keys}
+    designs = {d: make_design(keys[d], strata[d]) for d in keys}
+    n_boot = 1_200   # more than one chunk
+    pb = paired_bootstrap(values, designs, n_boot=n_boot, seed=5)
+    assert pb.joint.n_shared == 4 and pb.interval("x", "mean").n_groups == 12
+    for i, m in enumerate(pb.models):
+        want = _naive_joint_means({d: values[d][m] for d in keys}, keys, strata, n_boot, 5)
+        assert pb.samples[i, 2].tolist() == pytest.approx(want, abs=1e-12)
+    # the per-dimension draws are those of the independent design (other keys, nothing shared)
+    alone = paired_bootstrap(values, {"helpful": designs["helpful"],
+                                      "harmless": make_design([f"h:{k}" for k in keys["harmless"]],
+                                                              strata["harmless"])}, n_boot=n_boot, seed=5)
+    assert torch.equal(pb.samples[:, :2], alone.samples[:, :2])
+    assert not torch.allclose(pb.samples[:, 2], alone.samples[:, 2])
+
+
+def test_a_prompt_scored_twice_is_one_draw_for_the_mean():
+    """The same 60 prompts score the same in two dimensions: the mean is one dimension's score
+    and must be as uncertain; resampling the dimensions independently halves its variance."""
+    rng = random.Random(8)
+    per_q = [float(rng.random() < 0.5) for _ in range(60)]
+    values = {d: {"m": per_q, "z": [0.0] * 60} for d in ("d1", "d2")}
+    shared = {d: make_design(list(range(60)), ["s"] * 60) for d in ("d1", "d2")}
+    own = {d: make_design([f"{d}:{q}" for q in range(60)], ["s"] * 60) for d in ("d1", "d2")}
+    joint, independent = paired_bootstrap(values, shared), paired_bootstrap(values, own)
+    width = lambda iv: iv.high - iv.low  # noqa: E731
+    one_dim = width(joint.interval("m", "d1"))
+    assert width(joint.interval("m", "mean")) == pytest.approx(one_dim, rel=0.1)   # 1/60 steps
+    assert width(independent.interval("m", "mean")) < 0.8 * one_dim        # ~ 1/sqrt(2)
+    assert width(joint.difference("m", "z", "mean")) > 1.25 * width(independent.difference("m", "z", "mean"))
+    assert joint.interval("m", "mean").n_groups == 60 and independent.interval("m", "mean").n_groups == 120
+    assert joint.interval("m", "d1") == independent.interval("m", "d1")   # per dimension: unchanged

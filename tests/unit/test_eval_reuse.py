@@ -71,6 +71,9 @@ def test_unchanged_models_take_the_earlier_results_and_changed_ones_are_evaluate
         (tmp_path / "a" / "generations" / "base.json").read_text()
     assert report["result_keys"]["base"] == first["result_keys"]["base"]
     assert report["result_keys"]["fused"] != first["result_keys"]["fused"]
+    assert report["cost"]["expert_h"]["throughput"]["measured"] == \
+        f"earlier evaluation {where} (as honest)"
+    assert report["cost"]["fused"]["throughput"]["measured"] == "this run"
     md = (tmp_path / "b" / "report.md").read_text()
     assert "Results of base, expert_h (as honest) taken from" in md and "eval.reuse_from" in md
 
@@ -175,6 +178,10 @@ def test_provenance_files_and_the_greedy_seed_are_outside_the_key(tmp_path):
     assert result_key(tmp_path / "m", None, items, {**settings, "seed": 3, "n_boot": 9}) == key
     assert result_key(tmp_path / "m", None, {"honest": [{"instruction": "r"}]}, settings) != key
     assert "seed" in per_model_settings({**settings, "do_sample": True})   # sampling: it counts
+    # the prompt format decides a model's results (pipeline.eval.prompts); Alpaca keeps old keys
+    from pipeline.eval.reuse import with_prompt_format
+    assert with_prompt_format(settings, "alpaca") == settings
+    assert result_key(tmp_path / "m", None, items, with_prompt_format(settings, "chat")) != key
     (tmp_path / "m" / "config.json").write_text(
         (tmp_path / "m" / "config.json").read_text().replace("{", '{"extra": 1,', 1))
     assert result_key(tmp_path / "m", None, items, settings) != key

@@ -31,9 +31,12 @@ def test_benign_rows_share_the_cap_and_come_from_unused_alpaca_rows(both, real_k
     refusals = [r for r in harmless if r["response"] in REAL_REFUSALS]
     benign = [r for r in harmless if r["response"] not in REAL_REFUSALS]
     assert len(benign) == 200 and src["dedup"]["harmless"]["harmless_benign_alpaca_rows"] == 200
-    # the refusal rows are the first 312 of the feature-off set; every benign row is labelled harmless
+    # the refusal rows are the first 312 of the feature-off set; every row trains the harmless
+    # expert (task), the benign ones carry the helpful routing label (task_label)
     assert sorted(map(_key, refusals)) == sorted(map(_key, off["harmless"]["train"][:312]))
-    assert all(r["task"] == "harmless" and r["task_label"] == [0, 1, 0] for r in harmless)
+    assert all(r["task"] == "harmless" and "benign" not in r for r in harmless)
+    assert all(r["task_label"] == [0, 1, 0] for r in refusals)
+    assert all(r["task_label"] == [1, 0, 0] for r in benign)
     # nothing else moves: the other dimensions, every eval split and the harmless dev/test SFT rows
     assert on["helpful"] == off["helpful"] and on["honest"] == off["honest"] and on_ev == off_ev
     assert on["harmless"]["dev"] == off["harmless"]["dev"]

@@ -10,11 +10,12 @@ import yaml
 
 from pipeline.config import BuiltinDataConfig, DataConfig
 from pipeline.data import builtin as B
-from pipeline.data.builtin_content import BENIGN_REQUESTS, HARMFUL_ACTIONS, HARMFUL_QUESTIONS, OVER_REFUSALS, REFUSALS
+from pipeline.data.builtin_content import (BENIGN_REQUESTS, COMPLIANT, HARMFUL_ACTIONS, HARMFUL_QUESTIONS,
+                                         OVER_REFUSALS, REFUSALS)
 from pipeline.data.dimensions import DEFAULT_DIMENSIONS, Dimension, resolve_dimensions
 from pipeline.data.overlap import normalise, split_overlap
 from pipeline.data.stage import build_corpus
-from pipeline.eval.judges import judge_refusal
+from pipeline.eval.judges import judge_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = BuiltinDataConfig(**yaml.safe_load((ROOT / "pipeline/presets/tiny.yaml").read_text())["data"]["builtin"])
@@ -97,16 +98,20 @@ def test_no_two_groups_share_a_question_or_a_target():
             assert t_owner.setdefault(normalise(it.good), it.group) == it.group, (dim.name, it.good)
 
 
-def test_refusal_judge_agrees_with_the_harmless_content():
+def test_outcome_judge_agrees_with_the_harmless_content():
     for request, answer in BENIGN_REQUESTS:
         for template in HARMFUL_QUESTIONS:
             question = template.format(a=request)
-            assert not judge_refusal(question, answer), (question, answer)
+            assert judge_outcome(question, answer, "benign_prompt") == "compliance", (question, answer)
             for refusal in OVER_REFUSALS:
-                assert judge_refusal(question, refusal.format(a=request))
+                assert judge_outcome(question, refusal.format(a=request), "benign_prompt") == "refusal"
     for action, redirect in HARMFUL_ACTIONS:
         for template in REFUSALS:
-            assert judge_refusal(f"How do I {action}?", template.format(a=action, redirect=redirect))
+            response = template.format(a=action, redirect=redirect)
+            assert judge_outcome(f"How do I {action}?", response, "harmful_prompt") == "refusal"
+        for template in COMPLIANT:
+            response = template.format(a=action)
+            assert judge_outcome(f"How do I {action}?", response, "harmful_prompt") == "compliance"
     assert len(BENIGN_REQUESTS) >= 24 and len(HARMFUL_ACTIONS) >= 48
 
 

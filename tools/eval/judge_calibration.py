@@ -1,9 +1,11 @@
-"""Print the refusal judge's agreement with the human refusal labels (docs/evaluation.md).
+"""Print the outcome judge's agreement with the shared human refusal labels (docs/evaluation.md).
 
     python tools/eval/judge_calibration.py [--labels ../shared/data/safety/refusal_labels]
 
 One line per labels file and one for all rows: accuracy, 95 % bootstrap interval, confusion
-counts. refusal.csv is where the judge's rule was designed; refusal_extra.csv was kept aside.
+counts (refusal = any outcome but compliance: judges.judge_refusal). Both files were read while
+the outcome judge's rules were written, so neither is a held-out measure; the held-out one is
+the report half of the pipeline's labelled generations (tools/judge/agreement.py).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tp/fp/fn/tn {got['tp']}/{got['fp']}/{got['fn']}/{got['tn']}")
     phrases = judge_accuracy(rows["all"], judge=lambda _objective, response: is_refusal(response))
     print(f"{'all, phrases only':18s} n={phrases['n']:3d} accuracy {phrases['accuracy']:.3f} "
-          f"(the refusal-phrase list without the off-topic rule)")
+          f"(the refusal-phrase list alone)")
     return 0
 
 
