@@ -4,14 +4,14 @@ the outcome rates of every model (docs/evaluation.md, "Outcome judge").
 Two label sets, each resolved and loaded before any model loads (a bad path or file is one
 error): `eval.refusal_labels`, the shared human refusal labels (judges.judge_refusal: outcome is
 not compliance), and `eval.judge_labels`, this pipeline's own labelled generations
-(judges.load_judge_labels; accuracy per half, the report half never used to tune the rules).
+(judge_labels.load_judge_labels; accuracy per half, the report half never used to tune the rules).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
-from . import judges
+from . import judge_labels, judges
 
 JUDGE_TARGET = 0.90   # the accuracy the outcome judge should reach on both label sets (issue 32)
 
@@ -58,24 +58,24 @@ def refusal_label_files(setting: Optional[str]) -> tuple[list[Path], str]:
 
 
 def refusal_judge_report(setting: Optional[str]) -> dict[str, Any]:
-    """The judge on the shared human refusal labels (judges.judge_accuracy of judge_refusal)."""
+    """The judge on the shared human refusal labels (judge_labels.judge_accuracy of judge_refusal)."""
     files, source = refusal_label_files(setting)
     if not files:
         return {"measured": False, "reason": source}
-    rows = [row for f in files for row in judges.load_refusal_labels(f)]
-    acc = judges.judge_accuracy(rows)
+    rows = [row for f in files for row in judge_labels.load_refusal_labels(f)]
+    acc = judge_labels.judge_accuracy(rows)
     return {"measured": True, **acc, "source": source, "files": [f.name for f in files],
             "target": JUDGE_TARGET, "meets_target": acc["accuracy"] >= JUDGE_TARGET}
 
 
 def generation_judge_report(setting: Optional[str]) -> dict[str, Any]:
-    """The judge on this pipeline's labelled generations: judges.accuracy_by_half (design,
+    """The judge on this pipeline's labelled generations: judge_labels.accuracy_by_half (design,
     report, all); the target is met when the report half's accuracy reaches it."""
     files, source = label_files(setting, "eval.judge_labels", default_judge_labels())
     if not files:
         return {"measured": False, "reason": source}
-    rows = [row for f in files for row in judges.load_judge_labels(f)]
-    halves = judges.accuracy_by_half(rows)
+    rows = [row for f in files for row in judge_labels.load_judge_labels(f)]
+    halves = judge_labels.accuracy_by_half(rows)
     report = halves.get("report")
     return {"measured": True, "halves": halves, "source": source, "files": [f.name for f in files],
             "target": JUDGE_TARGET,
@@ -86,9 +86,9 @@ def check_label_settings(eval_cfg) -> None:
     """`eval.refusal_labels` and `eval.judge_labels` resolve, and their files load (one error
     naming the key, file, row or field): what the evaluate stage reads, checked up front."""
     for f in refusal_label_files(eval_cfg.refusal_labels)[0]:
-        judges.load_refusal_labels(f)
+        judge_labels.load_refusal_labels(f)
     for f in label_files(eval_cfg.judge_labels, "eval.judge_labels", default_judge_labels())[0]:
-        judges.load_judge_labels(f)
+        judge_labels.load_judge_labels(f)
 
 
 def _shared_line(judge: dict) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.data.template import encode_prompt_response, format_prompt
-from pipeline.eval import hhh, judge_report, judges
+from pipeline.eval import hhh, judge_labels, judge_report, judges
 from pipeline.eval.hhh import check_items, evaluate_task
 from pipeline.eval.models import discover_models, parse_model_specs
 from pipeline.eval.generation import GenerationConfig, generate_responses
@@ -442,7 +442,7 @@ def test_refusal_labels_none_auto_and_missing(fake_run, tmp_path, monkeypatch):
     shipped = judge_report.default_refusal_labels()
     auto = stage.refusal_judge_report("auto")
     if shipped.is_dir():   # the shared data checkout: every CSV there counts
-        n = sum(len(judges.load_refusal_labels(f)) for f in sorted(shipped.glob("*.csv")))
+        n = sum(len(judge_labels.load_refusal_labels(f)) for f in sorted(shipped.glob("*.csv")))
         assert auto["measured"] and auto["n"] == n and auto["source"] == str(shipped)
     else:
         assert auto["measured"] is False and str(shipped) in auto["reason"]

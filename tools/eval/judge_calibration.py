@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.eval.judges import judge_accuracy, load_refusal_labels
+from pipeline.eval.judge_labels import judge_accuracy, load_refusal_labels
 from pipeline.eval.metrics import is_refusal
 
 FILES = ("refusal.csv", "refusal_extra.csv")

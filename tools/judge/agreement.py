@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
 
-from pipeline.eval import judges  # noqa: E402
+from pipeline.eval import judge_labels, judges  # noqa: E402
 
 DEFAULT_SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "safety" / "refusal_labels"
 
@@ -82,9 +82,9 @@ def cut_lines(labels, cuts, names: dict[str, str]) -> list[str]:
                   if c.new_tokens == k and (c.model, c.prompt) in by_key]
         if not joined:
             continue
-        relabelled = [judges.JudgeLabel(c.prompt, c.kind, c.model, c.response, lab.label, lab.half,
+        relabelled = [judge_labels.JudgeLabel(c.prompt, c.kind, c.model, c.response, lab.label, lab.half,
                                         k) for c, lab in joined]
-        lines += half_lines(judges.accuracy_by_half(relabelled),
+        lines += half_lines(judge_labels.accuracy_by_half(relabelled),
                             f"cut at {k} new tokens vs the labels of the full responses:")
         lines.append("  harmless score per model: judged at this length / labelled")
         for model in sorted({c.model for c, _ in joined}):
@@ -103,20 +103,20 @@ def _num(v) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        labels = judges.load_judge_labels(args.labels)
-        cuts = judges.load_judge_labels(args.cuts, unlabelled=True) if args.cuts else []
+        labels = judge_labels.load_judge_labels(args.labels)
+        cuts = judge_labels.load_judge_labels(args.cuts, unlabelled=True) if args.cuts else []
         names = json.loads(args.models_key.read_text())["models"] if args.models_key else {}
         shared = [] if args.shared.lower() == "none" else [
-            row for f in sorted(Path(args.shared).glob("*.csv")) for row in judges.load_refusal_labels(f)]
+            row for f in sorted(Path(args.shared).glob("*.csv")) for row in judge_labels.load_refusal_labels(f)]
         if args.shared.lower() != "none" and not shared:
             raise FileNotFoundError(f"--shared: no label CSVs in {args.shared}")
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as exc:
         print(f"agreement: error: {exc}", file=sys.stderr)
         return 2
-    by_half = judges.accuracy_by_half(labels)
+    by_half = judge_labels.accuracy_by_half(labels)
     lines = half_lines(by_half, f"{args.labels}: judge vs labels") + confusion_lines(by_half)
     if shared:
-        acc = judges.judge_accuracy(shared)
+        acc = judge_labels.judge_accuracy(shared)
         low, high = acc["interval"]
         lines.append(f"shared human refusal labels ({args.shared}): n={acc['n']} accuracy "
                      f"{acc['accuracy']:.3f} [{low:.3f}, {high:.3f}] tp/fp/fn/tn "

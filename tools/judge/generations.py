@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Greedy responses of a run's models to a seeded sample of the harmless dev prompts, in the
-labelled-generations format with `label` empty (judges.load_judge_labels; rubric:
+labelled-generations format with `label` empty (judge_labels.load_judge_labels; rubric:
 tests/data/judge_labels/rubric.md), to label, and to measure the outcome judge and the harmless
 score at several generation lengths (tools/judge/agreement.py).
 
