@@ -211,3 +211,13 @@ def required_gpu_backends() -> frozenset[str]:
     """Names in H3F_REQUIRE_GPU_BACKENDS (comma separated, e.g. "megablocks,grouped_mm")."""
     raw = os.environ.get(REQUIRE_GPU_BACKENDS, "")
     return frozenset(name.strip().lower() for name in raw.split(",") if name.strip())
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it), for a local rendezvous (MASTER_PORT,
+    torchrun --master-port); another process may take it before it is bound again."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

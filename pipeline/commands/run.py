@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Optional
 from . import config_from_args
 from ..backends import require_moe_backend
 from ..config import dump_yaml, load_config
-from ..env import requeue_requested_exit_code
+from ..env import free_port, requeue_requested_exit_code
 from ..eval.score_metrics import check_score_overrides
 from ..hub import resolve_config_models
 from ..layout import RunLayout
@@ -76,18 +75,13 @@ def seed_overrides(seed: Optional[int]) -> list[str]:
     return [f"{key}={seed}" for key in SEED_KEYS]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def stage_command(stage: Stage, config_path: Path, run_dir: Path) -> list[str]:
     """The argv that runs `stage` locally (torchrun for multi-process stages)."""
     common = ["--config", str(config_path), "--run-dir", str(run_dir)] if stage.takes_config else []
     if stage.nprocs > 1:
         launcher = [sys.executable, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={stage.nprocs}", f"--master-port={_free_port()}",
+                    f"--nproc-per-node={stage.nprocs}", f"--master-port={free_port()}",
                     "-m", "pipeline.commands"]
     else:
         launcher = [sys.executable, "-m", "pipeline.commands"]

@@ -1,5 +1,4 @@
 """Expert parallelism over 2 real gloo processes vs one process: outputs and gradients."""
-import socket
 from datetime import timedelta
 
 import pytest
@@ -8,16 +7,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.model import H3FusionConfig, H3FusionForCausalLM, H3FusionMoE, apply_expert_parallel
+from pipeline.env import free_port
 from pipeline.model.expert_parallel import expert_ranges
 
 pytestmark = pytest.mark.dist
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(num_experts, top_k):
@@ -181,7 +176,7 @@ def test_expert_parallel_two_processes_match_single_process():
     ctx = mp.get_context("spawn")
     failures = ctx.SimpleQueue()
     try:
-        mp.start_processes(_worker, args=(_free_port(), seed, failures), nprocs=WORLD,
+        mp.start_processes(_worker, args=(free_port(), seed, failures), nprocs=WORLD,
                            start_method="spawn", join=True)
     except mp.ProcessRaisedException:
         pass

@@ -7,22 +7,18 @@ import json
 import logging
 import os
 import signal
-import socket
 import traceback
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
+from pipeline.env import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 ZERO2 = str(REPO / "ds_configs" / "zero2_fusion_ep.json")
 VOCAB = 160
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_tiny_fused(out: Path, num_experts: int = 3, names=None, seed: int = 0) -> Path:

@@ -1,7 +1,6 @@
 """pipeline.train.loop over 2 real gloo processes: a non-finite loss on ONE rank stops every rank
 at the same step (nobody hangs in a collective), and a stop signal seen by ONE rank makes every
 rank checkpoint at the same step and return "stopped"."""
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,14 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.env import free_port
+
 pytestmark = pytest.mark.dist
 WORLD = 2
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Task:
@@ -124,7 +120,7 @@ def _worker(rank: int, port: int, results) -> None:
 def test_ranks_agree_on_non_finite_loss_and_on_stop_signals():
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(_free_port(), results), nprocs=WORLD, start_method="spawn",
+    mp.start_processes(_worker, args=(free_port(), results), nprocs=WORLD, start_method="spawn",
                        join=True)
     got = {}
     while not results.empty():

@@ -4,12 +4,13 @@ under torchrun, cached by name so several test modules can inspect the same run.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from pipeline.env import free_port
 
 _CACHE: dict = {}
 REPO = Path(__file__).resolve().parents[2]
@@ -20,11 +21,6 @@ TRAIN_SETS = ["train.micro_batch_size=4", "train.grad_accum_steps=2", "train.max
               "train.log_every=1", "train.warmup_steps=2", "train.lr=0.01", "train.seed=7",
               "train.weight_decay=0.01"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dist_env_vars() -> dict:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import socket
 
 import pytest
 import torch
 
-from pipeline.env import REQUIRE_GPU_BACKENDS, required_gpu_backends
+from pipeline.env import REQUIRE_GPU_BACKENDS, free_port, required_gpu_backends
 
 # what tests/gpu can require: the torch backend's two expert implementations, MegaBlocks,
 # NCCL (expert-parallel all-to-all) and the DeepSpeed bf16 engine
@@ -88,18 +87,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def world1_nccl_group():
     """The default process group of this pytest process: ONE rank on cuda:0 over NCCL (made once,
     shared by every test that needs a group; destroyed at exit)."""
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1, device_id=torch.device("cuda", 0))
         atexit.register(dist.destroy_process_group)
     assert dist.get_backend() == "nccl", f"default group is {dist.get_backend()}, not nccl"

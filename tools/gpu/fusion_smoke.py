@@ -17,13 +17,14 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
+
+from pipeline.env import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ZERO2 = REPO / "ds_configs" / "zero2_fusion_ep.json"
@@ -125,11 +126,6 @@ def verdict(losses: list[float], steps: int) -> dict:
             "ok": finite and decreasing and len(losses) == steps}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def train(args, work: Path) -> dict:
     """Build the model, run fusion, return the report (without the verdict's pass/fail)."""
@@ -143,7 +139,7 @@ def train(args, work: Path) -> dict:
     rows = synthetic_rows(SHAPES[args.shape]["vocab_size"], 3 * 64, args.seq_len, args.seed)
     build_s = time.time() - t0
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")      # one process: a private port
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     seen: dict = {"step_end_s": []}
 
     def record(step, loop):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from pipeline.env import free_port  # noqa: E402
 
 MIB = 2 ** 20
 SETUP = {"expert": ("load", "engine"), "fusion": ("setup",)}
@@ -249,11 +250,6 @@ def worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------- parent
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def measure(preset: str, stage: str, args) -> tuple[list[dict], dict]:
     """(per-rank reports, the plan's rank phases) of one stage of one preset."""
@@ -274,7 +270,7 @@ def measure(preset: str, stage: str, args) -> tuple[list[dict], dict]:
                "model_dir": str(Path(tmp, "model")), "micro_dir": str(Path(tmp, "micro")),
                "seq": t.max_seq_len, "vocab": fields["vocab_size"],
                "rows": t.micro_batch_size * t.grad_accum_steps * args.world * args.steps}
-        mp.spawn(worker, args=(args.world, _free_port(), job, tmp), nprocs=args.world, join=True)
+        mp.spawn(worker, args=(args.world, free_port(), job, tmp), nprocs=args.world, join=True)
         reports = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.world)]
     return reports, predict(cfg, stage, args)
 

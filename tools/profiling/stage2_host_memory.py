@@ -27,13 +27,14 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))   # runnable from a plain checkout
+
+from pipeline.env import free_port  # noqa: E402
 
 PHASES = ("start", "load", "engine", "train", "save")
 _FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
@@ -144,11 +145,6 @@ def _worker(rank: int, world: int, port: int, args, init: str, out_dir: str) -> 
     os._exit(rc)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def measure(args, init: Path) -> list[dict]:
     import torch.multiprocessing as mp
@@ -157,7 +153,7 @@ def measure(args, init: Path) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("rank*.json"):
         stale.unlink()
-    mp.start_processes(_worker, args=(args.ranks, _free_port(), args, str(init), str(out_dir)),
+    mp.start_processes(_worker, args=(args.ranks, free_port(), args, str(init), str(out_dir)),
                        nprocs=args.ranks, join=True, start_method="spawn")
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(args.ranks)]
 

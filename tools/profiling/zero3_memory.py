@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -25,13 +24,8 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pipeline.config import TinyModelConfig  # noqa: E402
-from pipeline.env import DistEnv, export_dist_env  # noqa: E402
+from pipeline.env import DistEnv, export_dist_env, free_port  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build_model(args):
@@ -80,7 +74,7 @@ def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
 
 def measure(world: int, args) -> list[dict]:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, _free_port(), args, out_dir), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), args, out_dir), nprocs=world, join=True)
         return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
 
 

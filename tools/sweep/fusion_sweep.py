@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any, Optional
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, dump_yaml, load_config
-from pipeline.env import requeue_requested_exit_code
+from pipeline.env import free_port, requeue_requested_exit_code
 from pipeline.eval.files import load_eval_items
 from pipeline.eval.sweep_table import (as_overrides, overrides_text, point_status, render_markdown,
                                        score_cell, write_summary)
@@ -178,11 +177,6 @@ def prepare_point(pdir: Path, run: RunLayout, point: dict, build: bool) -> Path:
 
 # ----------------------------------------------------------------------------- running
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def stage_argv(stage: Stage, config_path: Path, pdir: Path) -> list[str]:
     """How `h3fusion run` starts a stage: torchrun (pipeline.commands.launch) when nprocs > 1."""
@@ -190,7 +184,7 @@ def stage_argv(stage: Stage, config_path: Path, pdir: Path) -> list[str]:
     launcher = [sys.executable, "-m", "pipeline.commands"]
     if stage.nprocs > 1:
         launcher = [sys.executable, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={stage.nprocs}", f"--master-port={_free_port()}",
+                    f"--nproc-per-node={stage.nprocs}", f"--master-port={free_port()}",
                     "-m", "pipeline.commands"]
     return launcher + list(stage.argv) + common
 
