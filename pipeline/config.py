@@ -24,7 +24,7 @@ from .config_schema import (
     PipelineConfig,
 )
 from .data.dimensions import register_dimension, resolve_dimensions
-from .registry import (MERGE_METHODS, MOE_BACKENDS, MULTITASK_VARIANTS, ROUTER_INITS, TIES_TRIM_SCOPES,
+from .registry import (PRECISIONS, MERGE_METHODS, MOE_BACKENDS, MULTITASK_VARIANTS, ROUTER_INITS, TIES_TRIM_SCOPES,
                        Registry)
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -226,6 +226,7 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
         _check_registered(MERGE_METHODS, m, f"merge.methods[{i}]", source)
     _check_registered(TIES_TRIM_SCOPES, cfg.merge.ties_trim_scope, "merge.ties_trim_scope", source)
     _check_multitask_variants(cfg, source)
+    _check_precisions(cfg, source)
     _check_hub_specs(cfg)
     problem = first_range_problem(cfg)
     _check(problem is None, f"{source}: {problem}")
@@ -247,6 +248,15 @@ def _check_multitask_variants(cfg: PipelineConfig, source: str) -> None:
     _check(variants or not cfg.baselines.multitask,
            f"baselines.multitask is true but baselines.multitask_variants is empty: name at least "
            f"one of {list(MULTITASK_VARIANTS.names())} (or set baselines.multitask=false)")
+
+
+def _check_precisions(cfg: PipelineConfig, source: str) -> None:
+    """Registered names; whether bf16 can run is checked where the device is known (the stage,
+    and `h3fusion run` before its first stage: pipeline.precision.check_precision)."""
+    for key, train in (("base", cfg.base.train), ("expert", cfg.expert.train),
+                       ("fusion", cfg.fusion.train)):
+        _check_registered(PRECISIONS, train.precision, f"{key}.train.precision", source)
+    _check_registered(PRECISIONS, cfg.eval.precision, "eval.precision", source)
 
 
 def _check_hub_specs(cfg: PipelineConfig) -> None:

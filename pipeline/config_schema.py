@@ -29,6 +29,9 @@ class TrainConfig:
     # activations: less activation memory for one extra forward per layer; losses and gradients
     # unchanged (pipeline/train/grad_checkpointing.py)
     gradient_checkpointing: bool = False
+    # pipeline.precision.PRECISIONS: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (on CPU:
+    # autocast bf16 compute, fp32 master weights and optimizer states; needs avx512_bf16/AMX)
+    precision: str = "auto"
 
 
 @dataclass
@@ -192,6 +195,9 @@ class EvalConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0                     # sampled generations and the bootstrap's resample draws
+    # pipeline.precision.PRECISIONS: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (scoring and
+    # generation in bf16 compute, log-probabilities in fp32; on CPU needs avx512_bf16/AMX)
+    precision: str = "auto"
     # bootstrap resamples per interval: 10000 keeps the 2.5 %/97.5 % percentiles' Monte Carlo
     # error well below the intervals' width, and a 9-model, 3-dimension report takes < 1 s
     n_boot: int = 10_000

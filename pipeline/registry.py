@@ -101,3 +101,12 @@ ENSEMBLES = Registry("ensemble method", {
     "router": "pipeline.ensemble.stage:build_router",   # prompt classifier picks one expert
     "oracle": "pipeline.ensemble.oracle:build_oracle",  # each eval prompt to its own dimension's
 })
+
+# numeric precision of a training stage or of evaluation (`<stage>.train.precision`,
+# `eval.precision`; pipeline.precision): each name -> the resolver that says what it means on a
+# device ("fp32" or "bf16"), with the CPU's bf16 support checked
+PRECISIONS = Registry("precision", {
+    "auto": "pipeline.precision:resolve_precision",   # bf16 on CUDA, fp32 on CPU
+    "fp32": "pipeline.precision:resolve_precision",
+    "bf16": "pipeline.precision:resolve_precision",   # CPU: needs avx512_bf16 / AMX
+})

@@ -1,0 +1,61 @@
+"""Numeric precision of training and evaluation (`<stage>.train.precision`, `eval.precision`).
+
+One name per setting, from `PRECISIONS`:
+
+- `auto`: what the pipeline always did: bf16 on CUDA (DeepSpeed bf16 for training, bf16 weights
+  for evaluation), fp32 on CPU.
+- `fp32`: fp32 everywhere (what tests compare against).
+- `bf16`: bf16 compute. On CUDA as `auto`. On CPU only where the CPU has bf16 instructions
+  (avx512_bf16 or AMX, detected by torch, never assumed): training under `torch.autocast("cpu",
+  bfloat16)` with fp32 parameters, gradients and optimizer states (master weights); evaluation in
+  bf16 compute with log-probabilities taken in fp32. On a CPU without them it is one error
+  (`check_precision`), raised before any work starts: never a silent slow path.
+
+`resolve_precision(name, device)` turns a name into what a stage does on a device: "fp32" or
+"bf16". Plain functions, no engine imports.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .registry import PRECISIONS
+
+
+def cpu_bf16_support() -> Optional[str]:
+    """The CPU feature that makes bf16 matmuls fast here ("amx" / "avx512_bf16"), else None."""
+    probes = (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    for name, fn in probes:
+        probe = getattr(torch.cpu, fn, None)
+        if probe is not None and probe():
+            return name
+    return None
+
+
+def check_precision(name: str, where: str, device_type: str,
+                    cpu_feature: Optional[str] = "detect") -> str:
+    """`name` if it can run on `device_type` ("cpu"/"cuda"), else one ValueError naming `where`.
+
+    `cpu_feature` is for tests: "detect" asks the CPU, None means "no bf16 instructions"."""
+    PRECISIONS.check(name, where)
+    if name == "bf16" and device_type == "cpu":
+        feature = cpu_bf16_support() if cpu_feature == "detect" else cpu_feature
+        if feature is None:
+            raise ValueError(f"{where}: bf16 was asked for, but this CPU has no bf16 instructions "
+                             "(neither avx512_bf16 nor AMX); bf16 would run on a slow emulated "
+                             "path. Use 'fp32' (or 'auto', which is fp32 on CPU)")
+    return name
+
+
+def resolve_precision(name: str, device_type: str, where: str = "precision") -> str:
+    """"fp32" or "bf16": what `name` means on `device_type` (checked: see `check_precision`)."""
+    check_precision(name, where, device_type)
+    if name == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return name
+
+
+def torch_dtype(resolved: str) -> torch.dtype:
+    """torch dtype of a resolved precision ("fp32"/"bf16")."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[resolved]
