@@ -16,7 +16,7 @@ One name per setting, from `PRECISIONS`:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -59,3 +59,35 @@ def resolve_precision(name: str, device_type: str, where: str = "precision") -> 
 def torch_dtype(resolved: str) -> torch.dtype:
     """torch dtype of a resolved precision ("fp32"/"bf16")."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[resolved]
+
+
+# which precision setting each stage of `h3fusion run` uses (stage name prefix -> config key)
+_STAGE_PRECISION = (("base", "base.train.precision"), ("expert_", "expert.train.precision"),
+                    ("baseline_multitask_", "expert.train.precision"),
+                    ("fuse", "fusion.train.precision"),
+                    ("baseline_extra_steps_", "fusion.train.precision"),
+                    ("evaluate", "eval.precision"))
+
+
+def _setting(cfg: Any, key: str) -> str:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def stage_precisions(cfg: Any, stage_names: Iterable[str]) -> dict[str, str]:
+    """config key -> precision name, for the settings the stages in `stage_names` read."""
+    keys = {key for name in stage_names for prefix, key in _STAGE_PRECISION
+            if name == prefix or (prefix.endswith("_") and name.startswith(prefix))}
+    return {key: _setting(cfg, key) for key in sorted(keys)}
+
+
+def require_precisions(cfg: Any, stage_names: Iterable[str], device_type: Optional[str] = None,
+                       cpu_feature: Optional[str] = "detect") -> None:
+    """One ValueError, before any stage runs, when a stage about to run asks for a precision this
+    machine cannot run (bf16 on a CPU without bf16 instructions). `device_type` None: "cuda"
+    where torch sees a GPU, else "cpu"."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key, name in stage_precisions(cfg, stage_names).items():
+        check_precision(name, key, device_type, cpu_feature)

@@ -33,6 +33,7 @@ from ..env import free_port, requeue_requested_exit_code
 from ..eval.score_metrics import check_score_overrides
 from ..hub import resolve_config_models
 from ..layout import RunLayout
+from ..precision import require_precisions
 from ..io_utils import write_json
 from ..stages import Stage, format_stage_table, is_done, pipeline_stages, require_cuda_for
 from ..train.signals import die_with_parent
@@ -269,6 +270,8 @@ def main(args: argparse.Namespace) -> int:
     # a GPU-only setting (fusion.moe_backend=megablocks) on a machine without CUDA: one error now,
     # not after hours of CPU stages
     require_cuda_for(cfg, pending)
+    # bf16 asked for on a CPU without bf16 instructions: one error now, not a slow emulated path
+    require_precisions(cfg, pending)
     if "evaluate" in pending:   # the judge's label files (eval.refusal_labels, eval.judge_labels)
         from ..eval.judge_report import check_label_settings
         check_label_settings(cfg.eval)
