@@ -63,7 +63,8 @@ def _tiny_base(cfg: BaseConfig, layout: RunLayout, tmp: Path, log) -> dict:
     stats = pretrain(model, blocks, cfg.train, log)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    return {"kind": "tiny-pretrained", "num_params": n_params, "tokenizer": str(layout.tokenizer), **stats}
+    return {"kind": "tiny-pretrained", "num_params": n_params, "tokenizer": str(layout.tokenizer),
+            "seed": cfg.train.seed, **stats}
 
 
 def _gguf_base(spec: str, tmp: Path, log) -> dict:
@@ -89,6 +90,9 @@ def run_base_stage(cfg: BaseConfig, run_dir: str | Path, overwrite: bool = False
     t0 = time.time()
     check_output_dir(layout.base, overwrite)     # an existing base: refused before any download
     user = _user_model(cfg.path) if cfg.path else None
+    if user is None and not cfg.gguf:   # pre-training: bf16 on a CPU without it is an error now
+        from .train.pretrain import base_precision
+        base_precision(cfg.train)
     with atomic_dir(layout.base, overwrite=overwrite) as tmp:
         if user is not None:
             src, info = user

@@ -59,7 +59,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key, source)
+        for option in inner:   # e.g. `str | list[str]`: the first type the value has
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(a) for a in inner)
+        raise ConfigError(f"{source}: key '{key}' must be {names}, got {type(value).__name__} "
+                          f"{value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: key '{key}' must be a mapping, got {value!r}")

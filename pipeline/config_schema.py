@@ -213,10 +213,12 @@ class EvalConfig:
     # pair preference: its models' generations on unseen prompts are not text a refusal judge
     # can read (README "Latest tiny report").
     score_metrics: dict[str, list[str]] = field(default_factory=dict)
-    # an earlier report dir (its report.json): a model whose weights, eval items and per-model
-    # settings are identical to one evaluated there takes its results instead of being evaluated
-    # again (pipeline.eval.reuse; e.g. seeds that share stage 1); "" = evaluate every model
-    reuse_from: str = ""
+    # where a model's results may come from instead of evaluating it again, when its weights,
+    # eval items and per-model settings are identical to one evaluated there (pipeline.eval.reuse):
+    # one entry or a list, searched in order; "siblings" = the same report dir of every other run
+    # dir beside this run, if written by the same code (e.g. seeds: their shared base); a report
+    # dir (its report.json), whatever code wrote it; "" or "none" = evaluate every model
+    reuse_from: str | list[str] = "siblings"
 
 
 @dataclass

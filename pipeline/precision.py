@@ -16,6 +16,7 @@ One name per setting, from `PRECISIONS`:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Optional
 
 import torch
@@ -87,7 +88,24 @@ def require_precisions(cfg: Any, stage_names: Iterable[str], device_type: Option
                        cpu_feature: Optional[str] = "detect") -> None:
     """One ValueError, before any stage runs, when a stage about to run asks for a precision this
     machine cannot run (bf16 on a CPU without bf16 instructions). `device_type` None: "cuda"
-    where torch sees a GPU, else "cpu"."""
+    where torch sees a GPU, else "cpu". The tiny base always pretrains on the CPU."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     for key, name in stage_precisions(cfg, stage_names).items():
-        check_precision(name, key, device_type, cpu_feature)
+        check_precision(name, key, "cpu" if key == "base.train.precision" else device_type,
+                        cpu_feature)
+
+
+def cpu_autocast_dtype(resolved: str, device_type: str) -> Optional[torch.dtype]:
+    """The dtype a training stage's forward runs under `torch.autocast` in: bf16 for a resolved
+    "bf16" on the CPU (fp32 parameters, gradients and optimizer states), else None (CUDA bf16 is
+    DeepSpeed's bf16 mode, fp32 is plain fp32)."""
+    return torch.bfloat16 if resolved == "bf16" and device_type == "cpu" else None
+
+
+def autocast_forward(dtype: Optional[torch.dtype], device_type: str):
+    """The context a training engine runs its forward in: `torch.autocast(device_type, dtype)`,
+    or nothing when `dtype` is None. The backward runs outside it (autograd replays each op in
+    its forward dtype); loss terms computed after the forward (the fusion losses) stay fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)

@@ -39,7 +39,9 @@ def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
     experts = tuple(f"{t}={run.expert(t)}" for t in cfg.dimensions)
     argv = ("surgery", "build_moe", "--base", str(run.base), "--experts", *experts,
             "--out", str(run.fused_init), "--top-k", str(cfg.fusion.top_k),
-            "--router-init", cfg.fusion.router_init, "--overwrite")
+            "--router-init", cfg.fusion.router_init, "--overwrite",
+            # the router init's draws (`normal`) follow fusion's seed, so `--seed N` reseeds them
+            "--seed", str(cfg.fusion.train.seed))
     if cfg.fusion.router_init == "prompts":
         argv += ("--prompts-data", str(run.data))
     return argv

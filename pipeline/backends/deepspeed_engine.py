@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..env import accelerator_kind, dist_backend, dist_env, export_dist_env
+from ..precision import autocast_forward
 from .ds_checkpoint_check import LATEST, checkpoint_problem, resume_tag
 
 
@@ -41,6 +42,10 @@ class DsTrainSettings:
     lr: float
     weight_decay: float
     world_size: int
+    # the stage's resolved precision (pipeline.train.mixed_precision): "bf16" turns DeepSpeed's
+    # bf16 mode on a GPU (on the CPU, bf16 is autocast and DeepSpeed stays fp32); "fp32" keeps it
+    # off; "auto": bf16 on a GPU, fp32 on the CPU
+    precision: str = "auto"
 
 
 def find_ds_config(path: str | Path) -> Path:
@@ -53,8 +58,10 @@ def find_ds_config(path: str | Path) -> Path:
     return in_repo if in_repo.exists() else given
 
 
-def load_ds_config(path: str | Path, require_stage: Optional[int] = 3) -> dict:
-    """Read a DeepSpeed JSON; check it parses and asks for the ZeRO stage this stage needs."""
+def load_ds_config(path: str | Path,
+                   require_stage: Optional[int | tuple[int, ...]] = 3) -> dict:
+    """Read a DeepSpeed JSON; check it parses and asks for the ZeRO stage (or one of the
+    stages) this stage needs."""
     path = find_ds_config(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path}")
@@ -65,8 +72,10 @@ def load_ds_config(path: str | Path, require_stage: Optional[int] = 3) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: top level must be a JSON object")
     stage = cfg.get("zero_optimization", {}).get("stage")
-    if require_stage is not None and stage != require_stage:
-        raise ValueError(f"{path}: zero_optimization.stage must be {require_stage}, got {stage!r}")
+    allowed = (require_stage,) if isinstance(require_stage, int) else require_stage
+    if allowed is not None and stage not in allowed:
+        raise ValueError(f"{path}: zero_optimization.stage must be "
+                         f"{' or '.join(map(str, allowed))}, got {stage!r}")
     if stage == 3 and not cfg["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
         # Without it ZeRO-3 model saves hold empty (partitioned) tensors.
         raise ValueError(f"{path}: zero_optimization.stage3_gather_16bit_weights_on_model_save "
@@ -93,8 +102,26 @@ def _fill_optimizer(cfg: dict, s: DsTrainSettings) -> None:
             params[key] = value
 
 
+def _set_precision(cfg: dict, precision: str, on_gpu: bool, source: str) -> None:
+    """DeepSpeed's bf16/fp16 sections from the stage's precision: bf16 mode on a GPU unless the
+    precision is fp32; always off on the CPU (fp32, or bf16 by autocast around the forward)."""
+    want_bf16 = on_gpu and precision != "fp32"
+    for key in ("bf16", "fp16"):
+        section = cfg.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = want_bf16 and key == "bf16"
+    if not on_gpu:
+        cfg["bf16"]["enabled"] = cfg["fp16"]["enabled"] = False
+    elif precision != "auto" and (cfg["bf16"]["enabled"], cfg["fp16"]["enabled"]) \
+            != (want_bf16, False):
+        raise ValueError(f"{source}: bf16.enabled={cfg['bf16']['enabled']!r}, fp16.enabled="
+                         f"{cfg['fp16']['enabled']!r} disagree with the training precision "
+                         f"{precision!r}; set them to \"auto\" (the precision setting decides)")
+
+
 def resolve_ds_config(raw: dict, s: DsTrainSettings, accelerator: Optional[str] = None) -> dict:
-    """Fill "auto" values from our config, pick bf16 (GPU) or fp32 (CPU), check batch arithmetic."""
+    """Fill "auto" values from our config, pick bf16 or fp32 (`s.precision`; see
+    `_set_precision`), check batch arithmetic."""
     cfg = copy.deepcopy(raw)
     source = cfg.pop("_source", "<ds config>")
     accelerator = accelerator or accelerator_kind()
@@ -110,12 +137,8 @@ def resolve_ds_config(raw: dict, s: DsTrainSettings, accelerator: Optional[str] 
     cfg["train_batch_size"] = global_batch
     _fill_optimizer(cfg, s)
     on_gpu = accelerator == "cuda"
-    for key in ("bf16", "fp16"):
-        section = cfg.setdefault(key, {})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = on_gpu and key == "bf16"
+    _set_precision(cfg, s.precision, on_gpu, source)
     if not on_gpu:
-        cfg["bf16"]["enabled"] = cfg["fp16"]["enabled"] = False  # fp32 on CPU
         # CPU: a torch AdamW client optimizer (lr/weight decay from our config), not
         # DeepSpeed's JIT-compiled CPU Adam that an "optimizer" section would build.
         cfg.pop("optimizer", None)
@@ -173,14 +196,16 @@ def _trainable_groups(params: Iterable) -> list:
 
 def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable, lr: float = 1e-3,
                  weight_decay: float = 0.0,
-                 lr_multiplier: Optional[Callable[[int], float]] = None) -> "DsEngine":
+                 lr_multiplier: Optional[Callable[[int], float]] = None,
+                 autocast: Optional[torch.dtype] = None) -> "DsEngine":
     """A DeepSpeed engine over `params` (the trainable ones; parameters or param groups), in
     the training loop's engine interface.
 
     Without an "optimizer" section in the JSON a torch AdamW client optimizer is used. The LR
     schedule is a LambdaLR of `lr_multiplier` (multiplier of `lr` per optimizer step, e.g. a
     `functools.partial` of `train.common.warmup_cosine`); DeepSpeed steps it and checkpoints
-    its state.
+    its state. `autocast`: the forward runs under `torch.autocast` in this dtype (CPU bf16:
+    `pipeline.train.mixed_precision`); DeepSpeed itself stays in its fp32 mode then.
     """
     import deepspeed
 
@@ -193,16 +218,17 @@ def build_engine(model: torch.nn.Module, ds_config: dict, params: Iterable, lr: 
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier)  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
-    return DsEngine(engine)
+    return DsEngine(engine, autocast)
 
 
 class DsEngine:
     """`pipeline.train.loop`'s engine interface over a DeepSpeed engine (`raw`): forward,
     backward and step once per micro batch (DeepSpeed scales by and steps the optimizer at
-    the gradient-accumulation boundary), the current LR and the last global grad norm."""
+    the gradient-accumulation boundary), the current LR and the last global grad norm.
+    `autocast`: the forward's autocast dtype (None: none)."""
 
-    def __init__(self, raw):
-        self.raw = raw
+    def __init__(self, raw, autocast: Optional[torch.dtype] = None):
+        self.raw, self.autocast = raw, autocast
 
     @property
     def module(self) -> torch.nn.Module:
@@ -213,7 +239,8 @@ class DsEngine:
         return self.raw.device
 
     def __call__(self, **inputs):
-        return self.raw(**inputs)
+        with autocast_forward(self.autocast, self.device.type):
+            return self.raw(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.raw.backward(loss)

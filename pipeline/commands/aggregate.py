@@ -1,5 +1,7 @@
-"""`h3fusion aggregate`: mean ± sd across runs that differ only in their training seed
-(`h3fusion run --seed N`), from each run's eval/report.json (pipeline.eval.aggregate)."""
+"""`h3fusion aggregate`: runs that differ only in their training seed (`h3fusion run --seed N`),
+from each run's eval/report.json (pipeline.eval.aggregate): every score and fused − other
+difference with one interval over seeds × items (a run resampled as a cluster) beside its sd
+across the runs, and the per-seed tables."""
 from __future__ import annotations
 
 import argparse

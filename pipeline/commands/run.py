@@ -56,14 +56,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-stages", action="store_true",
                         help="print the stage graph (name, procs, slurm script, after) and exit")
     parser.add_argument("--seed", type=int, metavar="N",
-                        help="training seed of every stage (base, expert, fusion train.seed) and "
-                             "eval.seed; the data seeds are NOT changed, so runs with different "
-                             "--seed evaluate the same test items (compare them with "
-                             "`h3fusion aggregate`)")
+                        help="reseed every training stage (base, experts, multi-task and "
+                             "extra-steps baselines, router init, fusion, the router ensemble's "
+                             "rows: SEED_KEYS) and eval.seed; the data seeds are NOT changed, so "
+                             "runs with different --seed evaluate the same test items (compare "
+                             "them with `h3fusion aggregate`)")
 
 
-# what --seed sets: every training stage's seed and the eval's (sampling, bootstrap draws);
-# data.*.seed stay so that the splits, and so the compared test items, are identical across seeds
+# What --seed sets, and which stages read each key (every source of training randomness;
+# tests/unit/test_seeds.py fails on a config seed that is neither here nor a data seed):
+#   base.train.seed    the tiny base's init and block order (a GGUF/user base draws nothing)
+#   expert.train.seed  stage 1 (init of LoRA, row order) and the multi-task baselines, which
+#                      train with expert.train's settings
+#   fusion.train.seed  fusion (row order, LoRA init), the router init `normal` (build_moe
+#                      --seed), the fusion mix's rows (fusion, the multi-task baselines' union,
+#                      the prompt-router classifier's training rows) and the extra-steps
+#                      baselines (fusion.train's settings)
+#   eval.seed          sampled generations (greedy: nothing) and the report's bootstrap draws
+# Not seeded because they draw nothing: the merges, the probability average, the router init
+# `zeros`/`prompts` (the first rows of each dimension), the classifier's L-BFGS fit (convex,
+# from zeros: it varies only through its rows). data.*.seed stay, so that the splits, and so the
+# compared test items, are identical across seeds.
 SEED_KEYS = ("base.train.seed", "expert.train.seed", "fusion.train.seed", "eval.seed")
 
 

@@ -8,6 +8,11 @@ the fused model's paired differences (mean ± sd of the per-seed differences, an
 verdict) and, where `<run>/claims.json` exists, each claim's per-seed result. The spread across
 seeds is the training variance the per-run bootstrap intervals (item sampling) do not include.
 
+`seeds_x_items` (the headline): every model's score and every fused − other difference with one
+interval over seeds AND items (bootstrap.crossed_bootstrap: a resample draws the runs with
+replacement, as clusters, and the item groups once for all drawn runs), next to its sd across
+the runs. With few runs the seed part of that interval is coarse (3 runs: 10 distinct draws).
+
 `pooled`: every model's per-item score averaged over the runs (the items are the same), then the
 report's own paired bootstrap over items on those averages -- so "fused − other, averaged over
 seeds" gets one interval and one verdict, the per-seed verdicts stay beside it. Each run's
@@ -22,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 from pipeline.io_utils import atomic_dir
 
-from .bootstrap import across_seeds, make_design, paired_bootstrap
+from .bootstrap import across_seeds, crossed_bootstrap, make_design, paired_bootstrap
 from .report import choose_score_metrics, interval_dict, paired_comparison
 
 
@@ -97,41 +102,81 @@ def _claims(runs: Sequence[dict]) -> dict[str, dict]:
     return out
 
 
-def _seed_averaged_values(reports: list[dict]) -> tuple[dict, dict]:
-    """dimension -> model -> per-item score averaged over the runs, and dimension -> Design;
-    each run's scores chosen as its own report chose them (check_same_items made them agree)."""
+def _per_seed_values(reports: list[dict], dirs: list[str]) -> tuple[list[dict], dict]:
+    """Per run: dimension -> model -> per-item score values, each run's scores chosen as its own
+    report chose them (check_same_items made them agree); and dimension -> Design, which must be
+    the same in every run (the same items scored), else one error naming the run."""
     layout = reports[0]["items"]
     chosen = [choose_score_metrics(r["metrics"], layout, list(layout),
                                    (r.get("config") or {}).get("score_metrics")) for r in reports]
-    values, designs = {}, {}
+    per_seed: list[dict] = [{} for _ in reports]
+    designs = {}
     for dim in layout:
         if chosen[0][dim][0] is None:
             continue
-        first = chosen[0][dim][1]
-        values[dim] = {m: [None if any(v is None for v in vs) else sum(vs) / len(vs)
-                           for vs in zip(*(c[dim][1][m].values for c in chosen))] for m in first}
-        designs[dim] = make_design(layout[dim]["group"], next(iter(first.values())).strata)
-    return values, designs
+        for s, c in enumerate(chosen):
+            design = make_design(layout[dim]["group"], next(iter(c[dim][1].values())).strata)
+            if designs.setdefault(dim, design) != design:
+                raise ValueError(f"aggregate: run {dirs[s]}, task {dim!r}: other scored items than "
+                                 f"{dirs[0]} (the score metric's strata differ)")
+            per_seed[s][dim] = {m: v.values for m, v in c[dim][1].items()}
+    return per_seed, designs
 
 
-def pooled_over_seeds(reports: list[dict]) -> Optional[dict[str, Any]]:
+def _seed_averaged_values(per_seed: list[dict]) -> dict:
+    """dimension -> model -> per-item score averaged over the runs (None where unscored)."""
+    return {dim: {m: [None if any(v is None for v in vs) else sum(vs) / len(vs)
+                      for vs in zip(*(run[dim][m] for run in per_seed))] for m in models}
+            for dim, models in per_seed[0].items()}
+
+
+def pooled_over_seeds(reports: list[dict], per_seed: list[dict], designs: dict
+                      ) -> Optional[dict[str, Any]]:
     """Scores and fused − other comparisons of the seed-averaged per-item scores (module
     docstring), bootstrap settings from the first run's report; None if no dimension is scored
-    or a report holds no per-item metrics (a hand-made or pre-bootstrap report.json)."""
-    if any("metrics" not in r or "bootstrap" not in r for r in reports):
-        return None
-    values, designs = _seed_averaged_values(reports)
-    if not values:
+    (`per_seed`, `designs`: _per_seed_values)."""
+    if not designs:
         return None
     boot = reports[0]["bootstrap"]
-    pb = paired_bootstrap(values, designs, n_boot=boot["n_boot"], seed=boot["seed"],
-                          level=boot["level"])
-    rows = list(values) + ["mean"]
+    pb = paired_bootstrap(_seed_averaged_values(per_seed), designs, n_boot=boot["n_boot"],
+                          seed=boot["seed"], level=boot["level"])
+    rows = list(designs) + ["mean"]
     fused = reports[0].get("fused_model")
     return {"scores": {m: {d: interval_dict(pb.interval(m, d)) for d in rows} for m in pb.models},
             "comparisons": {o: {d: paired_comparison(pb, fused, o, d) for d in rows}
                             for o in pb.models if o != fused} if fused in pb.models else {},
             "bootstrap": boot}
+
+
+def _sd(values: list[float]) -> Optional[float]:
+    return across_seeds(values).sd
+
+
+def seeds_by_items(reports: list[dict], per_seed: list[dict], designs: dict
+                   ) -> Optional[dict[str, Any]]:
+    """Every model's score and every fused − other difference with an interval over seeds AND
+    items (bootstrap.crossed_bootstrap: runs resampled as clusters, item groups drawn once for
+    all drawn runs), each beside its sd across the runs; None as for `pooled_over_seeds`."""
+    if not designs:
+        return None
+    boot = reports[0]["bootstrap"]
+    pb = crossed_bootstrap(per_seed, designs, n_boot=boot["n_boot"], seed=boot["seed"],
+                           level=boot["level"])
+    rows, fused = list(designs) + ["mean"], reports[0].get("fused_model")
+    per_run = [r["scores"] for r in reports]   # each run's own estimates: their sd across runs
+    out = {"scores": {m: {d: {**interval_dict(pb.interval(m, d)),
+                              "sd_seeds": _sd([s[m][d] for s in per_run])} for d in rows}
+                      for m in pb.models}, "comparisons": {}}
+    if fused in pb.models:
+        out["comparisons"] = {o: {d: {**paired_comparison(pb, fused, o, d), "sd_seeds": _sd(
+            [s[fused][d] - s[o][d] for s in per_run])} for d in rows}
+            for o in pb.models if o != fused}
+    out["bootstrap"] = {"n_boot": boot["n_boot"], "level": boot["level"], "seed": boot["seed"],
+                        "n_seeds": len(reports),
+                        "resampled": "runs (seeds) with replacement as clusters, and the item "
+                                     "groups as each report's bootstrap draws them, one draw "
+                                     "applied to every drawn run; paired across models"}
+    return out
 
 
 def training_seeds(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -163,13 +208,20 @@ def aggregate_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
     ref = reports[0]
     scores = {m: {d: _summary([r["scores"][m][d] for r in reports]) for d in ref["scores"][m]}
               for m in ref["scores"]}
+    # per-item values (absent from a hand-made or pre-bootstrap report.json): the seeds x items
+    # bootstrap and the pooled one read them
+    with_items = all("metrics" in r and "bootstrap" in r for r in reports)
+    per_seed, designs = (_per_seed_values(reports, [r["dir"] for r in runs]) if with_items
+                         else ([], {}))
     return {"runs": [r["dir"] for r in runs], "n_seeds": len(runs),
             "seeds": [(r.get("config") or {}).get("seed") for r in reports],
             "split": ref["split"], "score_metrics": ref["score_metrics"],
             "fused_model": ref.get("fused_model"), "scores": scores,
             "training_seeds": [training_seeds(Path(r["dir"])) for r in runs],
             "same_in_every_run": same_in_every_run(reports) if len(reports) > 1 else [],
-            "comparisons": _comparisons(reports), "pooled": pooled_over_seeds(reports),
+            "comparisons": _comparisons(reports),
+            "seeds_x_items": seeds_by_items(reports, per_seed, designs),
+            "pooled": pooled_over_seeds(reports, per_seed, designs),
             "claims": _claims(runs)}
 
 
@@ -216,6 +268,35 @@ def _pooled_lines(agg: dict) -> list[str]:
     return lines
 
 
+def _with_sd(c: dict, key: str, signed: bool) -> str:
+    f = "+.3f" if signed else ".3f"
+    sd = "" if c["sd_seeds"] is None else f" (sd {c['sd_seeds']:.3f})"
+    return f"{c[key]:{f}} [{c['low']:{f}}, {c['high']:{f}}]{sd}"
+
+
+def _crossed_lines(agg: dict) -> list[str]:
+    """The seeds x items section: every score and fused − other with an interval that holds
+    the training seed's variance (`seeds_by_items`), each with its sd across the runs."""
+    sx = agg.get("seeds_x_items")
+    if not sx:
+        return []
+    boot, dims = sx["bootstrap"], list(next(iter(sx["scores"].values())))
+    lines = ["", f"## Seeds × items: {boot['n_seeds']} runs, {boot['n_boot']} resamples "
+             f"({100 * boot['level']:.0f} %)", "",
+             "Each resample draws the runs with replacement (a run is one cluster: all its scores "
+             "share one training) and the item groups once for all of them; cells: estimate "
+             "[interval] (sd across the runs).", "",
+             "| model | " + " | ".join(dims) + " |", "|" + "---|" * (len(dims) + 1)]
+    lines += [f"| {m} | " + " | ".join(_with_sd(per[d], "estimate", False) for d in dims) + " |"
+              for m, per in sx["scores"].items()]
+    if sx["comparisons"]:
+        lines += ["", f"`{agg['fused_model']}` − other, seeds × items:", "",
+                  "| other | " + " | ".join(dims) + " | verdict (mean) |", "|" + "---|" * (len(dims) + 2)]
+        lines += [f"| {o} | " + " | ".join(_with_sd(per[d], "diff", True) for d in dims) +
+                  f" | {per['mean']['verdict']} |" for o, per in sx["comparisons"].items()]
+    return lines
+
+
 def render_aggregate_md(agg: dict) -> str:
     dims = list(next(iter(agg["scores"].values()), {}))
     lines = ["# H3Fusion results across seeds", "",
@@ -224,6 +305,7 @@ def render_aggregate_md(agg: dict) -> str:
              *_seeds_line(agg),
              "| model | " + " | ".join(dims) + " |", "|" + "---|" * (len(dims) + 1)]
     lines += [f"| {m} | " + " | ".join(_pm(s[d]) for d in dims) + " |" for m, s in agg["scores"].items()]
+    lines += _crossed_lines(agg)
     if agg["comparisons"]:
         lines += ["", f"## `{agg['fused_model']}` − other: paired difference across seeds", "",
                   "| other | dimension | diff mean ± sd | verdict per seed |", "|---|---|---|---|"]

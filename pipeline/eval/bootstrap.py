@@ -12,6 +12,9 @@ benign AlpacaEval prompt is a helpful reference item and a harmless benign item)
 for all of them, so its dimensions' scores move together as they do in the data; each
 dimension's own interval keeps its own draws.
 
+`crossed_bootstrap` adds the training seed: runs of one config with different seeds on the same
+items, resampled as seeds x items (`h3fusion aggregate`).
+
 Every function takes per-item scores (one number per eval item, e.g. MC1 0/1, MC2 in [0, 1], a
 pair's preference 0/0.5/1), so the intervals are over the sampling of items: "how much would this
 score move on another draw of equally many items". Resampling is vectorised with torch and seeded
@@ -343,6 +346,47 @@ def paired_bootstrap(values: dict[str, dict[str, Sequence[Optional[float]]]],
     est_t = torch.cat([est_t, est_t.mean(dim=1, keepdim=True)], dim=1)
     smp_t = torch.cat([smp_t, _joint_mean_samples(cell_means, cell_samples, joint, n_boot, seed)[:, None]], dim=1)
     return PairedBootstrap(models, dims, est_t, smp_t, dict(designs), level, joint)
+
+
+# the seed draws of `crossed_bootstrap`: a stream of their own, far from every item stream
+# (those are seed + _STREAM * k for the k-th (dimension, stratum) or joint stratum)
+_SEED_STREAM = 2 ** 48
+
+
+def seed_draws(n_seeds: int, n_boot: int, seed: int = SEED) -> torch.Tensor:
+    """(n_boot, n_seeds): resample r's seeds, `n_seeds` drawn with replacement from the runs."""
+    if n_seeds < 1:
+        raise ValueError(f"bootstrap over seeds: needs at least one run, got {n_seeds}")
+    return torch.cat(list(_index_chunks(n_seeds, n_boot, seed + _SEED_STREAM)))
+
+
+def crossed_bootstrap(values_per_seed: Sequence[dict[str, dict[str, Sequence[Optional[float]]]]],
+                      designs: dict[str, Design], n_boot: int = N_BOOT, seed: int = SEED,
+                      level: float = LEVEL) -> PairedBootstrap:
+    """Seeds x items: `values_per_seed[s][dim][model]`: run s's per-item values on the SAME
+    items (one design for all runs). Resample r draws the runs with replacement (`seed_draws`:
+    a run is a cluster of scores sharing one training's noise) and the item groups as
+    `paired_bootstrap(seed=seed)` draws them, one draw applied to every drawn run; its score is
+    the mean over the drawn runs of each one's score on the drawn items. Estimate: the mean over
+    runs. All models and dimensions share the draws, so differences stay paired."""
+    if not values_per_seed:
+        raise ValueError("bootstrap over seeds: no runs given")
+    per_seed = [paired_bootstrap(v, designs, n_boot=n_boot, seed=seed, level=level)
+                for v in values_per_seed]
+    first = per_seed[0]
+    for s, pb in enumerate(per_seed[1:], 1):
+        if pb.models != first.models or pb.dims != first.dims:
+            raise ValueError(f"bootstrap over seeds: run {s} has models {pb.models} and dimensions "
+                             f"{pb.dims}, run 0 has {first.models} and {first.dims}")
+    draws = seed_draws(len(per_seed), n_boot, seed)
+    samples = torch.stack([pb.samples for pb in per_seed])       # (seeds, models, rows, n_boot)
+    r = torch.arange(n_boot)
+    total = torch.zeros_like(samples[0])
+    for j in range(draws.shape[1]):   # the j-th drawn run of every resample, summed in draw order
+        total += samples[draws[:, j], :, :, r].permute(1, 2, 0)
+    estimates = torch.stack([pb.estimates for pb in per_seed]).mean(dim=0)
+    return PairedBootstrap(first.models, first.dims, estimates, total / draws.shape[1],
+                           dict(designs), level, first.joint)
 
 
 def verdict(diff: Interval, threshold: float = 0.0) -> str:

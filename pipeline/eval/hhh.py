@@ -52,7 +52,7 @@ def check_items(items: Sequence[dict], source: str) -> None:
                              f"'chosen' and 'rejected'")
 
 
-def _scoring_requests(items: Sequence[dict]) -> list[tuple[int, str, str]]:
+def scoring_requests(items: Sequence[dict]) -> list[tuple[int, str, str]]:
     """(item index, role, text) for every answer that needs a log-likelihood."""
     reqs = []
     for i, item in enumerate(items):
@@ -169,6 +169,24 @@ def _harness_mc(model, tokenizer, items, batch_size: int, max_len: int, task: st
     return {**{k: M.mean(_present(v)) for k, v in per.items()}, "per_item": per}
 
 
+def generate_once(model, tokenizer, prompts: list[str], batch_size: int, max_len: int,
+                  gen: GenerationConfig, desc: str, add_bos: bool,
+                  memo: Optional[dict[str, list[int]]] = None) -> tuple[list[list[int]], int]:
+    """(token ids per prompt, tokens generated now). Greedy generation of a prompt is a function
+    of the prompt, so with a `memo` (one per model, across tasks) each distinct prompt is
+    generated once: the 200 benign AlpacaEval prompts of a SmolLM2 run are helpful and harmless
+    items, both generated when the external judges want every generation. Sampled: no memo."""
+    if memo is None or gen.do_sample:
+        ids = generate_token_ids(model, tokenizer, prompts, batch_size, max_len, gen, desc=desc,
+                                 add_bos=add_bos) if prompts else []
+        return ids, sum(len(t) for t in ids)
+    todo = [p for p in dict.fromkeys(prompts) if p not in memo]
+    new = generate_token_ids(model, tokenizer, todo, batch_size, max_len, gen, desc=desc,
+                             add_bos=add_bos) if todo else []
+    memo.update(zip(todo, new))
+    return [memo[p] for p in prompts], sum(len(t) for t in new)
+
+
 def needs_generation(item: dict) -> bool:
     """Only refusal checks and exact-match answers read a generation."""
     return item["kind"] in ("harmful_prompt", "benign_prompt") or bool(item["answer"].strip())
@@ -177,8 +195,9 @@ def needs_generation(item: dict) -> bool:
 def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, max_len: int,
                   gen: GenerationConfig | None, task: str,
                   generate_all: bool = False, harness_mc: bool = True,
-                  meter: Optional[CostMeter] = None,
-                  prompt_format: str = ALPACA) -> tuple[dict[str, Any], list[Optional[str]]]:
+                  meter: Optional[CostMeter] = None, prompt_format: str = ALPACA,
+                  generation_memo: Optional[dict[str, list[int]]] = None
+                  ) -> tuple[dict[str, Any], list[Optional[str]]]:
     """Metrics of one model on one task's items, and its generation per item ([] if gen is None).
 
     Generation-based metrics are None when `gen` is None (generation switched off). Only items
@@ -188,9 +207,10 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, m
     gets the wall time and the scored / generated tokens of the scoring and generation calls.
     `prompt_format` (pipeline.eval.prompts): Alpaca or the model's chat template, for scoring
     and generation alike (the lm-eval harness protocol keeps its own prompt).
+    `generation_memo`: greedy generations already made by this model (`generate_once`).
     """
     prompts, bos = render_prompts(tokenizer, items, prompt_format), adds_bos(prompt_format)
-    reqs = _scoring_requests(items)
+    reqs = scoring_requests(items)
     # the same (prompt, text) is often both a chosen answer and the reference: score it once
     unique = list(dict.fromkeys((prompts[i], text) for i, _, text in reqs))
     with timed(meter, SCORING) as clock:
@@ -206,9 +226,9 @@ def evaluate_task(model, tokenizer, items: Sequence[dict], *, batch_size: int, m
         wanted = [i for i, it in enumerate(items) if generate_all or needs_generation(it)]
         outputs = [None] * len(items)
         with timed(meter, GENERATION) as clock:
-            ids = generate_token_ids(model, tokenizer, [prompts[i] for i in wanted], batch_size,
-                                     max_len, gen, desc=f"{task} generate", add_bos=bos) if wanted else []
-            clock.tokens = sum(len(t) for t in ids)   # new tokens kept (up to eos)
+            ids, clock.tokens = generate_once(model, tokenizer, [prompts[i] for i in wanted],
+                                              batch_size, max_len, gen, f"{task} generate", bos,
+                                              generation_memo)   # tokens: new ones, up to eos
         generated = decode_responses(tokenizer, ids)
         for i, out in zip(wanted, generated):
             outputs[i] = out

@@ -1,12 +1,16 @@
 """Loading the models to evaluate (any HF causal LM) and finding them in a run directory."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from pipeline.layout import RunLayout
+from pipeline.precision import resolve_precision
 from pipeline.registry import MULTITASK_VARIANTS
 
 
@@ -35,28 +39,96 @@ def load_tokenizer(model_dir: Path, fallback_dir: Optional[Path] = None):
                             (f" or {fallback_dir}" if fallback_dir else ""))
 
 
+@dataclass(frozen=True)
+class EvalPrecision:
+    """What `eval.precision` means for one loaded model (pipeline.precision):
+
+    - "fp32": fp32 weights and compute.
+    - "bf16" on the CPU (needs avx512_bf16 / AMX; `check_precision` raises otherwise): fp32
+      weights, every forward under `torch.autocast("cpu", bfloat16)` (`compute_context`): the
+      matmuls run in bf16, norms, softmax and the residual stream stay fp32 (autocast's policy);
+      log-likelihoods take the LM head and the log-softmax in fp32 (scoring._token_log_likelihoods).
+      Chosen over bf16 weights on the SmolLM2 base: those score 10-25 % and decode 8-50 %
+      faster but double the log-likelihood error (docs/performance.md, section 6).
+    - "bf16" on CUDA (and CUDA "auto"): bf16 weights, as the pipeline always did (7B fits one GPU).
+    """
+    requested: str          # eval.precision: auto | fp32 | bf16
+    resolved: str           # fp32 | bf16
+    device_type: str        # cpu | cuda
+
+    @classmethod
+    def resolve(cls, requested: str, device_type: str) -> "EvalPrecision":
+        return cls(requested, resolve_precision(requested, device_type, "eval.precision"), device_type)
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.resolved == "bf16" and self.device_type != "cpu" else torch.float32
+
+    @property
+    def autocast(self) -> Optional[torch.dtype]:
+        return torch.bfloat16 if self.resolved == "bf16" and self.device_type == "cpu" else None
+
+    @property
+    def mode(self) -> str:
+        if self.resolved == "fp32":
+            return "fp32"
+        if self.autocast is not None:
+            return "torch.autocast bf16 compute, fp32 weights; LM head and log-softmax of scores in fp32"
+        return "bf16 weights; log-softmax of scores in fp32"
+
+    def record(self) -> dict:
+        """What the report says about a model's precision."""
+        return {"requested": self.requested, "resolved": self.resolved,
+                "device": self.device_type, "mode": self.mode}
+
+
+def resolve_eval_precision(cfg):
+    """(cfg with `precision` resolved on this machine's device: "fp32"/"bf16", its EvalPrecision).
+
+    Called before any model loads (bf16 on a CPU without it fails there). The resolved name is
+    what result keys, resume fingerprints and report.json's config carry, so a bf16 result is
+    never reused for an fp32 request ("auto" on CUDA is bf16, on the CPU fp32) and `auto` on a
+    CPU matches `fp32`."""
+    prec = EvalPrecision.resolve(cfg.precision, pick_device().type)
+    return dataclasses.replace(cfg, precision=prec.resolved), prec
+
+
+def compute_context(model):
+    """The context every forward of an evaluated model runs in: `torch.autocast` for CPU bf16
+    (EvalPrecision.autocast, set by load_causal_lm), else nothing. Entered once per scoring or
+    generation call, so autocast casts each weight once per call, not per forward."""
+    precision = getattr(model, "eval_precision", None)
+    if precision is None or precision.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(precision.device_type, dtype=precision.autocast)
+
+
 def load_causal_lm(model_dir: str | Path, tokenizer_dir: Optional[Path] = None,
-                   device: Optional[torch.device] = None):
+                   device: Optional[torch.device] = None, precision: str = "auto"):
     """(model in eval mode on `device`, tokenizer) from a Hugging Face model directory.
 
-    bf16 on CUDA (the 7B models fit one GPU), fp32 on CPU (bf16 matmuls are slow there).
+    `precision` (eval.precision; EvalPrecision): "auto" = bf16 on CUDA (the 7B models fit one
+    GPU), fp32 on CPU; bf16 on a CPU without bf16 instructions is a ValueError raised before
+    anything loads. The model carries its EvalPrecision as `model.eval_precision`.
     A fused H3Fusion model always runs its MoE on the torch backend here.
     """
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
+    device = device or pick_device()
+    prec = EvalPrecision.resolve(precision, device.type)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {model_dir}")
     from transformers import AutoConfig   # `import pipeline` registered model_type "h3fusion"
 
-    device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "model_type", "") == "h3fusion":
         # same parameters, pure-PyTorch dropless MoE: loads anywhere (a fused model trained with
         # MegaBlocks is evaluated on a CPU-only machine too) and routes identically
         config.moe_backend = "torch"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config,
+                                                 dtype=prec.weights_dtype).to(device).eval()
+    model.eval_precision = prec
     return model, load_tokenizer(model_dir, tokenizer_dir)
 
 

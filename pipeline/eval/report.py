@@ -196,10 +196,12 @@ def render_markdown(report: dict) -> str:
                   f"other model the Alpaca template.", ""]
     reused = report.get("reused_from") or {}
     if reused:   # eval.reuse_from: say which results this evaluation did not compute itself
-        where = sorted({r["report_dir"] for r in reused.values()})
-        names = ", ".join(n if r["model"] == n else f"{n} (as {r['model']})" for n, r in reused.items())
-        lines += [f"Results of {names} taken from {', '.join(where)} (same weights, items and "
-                  f"per-model settings; eval.reuse_from).", ""]
+        by_dir: dict[str, list[str]] = {}
+        for n, r in reused.items():
+            by_dir.setdefault(r["report_dir"], []).append(n if r["model"] == n else f"{n} (as {r['model']})")
+        where = "; of ".join(f"{', '.join(names)} taken from {d}" for d, names in by_dir.items())
+        lines += [f"Results of {where} (same weights, items and per-model settings; "
+                  f"eval.reuse_from).", ""]
     for task in report["score_metrics"]:
         cols = [c for c in METRIC_COLUMNS if any(r.get(task, {}).get(c) is not None for r in results.values())]
         lines += [f"## {task} (raw metrics; log-likelihoods in nats per token)", ""]

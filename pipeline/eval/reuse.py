@@ -1,6 +1,13 @@
 """`eval.reuse_from`: a model's results taken from an earlier evaluation when nothing that decides
 them changed.
 
+Where from (`EarlierResults`): `eval.reuse_from` is one entry or a list, searched in order:
+"siblings" (the default) = the report at the same place in every other run dir beside this one
+(`sibling_report_dirs`: `<run>/../*/eval` for `<run>/eval`), used only when that report was
+written by the same code (`code_fingerprint`: the pipeline's sources, torch and transformers,
+because a scoring fix changes results without changing any model's key); a path = that report
+dir, whatever code wrote it (the user vouches for it); "" or "none" = evaluate every model.
+
 Runs that share models evaluate them again: seeds that vary only fusion share the base, the
 experts, the merges and the probability-average ensemble, which are 8 of a SmolLM2 run's 11
 models and about 45 of its 67 evaluation minutes. A model's per-item metrics and generations are
@@ -18,10 +25,11 @@ and a prompt format other than Alpaca (with_prompt_format: `base_chat` is the ba
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from .files import load_eval_items, save_generations
 from .models import has_tokenizer
@@ -30,6 +38,7 @@ PROVENANCE_SUFFIXES = ("manifest.json", "resolved_config.yaml")
 # settings read only after every model ran, or only by the judges (which need the generations)
 REPORT_LEVEL_SETTINGS = ("n_boot", "refusal_labels", "judge_labels", "score_metrics", "reuse_from",
                          "generate_all")
+SIBLINGS, OFF = "siblings", ("", "none")   # eval.reuse_from's keywords (module docstring)
 
 
 def _file_sha256(path: Path) -> str:
@@ -130,21 +139,35 @@ def _recorded_keys(report: dict[str, Any], where: Path) -> dict[str, Optional[st
 class PreviousResults:
     """The models of an earlier report dir, by name, with the result key each was evaluated
     under. A missing or unreadable report is an error naming `eval.reuse_from`, raised before
-    any model loads."""
+    any model loads. `keys`: given (a sibling's, from its manifest) or read from the report;
+    the report itself (metrics, cost) is read when first needed."""
 
-    def __init__(self, report_dir: str | Path):
+    def __init__(self, report_dir: str | Path, keys: Optional[dict[str, Optional[str]]] = None):
         self.dir = Path(report_dir)
-        path = self.dir / "report.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"eval.reuse_from: {path} does not exist (give the report dir "
-                                    f"of an earlier `h3fusion evaluate`, e.g. <run>/eval)")
-        try:
-            report = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"eval.reuse_from: {path} is not valid JSON ({err})") from None
-        self.metrics: dict[str, dict] = report["metrics"]
-        self.cost: dict[str, dict] = report.get("cost") or {}   # absent in older reports
-        self.keys = _recorded_keys(report, self.dir)
+        self._report: Optional[dict] = None
+        if not (self.dir / "report.json").is_file():
+            raise FileNotFoundError(f"eval.reuse_from: {self.dir / 'report.json'} does not exist "
+                                    f"(give the report dir of an earlier `h3fusion evaluate`, e.g. "
+                                    f"<run>/eval)")
+        self.keys = _recorded_keys(self.report, self.dir) if keys is None else keys
+
+    @property
+    def report(self) -> dict[str, Any]:
+        if self._report is None:
+            path = self.dir / "report.json"
+            try:
+                self._report = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"eval.reuse_from: {path} is not valid JSON ({err})") from None
+        return self._report
+
+    @property
+    def metrics(self) -> dict[str, dict]:
+        return self.report["metrics"]
+
+    @property
+    def cost(self) -> dict[str, dict]:
+        return self.report.get("cost") or {}   # absent in older reports
 
     def find(self, key: Optional[str]) -> Optional[str]:
         """The name of an earlier model evaluated under `key` (the key is over contents, so the
@@ -161,3 +184,84 @@ class PreviousResults:
             return
         records = [{**r, "generator": name} for r in json.loads(src.read_text())]
         save_generations(Path(dest_dir), name, records)
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """SHA-256 of every Python source of the `pipeline` package (relative path and contents)
+    and the torch and transformers versions: what else, besides a model's key, decides its
+    results. Any edit counts (a comment too): a sibling is then evaluated again, never trusted."""
+    import torch
+    import transformers
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}"
+                            .encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(f"\0{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def sibling_report_dirs(out_dir: Path) -> list[Path]:
+    """For a report dir `<run>/<name>` in a run dir (one with resolved_config.yaml, as `h3fusion
+    run` writes): `<other>/<name>` of every other run dir `<other>` beside `<run>` that holds a
+    finished report there, in name order. Nothing for a report dir outside a run dir."""
+    out_dir = Path(out_dir).resolve()
+    run = out_dir.parent
+    if not (run / "resolved_config.yaml").is_file():
+        return []
+    return [other / out_dir.name for other in sorted(run.parent.iterdir())
+            if other != run and (other / "resolved_config.yaml").is_file()
+            and (other / out_dir.name / "report.json").is_file()]
+
+
+def _sibling_keys(report_dir: Path, code: str) -> dict[str, Optional[str]]:
+    """A sibling's result keys from its manifest.json, when the same code wrote it; else {}."""
+    try:
+        manifest = json.loads((report_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if manifest.get("code_fingerprint") != code:
+        return {}
+    return manifest.get("result_keys") or {}
+
+
+def reuse_entries(setting: str | Sequence[str]) -> list[str]:
+    """eval.reuse_from as a list of entries, the off keywords dropped."""
+    entries = [setting] if isinstance(setting, str) else list(setting)
+    return [str(e) for e in entries if str(e).strip().lower() not in OFF]
+
+
+class EarlierResults:
+    """Every report `eval.reuse_from` names (module docstring), searched in order for a model's
+    key. An explicit report dir is read now (a missing one is an error before any model loads);
+    a sibling is read only when its manifest's code fingerprint and one of its keys match."""
+
+    def __init__(self, setting: str | Sequence[str], out_dir: Path):
+        self.sources: list[PreviousResults] = []
+        for entry in reuse_entries(setting):
+            if entry != SIBLINGS:
+                self.sources.append(PreviousResults(entry))
+                continue
+            found = sibling_report_dirs(out_dir)
+            code = code_fingerprint() if found else ""
+            same = [p for p in (PreviousResults(d, _sibling_keys(d, code)) for d in found) if p.keys]
+            self.sources += same
+            if found:
+                print(f"eval.reuse_from: {len(found)} sibling report(s) beside "
+                      f"{Path(out_dir).resolve().parent}, {len(same)} written by this code",
+                      flush=True)
+
+    def find(self, key: Optional[str]) -> Optional[tuple[PreviousResults, str]]:
+        """(the report, the model's name there) of the first source holding `key`, else None."""
+        for source in self.sources:
+            try:
+                earlier = source.find(key)
+            except ValueError as err:   # only a sibling reads its report.json this late
+                print(f"{err}: not used", flush=True)
+                source.keys = {}
+                continue
+            if earlier is not None:
+                return source, earlier
+        return None

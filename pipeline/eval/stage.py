@@ -25,12 +25,13 @@ from .generation import GenerationConfig
 from .files import load_eval_items, save_generations
 from .hhh import evaluate_task, format_prompt
 from .judge_report import generation_judge_report, refusal_judge_report
-from .models import check_prompt_formats, load_causal_lm
+from .models import check_prompt_formats, load_causal_lm, resolve_eval_precision
 from .prompts import ALPACA
 from .report import item_layout, plot_scores, render_markdown, score_report
 from .resume import ResultCache, fingerprint
 from .routing import check_oracle_tables, check_routed_formats, routing_confusion
-from .reuse import PreviousResults, per_model_settings, result_key, with_prompt_format
+from .reuse import (EarlierResults, code_fingerprint, per_model_settings, result_key,
+                    with_prompt_format)
 from .score_metrics import check_score_overrides
 
 FUSED = "fused"
@@ -86,11 +87,11 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
     """task -> metrics, and task -> generations (None: not generated), for one model; `meter`
     gets its parameter/FLOP counts and the timed tokens of its scoring and generation calls;
     `prompt_format`: pipeline.eval.prompts."""
-    model, tokenizer = load_causal_lm(path, tokenizer_dir)
+    model, tokenizer = load_causal_lm(path, tokenizer_dir, precision=cfg.precision)
     if meter is not None:
         meter.describe(model, scored_max_len(model, cfg))
     gen = _generation_config(cfg)
-    metrics, outputs = {}, {}
+    metrics, outputs, memo = {}, {}, {}   # memo: each distinct prompt generated once (greedy)
     try:
         for task in items:
             torch.manual_seed(cfg.seed)  # sampled generations repeat across reruns
@@ -98,7 +99,7 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
                 model, tokenizer, items[task], batch_size=cfg.batch_size,
                 max_len=scored_max_len(model, cfg), gen=gen, task=f"{name}/{task}",
                 generate_all=generate_all, harness_mc=cfg.harness_mc, meter=meter,
-                prompt_format=prompt_format)
+                prompt_format=prompt_format, generation_memo=memo)
             if gen is not None:
                 outputs[task] = task_outputs
     finally:
@@ -150,6 +151,7 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     (pipeline.eval.prompts), Alpaca for a model not named."""
     if not models:
         raise ValueError("evaluate: no models given")
+    cfg, precision = resolve_eval_precision(cfg)   # eval.precision: "fp32"/"bf16" from here on
     if (moderation_model is not None or alpaca_eval) and not cfg.generate:
         raise ValueError("--moderation-model and --alpaca-eval judge generations: "
                          "they need eval.generate=true")
@@ -168,22 +170,23 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     t0 = time.time()
     generate_all = alpaca_eval or moderation_model is not None
     # the judges read every model's generations: with them on, every model is evaluated here
-    previous = PreviousResults(cfg.reuse_from) if cfg.reuse_from and not generate_all else None
+    previous = None if generate_all else EarlierResults(cfg.reuse_from, out_dir)
     cache = ResultCache(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         metrics, alpaca, keys, reused, costs = {}, {}, {}, {}, {}
         for name, path in models.items():
             keys[name] = result_key(Path(path), tokenizer_dir, items,
                                     with_prompt_format(vars(cfg), formats[name]))
-            earlier = previous.find(keys[name]) if previous is not None else None
-            if earlier is not None:
-                print(f"evaluating {name}: results of {earlier!r} taken from {previous.dir} "
+            found = previous.find(keys[name]) if previous is not None else None
+            if found is not None:
+                source, earlier = found
+                print(f"evaluating {name}: results of {earlier!r} taken from {source.dir} "
                       f"(same weights, items and per-model settings)", flush=True)
-                metrics[name] = previous.metrics[earlier]
-                reused[name] = {"report_dir": str(previous.dir), "model": earlier}
-                costs[name] = reused_cost(previous.cost.get(earlier),
-                                          f"earlier evaluation {previous.dir} (as {earlier})")
-                previous.copy_generations(earlier, name, tmp)
+                metrics[name] = source.metrics[earlier]
+                reused[name] = {"report_dir": str(source.dir), "model": earlier}
+                costs[name] = reused_cost(source.cost.get(earlier),
+                                          f"earlier evaluation {source.dir} (as {earlier})")
+                source.copy_generations(earlier, name, tmp)
                 continue
             metrics[name], outputs, costs[name] = _evaluate_or_reuse(
                 name, Path(path), items, cfg, tokenizer_dir, generate_all, cache, formats[name])
@@ -194,15 +197,21 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
         report["generation_judge"] = generation_judge
         report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
                       tokenizer_dir=str(tokenizer_dir) if tokenizer_dir else None,
-                      result_keys=keys, reused_from=reused, cost=costs, prompt_formats=formats,
+                      result_keys=keys, code_fingerprint=code_fingerprint(),
+                      reused_from=reused, cost=costs, prompt_formats=formats,
+                      precision={name: precision.record() for name in models},
                       routing_confusion=router_routing,
                       wall_time_s=round(time.time() - t0, 2))
         # not io_utils.write_json: it sorts keys, and the models' order is the report's order
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
         plot_scores(report["scores"], tmp / "scores.png", report["score_intervals"], FUSED)
+        # result keys and code fingerprint: what a sibling run's evaluation reads to reuse
+        # results from here without loading report.json (pipeline.eval.reuse.EarlierResults)
         write_json(tmp / "manifest.json", {"stage": "evaluate", "models": report["models"],
-                                           "files": ["report.json", "report.md", "scores.png"]})
+                                           "files": ["report.json", "report.md", "scores.png"],
+                                           "result_keys": keys,
+                                           "code_fingerprint": report["code_fingerprint"]})
     cache.clear()
     return report
 

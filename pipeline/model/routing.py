@@ -10,6 +10,7 @@ token-expert pairs sorted by expert.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -33,12 +34,34 @@ class RouterOutput:
     tokens_per_expert_E: torch.Tensor  # how many of the T*K pairs each expert received, int64
 
 
+def _autocast_dtype(x: torch.Tensor):
+    """The dtype torch.autocast computes matmuls in on `x`'s device, or None when it is off."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_off(x: torch.Tensor):
+    """Autocast switched off on `x`'s device for a block (nothing to do when it is off)."""
+    if _autocast_dtype(x) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _router_logits(x_TH: torch.Tensor, router_weight_EH: torch.Tensor) -> torch.Tensor:
+    """x @ W.T; under autocast (CPU bf16 training) in fp32 (an H x E matmul, negligible), so the
+    routing decision and the router's z-loss do not see bf16 rounding."""
+    if _autocast_dtype(x_TH) is None:
+        return F.linear(x_TH, router_weight_EH)
+    with _autocast_off(x_TH):
+        return F.linear(x_TH.float(), router_weight_EH.float())
+
+
 def route(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, top_k: int) -> RouterOutput:
     """Linear router (no bias) -> softmax over E -> top-k -> renormalise the k weights."""
     num_experts = router_weight_EH.shape[0]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    logits_TE = F.linear(x_TH, router_weight_EH)
+    logits_TE = _router_logits(x_TH, router_weight_EH)
     # softmax in fp32: bf16 probabilities are too coarse for the gating loss and for ties
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     topk_prob_TK, topk_idx_TK = torch.topk(probs_TE, top_k, dim=-1)
@@ -70,11 +93,13 @@ def permute(x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> tuple[torch.Tensor
 
 def unpermute(y_PH: torch.Tensor, perm: Permutation, topk_weight_TK: torch.Tensor,
               num_tokens: int) -> torch.Tensor:
-    """Weight each pair's expert output by its routing weight and sum the k pairs of each token."""
+    """Weight each pair's expert output by its routing weight and sum the k pairs of each token
+    (in `y_PH`'s dtype, also under autocast: the hand-written backward needs one dtype)."""
     if topk_weight_TK.shape[0] != num_tokens:
         raise ValueError(f"unpermute: {topk_weight_TK.shape[0]} weight rows for {num_tokens} tokens")
-    return WeightedPairSum.apply(y_PH, topk_weight_TK.to(y_PH.dtype), perm.token_idx_P,
-                                 perm.order_P, perm.inv_P)
+    with _autocast_off(y_PH):
+        return WeightedPairSum.apply(y_PH, topk_weight_TK.to(y_PH.dtype), perm.token_idx_P,
+                                     perm.order_P, perm.inv_P)
 
 
 def grouped_mm_unavailable(device: torch.device | str, dtype: torch.dtype,
@@ -129,6 +154,15 @@ def expert_glu(x_PH: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor, v1:
     `w1/v1/w2` are `[E*F, H]` for the E experts in `counts_E` (a slice of the full stack under
     expert parallelism).
     """
+    dtype = _autocast_dtype(x_PH)
+    if dtype is not None:
+        # under autocast (CPU bf16 training): the GEMMs in its dtype with autocast off, so the
+        # hand-written backward sees one dtype; the output in x's dtype (expert parallelism
+        # receives it into a buffer of x's dtype), gradients back in the weights' dtype
+        with _autocast_off(x_PH):
+            y_PH = expert_glu(x_PH.to(dtype), counts_E, w1.to(dtype), v1.to(dtype), w2.to(dtype),
+                              impl)
+        return y_PH.to(x_PH.dtype)
     num_experts = counts_E.shape[0]
     if w1.shape[0] % num_experts:
         raise ValueError(f"expert weights have {w1.shape[0]} rows, not a multiple of E={num_experts}")

@@ -135,7 +135,7 @@ def write_moe_weights(out: Path, inputs: BuildInputs, routers: list[torch.Tensor
 
 
 def _manifest(inputs: BuildInputs, expert_dirs: dict[str, Path], cfg, router_init: str,
-              prompts_source: str | None) -> dict:
+              prompts_source: str | None, seed: int) -> dict:
     return {
         "tool": "build_moe",
         "base": {"path": str(inputs.base_dir.resolve()), "sha256": sha256_dir(inputs.base_dir)},
@@ -146,6 +146,7 @@ def _manifest(inputs: BuildInputs, expert_dirs: dict[str, Path], cfg, router_ini
         "top_k": cfg.num_experts_per_tok,
         "router_init": router_init,
         "router_prompts": prompts_source,
+        "router_init_seed": seed,   # read by the `normal` init only (zeros/prompts draw nothing)
         "shared_weight_max_deviation": inputs.shared_deviation,
         "config": cfg.to_dict(),
     }
@@ -195,6 +196,6 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
         cfg.save_pretrained(tmp)
         copy_tokenizer_files(inputs.tokenizer_dir, tmp)
         write_generation_config(inputs.base_dir, tmp)
-        write_json(tmp / MANIFEST, _manifest(inputs, experts, cfg, router_init, prompts_source))
+        write_json(tmp / MANIFEST, _manifest(inputs, experts, cfg, router_init, prompts_source, seed))
     log.info("build_moe: wrote %s (%d experts, top_k=%d)", out, len(experts), top_k)
     return out

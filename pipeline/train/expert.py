@@ -33,6 +33,7 @@ from .common import BatchSchedule, Throughput, seed_everything, sum_over_ranks, 
 from .grad_checkpointing import prepare_for_training
 from .inputs import check_model_weights, check_rows, check_writable, count_saved_rows
 from .loop import LoopSettings, TrainLoop, comparable_config
+from .mixed_precision import TrainPrecision
 
 FFN_MARKER = ".mlp."          # Llama MLP parameters: model.layers.{l}.mlp.{gate,up,down}_proj.weight
 LORA_META = "lora.json"       # r/alpha/... beside the DS checkpoints (read by zero_to_hf)
@@ -60,6 +61,9 @@ class ExpertJob:
     mix_seed: int = 0                          # load_mixed_sft's seed (the mix's row subset)
     kind: str = "expert"                       # manifest "stage" and log/progress name
     manifest_extra: dict = field(default_factory=dict)
+    # the setting cfg.expert.train.precision came from (the extra-steps baseline: fusion's)
+    precision_key: str = "expert.train.precision"
+    precision: Optional[TrainPrecision] = None  # resolved by `checked_job`
 
     @property
     def train_source(self) -> str:
@@ -102,11 +106,15 @@ def checked_job(cfg: PipelineConfig, layout: RunLayout, dimension: str,
     from ..backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
     from ..backends.ds_checkpoint_check import resume_tag
 
+    from ..env import accelerator_kind
+
     env, t = dist_env(), cfg.expert.train
     out, ds_dir, tb_dir = outputs
-    check_output_dir(out, overwrite)
     job = ExpertJob(cfg, dimension, layout.base, layout.data, out, ds_dir, tb_dir, {}, resume,
                     env.world_size, env.rank, **extra)
+    # bf16 on a CPU without bf16 instructions: one error before anything else
+    job.precision = TrainPrecision.resolve(job.precision_key, t.precision, accelerator_kind())
+    check_output_dir(out, overwrite)
     check_rows(count_rows(), t.micro_batch_size * t.grad_accum_steps * env.world_size,
                job.train_source)
     out_name = "expert output" if job.kind == "expert" else f"{job.kind} output"
@@ -115,10 +123,12 @@ def checked_job(cfg: PipelineConfig, layout: RunLayout, dimension: str,
     # a damaged newest checkpoint falls back (logged once); another world size is an error
     if resume_tag(ds_dir, env.world_size, announce=env.rank == 0) is None and resume:
         raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {ds_dir} (no 'latest' file)")
-    job.ds_config = resolve_ds_config(load_ds_config(cfg.expert.ds_config, require_stage=3),
+    # ZeRO-3 (ds_configs/zero3_expert.json, the default) or ZeRO-2 (zero2_expert.json: each rank
+    # holds the whole model; faster at small scale, docs/performance.md section 7)
+    job.ds_config = resolve_ds_config(load_ds_config(cfg.expert.ds_config, require_stage=(2, 3)),
                                       DsTrainSettings(t.micro_batch_size, t.grad_accum_steps,
                                                       t.grad_clip, t.lr, t.weight_decay,
-                                                      env.world_size))
+                                                      env.world_size, job.precision.resolved))
     return job
 
 
@@ -217,7 +227,7 @@ class ExpertTask:
 
 
 class ExpertTrainer:
-    """The ZeRO-3 engine, stage 1's task and the shared training loop around them."""
+    """The ZeRO-3 (or ZeRO-2) engine, stage 1's task and the shared training loop around them."""
 
     def __init__(self, job: ExpertJob, stop=None):
         from transformers import AutoTokenizer
@@ -240,10 +250,12 @@ class ExpertTrainer:
         self.engine = dse.build_engine(
             model, job.ds_config, [p for p in model.parameters() if p.requires_grad], lr=t.lr,
             weight_decay=t.weight_decay,
-            lr_multiplier=partial(warmup_cosine, total=total, warmup=t.warmup_steps))
+            lr_multiplier=partial(warmup_cosine, total=total, warmup=t.warmup_steps),
+            autocast=job.precision.autocast)
         settings = LoopSettings(
             total_steps=total, grad_accum_steps=t.grad_accum_steps, save_every=t.save_every,
-            config_key="expert_config", config=comparable_config(to_dict(job.cfg.expert)),
+            config_key="expert_config",
+            config=comparable_config(to_dict(job.cfg.expert), job.precision.resolved),
             tb_dir=job.tb_dir, desc=f"{job.kind} {job.dimension}", rank0=job.rank == 0)
         self.loop = TrainLoop(self.engine, self.task, settings,
                               dse.DsCheckpoints(self.engine, job.ds_dir), stop)
@@ -283,6 +295,7 @@ class ExpertTrainer:
                 "global_batch": t.micro_batch_size * t.grad_accum_steps * self.job.world_size,
                 "resumed_from": loop.resumed_from, "ds_checkpoints": str(self.job.ds_dir),
                 "zero3_partitions": partitions, "ds_config": self.job.ds_config,
+                "precision": self.job.precision.record(),
                 "expert_config": to_dict(self.job.cfg.expert), **self.job.manifest_extra}
 
 

@@ -120,8 +120,8 @@ def save_consolidated(loop: "FusionLoop", out: Path, cfg: PipelineConfig, summar
             if (loop.paths.init / name).is_file():
                 shutil.copy2(loop.paths.init / name, tmp / name)
         (tmp / "resolved_config.yaml").write_text(dump_yaml(cfg))
-        write_json(tmp / MANIFEST, {**summary, "init": str(loop.paths.init),
-                                    "files": sha256_dir(tmp)})
+        write_json(tmp / MANIFEST, {**summary, "seed": cfg.fusion.train.seed,
+                                    "init": str(loop.paths.init), "files": sha256_dir(tmp)})
 
 
 def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool, env) -> None:
@@ -158,6 +158,11 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     require_cuda_for(cfg, ["fuse"])   # megablocks on a machine without CUDA: before any work
     from ..backends import require_moe_backend   # megablocks: its compiled ops import
     require_moe_backend(cfg.fusion.moe_backend, "fusion.moe_backend")
+    from ..env import accelerator_kind
+    from .mixed_precision import TrainPrecision
+    # bf16 on a CPU without bf16 instructions: one error before any model or data loads
+    precision = TrainPrecision.resolve("fusion.train.precision", cfg.fusion.train.precision,
+                                       accelerator_kind())
     env = dist_env()
     model_cfg = read_fused_config(paths.init)
     from ..backends.deepspeed_engine import load_ds_config
@@ -173,7 +178,7 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
                          f"mixed by fusion.mix_weights): 0 rows")
     check_label_width(len(rows[0]["task_label"]), model_cfg, "training data")
     batches = MicroBatches(rows, cfg.fusion.train, env.rank, env.world_size, paths.init)
-    loop = FusionLoop(cfg, paths, raw_ds, batches)
+    loop = FusionLoop(cfg, paths, raw_ds, batches, precision)
     loop.on_periodic_save = lambda lp: save_consolidated(lp, paths.ds_dir / HF_SNAPSHOT, cfg,
                                                          lp.summary())
     loop.setup(resume_if_present=True)

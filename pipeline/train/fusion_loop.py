@@ -143,9 +143,14 @@ class FusionTask:
 class FusionLoop:
     """Stage 2 set-up (MoE model, ZeRO engine) around the shared `TrainLoop`."""
 
-    def __init__(self, cfg: PipelineConfig, paths, raw_ds: dict, batches):
+    def __init__(self, cfg: PipelineConfig, paths, raw_ds: dict, batches, precision=None):
+        """`precision`: the resolved `fusion.train.precision` (`mixed_precision.TrainPrecision`;
+        None: resolved here, on this machine's accelerator)."""
+        from ..env import accelerator_kind
+        from .mixed_precision import TrainPrecision
         self.cfg, self.fcfg, self.paths, self.batches = cfg, cfg.fusion, paths, batches
-        self.raw_ds = raw_ds
+        self.raw_ds, self.precision = raw_ds, precision or TrainPrecision.resolve(
+            "fusion.train.precision", cfg.fusion.train.precision, accelerator_kind())
         self.stop = install_stop_handlers()
         self.on_periodic_save: Optional[Callable[["FusionLoop"], None]] = None
         self.loop: Optional[TrainLoop] = None
@@ -173,7 +178,8 @@ class FusionLoop:
 
         env, t = dist_env(), self.fcfg.train
         self.ds = dse.resolve_ds_config(self.raw_ds, dse.DsTrainSettings(
-            t.micro_batch_size, t.grad_accum_steps, t.grad_clip, t.lr, t.weight_decay, env.world_size))
+            t.micro_batch_size, t.grad_accum_steps, t.grad_clip, t.lr, t.weight_decay, env.world_size,
+            self.precision.resolved))
         dse.init_distributed()
         seed_everything(t.seed)   # same LoRA init on every rank
         model = self._build_model(dse)
@@ -182,11 +188,13 @@ class FusionLoop:
         engine = dse.build_engine(
             model, self.ds, trainable_param_groups(model, self.fcfg.router_lr), lr=t.lr,
             weight_decay=t.weight_decay,
-            lr_multiplier=partial(warmup_cosine, total=total, warmup=t.warmup_steps))
+            lr_multiplier=partial(warmup_cosine, total=total, warmup=t.warmup_steps),
+            autocast=self.precision.autocast)
         task.initial_experts = self._place_snapshot(task.initial_experts, engine)
         settings = LoopSettings(
             total_steps=total, grad_accum_steps=t.grad_accum_steps, save_every=t.save_every,
-            config_key="fusion_config", config=comparable_config(to_dict(self.fcfg)),
+            config_key="fusion_config",
+            config=comparable_config(to_dict(self.fcfg), self.precision.resolved),
             tb_dir=self.paths.tensorboard, desc="fuse", rank0=dist.get_rank() == 0)
         self.loop = TrainLoop(engine, task, settings, dse.DsCheckpoints(engine, self.paths.ds_dir),
                               self.stop, on_save=self._periodic_save)
@@ -283,7 +291,8 @@ class FusionLoop:
     def summary(self) -> dict:
         last = self.history[-1] if self.history else {}
         return {"steps": self.step, "final": last, "trainable": self.fcfg.trainable,
-                "ep_degree": self.fcfg.ep_degree, "zero_stage": self.ds["zero_optimization"]["stage"]}
+                "ep_degree": self.fcfg.ep_degree, "zero_stage": self.ds["zero_optimization"]["stage"],
+                "precision": self.precision.record()}
 
     def close(self) -> None:
         self.stop.uninstall()

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
+from ..precision import autocast_forward
 from .common import RankZeroLog, max_over_ranks, restore_rng_state, rng_state
 
 # may change between a run and its resume (checkpointing changes memory and time, not results)
@@ -46,10 +47,39 @@ def first_non_finite_parameter(module: torch.nn.Module) -> Optional[int]:
     return None
 
 
-def comparable_config(section: dict) -> dict:
-    """A stage's config section (as a dict) without the train keys a resume may change."""
+def comparable_config(section: dict, precision: Optional[str] = None) -> dict:
+    """A stage's config section (as a dict) without the train keys a resume may change, and with
+    `train.precision` as resolved on this device (`precision`: "fp32"/"bf16"), so "auto" and
+    the precision it means compare equal and a resume in another precision is refused."""
     out = dict(section)
     out["train"] = {k: v for k, v in section["train"].items() if k not in RESUME_IGNORED}
+    if precision is not None:
+        out["train"]["precision"] = precision
+    return out
+
+
+def with_resolved_precision(saved: Optional[dict], device_type: str) -> Optional[dict]:
+    """A saved comparable config from before precisions were resolved (`train.precision`
+    absent, or "auto"): "auto" as it resolves on `device_type`, which is what those runs did."""
+    train = (saved or {}).get("train")
+    if not isinstance(train, dict) or train.get("precision", "auto") != "auto":
+        return saved
+    from ..precision import resolve_precision
+    return {**saved, "train": {**train, "precision": resolve_precision("auto", device_type)}}
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, one level into nested sections (e.g. `train.precision:
+    'fp32' -> 'bf16'`)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict) and not prefix:
+            out += config_differences(old, new, f"{key}.")
+        else:
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return out
 
 
@@ -89,15 +119,19 @@ class TorchEngine:
     clipping, and the LR set to `lr_at(step)` right before each optimizer step."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_at: Callable[[int], float], grad_accum_steps: int, grad_clip: float):
+                 lr_at: Callable[[int], float], grad_accum_steps: int, grad_clip: float,
+                 autocast: Optional[torch.dtype] = None):
+        """`autocast`: the forward runs under `torch.autocast` in this dtype (CPU bf16)."""
         self.module, self.optimizer, self.lr_at = model, optimizer, lr_at
+        self.autocast = autocast
         self.accum, self.grad_clip = grad_accum_steps, grad_clip
         self.device = next(model.parameters()).device
         self.micro = self.steps = 0
         self._grad_norm: Optional[float] = None
 
     def __call__(self, **inputs):
-        return self.module(**inputs)
+        with autocast_forward(self.autocast, self.device.type):
+            return self.module(**inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum).backward()
@@ -169,14 +203,15 @@ class TrainLoop:
 
     def _check_config(self, tag: str, saved: Optional[dict]) -> None:
         now = self.settings.config
+        if now is not None and "precision" in now.get("train", {}):
+            saved = with_resolved_precision(saved, self.engine.device.type)
         if saved == now:
             return
-        saved = saved or {}
-        diff = sorted(k for k in set(saved) | set(now or {}) if saved.get(k) != (now or {}).get(k))
+        diff = config_differences(saved or {}, now or {})
         where = self.checkpoints.dir
         raise ValueError(f"{where}/{tag}: checkpoint was trained with a different config "
-                         f"({self.settings.config_key}: {diff}) than now; use the same config, "
-                         f"or delete {where} to start over")
+                         f"({self.settings.config_key}: {'; '.join(diff)}) than now; use the same "
+                         f"config, or delete {where} to start over")
 
     def checkpoint(self) -> None:
         """All ranks call: save step, history, config and the task's state (+ RNG per rank)."""

@@ -123,7 +123,7 @@ def prepare_extra_steps_job(cfg: PipelineConfig, run_dir: str | Path, dimension:
     return checked_job(bcfg, layout, dimension,
                        baseline_dirs(run_dir, f"{EXTRA_STEPS}/{dimension}"), lambda: rows,
                        resume, overwrite, init=expert, kind=f"baseline_{EXTRA_STEPS}",
-                       manifest_extra=extra)
+                       manifest_extra=extra, precision_key="fusion.train.precision")
 
 
 def _check_launch(job: ExpertJob, cfg: PipelineConfig, run_dir: str | Path) -> None:

@@ -14,6 +14,15 @@ from ..config import TrainConfig
 from .common import warmup_cosine
 from .grad_checkpointing import prepare_for_training
 from .loop import LoopSettings, TorchEngine, TrainLoop
+from .mixed_precision import TrainPrecision
+
+PRECISION_KEY = "base.train.precision"
+
+
+def base_precision(train: TrainConfig) -> TrainPrecision:
+    """`base.train.precision` resolved for the CPU, where the tiny base always trains (bf16 on a
+    CPU without bf16 instructions: one ValueError)."""
+    return TrainPrecision.resolve(PRECISION_KEY, train.precision, "cpu")
 
 
 def pack_blocks(texts, tokenizer, block_len: int) -> torch.Tensor:
@@ -80,9 +89,12 @@ class PretrainTask:
         pass   # the base run is short and never checkpoints
 
 
-def pretrain(model, blocks: torch.Tensor, train: TrainConfig, log=print) -> dict:
-    """Single process, no DeepSpeed: AdamW (betas 0.9/0.95), grad clipping, `lr_at` schedule;
-    returns step count, losses and wall time."""
+def pretrain(model, blocks: torch.Tensor, train: TrainConfig, log=print,
+             precision: TrainPrecision | None = None) -> dict:
+    """Single process, no DeepSpeed: AdamW (betas 0.9/0.95), grad clipping, `lr_at` schedule,
+    the forward in `precision` (default: `base_precision(train)`; the before/after eval losses
+    are fp32); returns step count, losses, wall time and the precision record."""
+    precision = precision or base_precision(train)
     n_eval = max(1, len(blocks) // 20)
     eval_blocks, train_blocks = blocks[:n_eval], blocks[n_eval:]
     per_step = train.micro_batch_size * train.grad_accum_steps
@@ -90,11 +102,12 @@ def pretrain(model, blocks: torch.Tensor, train: TrainConfig, log=print) -> dict
     prepare_for_training(model, train.gradient_checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
     engine = TorchEngine(model, opt, partial(lr_at, total=total, train=train),
-                         train.grad_accum_steps, train.grad_clip)
+                         train.grad_accum_steps, train.grad_clip, autocast=precision.autocast)
     loss_before = mean_loss(model, eval_blocks, train.micro_batch_size)
     t0, task = time.time(), PretrainTask(train_blocks, train, total, log)
     TrainLoop(engine, task, LoopSettings(total_steps=total, grad_accum_steps=train.grad_accum_steps,
                                          desc="base")).run()
     return {"steps": total, "loss_before": loss_before, "loss_after": mean_loss(model, eval_blocks, train.micro_batch_size),
             "last_train_loss": task.last_loss, "train_wall_s": round(time.time() - t0, 3),
-            "train_blocks": len(train_blocks), "eval_blocks": n_eval, "block_len": blocks.shape[1]}
+            "train_blocks": len(train_blocks), "eval_blocks": n_eval, "block_len": blocks.shape[1],
+            "precision": precision.record()}

@@ -89,3 +89,29 @@ def test_lora_zero3_saves_adapter_and_merged_model(tmp_path_factory):
     reference = peft.merge_and_unload().state_dict()
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_cpu_bf16_zero3_tracks_fp32_and_keeps_fp32_checkpoints(tmp_path_factory):
+    """expert.train.precision=bf16 on the CPU (autocast forward, ZeRO-3 gathering fp32 shards):
+    the losses of the first 3 steps (warmup: the same LR as the 12-step fp32 run's) within
+    0.5% of fp32's, and the DeepSpeed checkpoint and the saved model fp32."""
+    reference = read_json(run_expert(tmp_path_factory, "ffn", "helpful", FFN_SETS)
+                          / "experts" / "helpful" / "manifest.json")
+    run = run_expert(tmp_path_factory, "ffn_bf16", "helpful",
+                     TRAIN_SETS + ["train.max_steps=3", "train.precision=bf16"])
+    manifest = read_json(run / "experts" / "helpful" / "manifest.json")
+    assert (manifest["precision"]["resolved"], manifest["ds_config"]["bf16"]["enabled"]) == \
+        ("bf16", False)
+    fp32 = [h["train/loss"] for h in reference["history"][:3]]
+    bf16 = [h["train/loss"] for h in manifest["history"]]
+    assert all(abs(a - b) < 0.005 * a for a, b in zip(fp32, bf16)) and len(bf16) == 3, (fp32, bf16)
+    # and not fp32 in disguise: an fp32 run gives these 3 steps' losses bit for bit (the warmup
+    # LRs and the data order do not depend on max_steps); DeepSpeed's forward would switch an
+    # outer autocast off if it took it for its own (deepspeed.runtime.torch_autocast)
+    assert fp32 != bf16
+    assert {t.dtype for t in load_weights(run / "experts" / "helpful").values()} == {torch.float32}
+    states = torch.load(next((run / "experts_ds" / "helpful" / "step0000003").glob(
+        "*optim_states.pt")), weights_only=False)["optimizer_state_dict"]
+    flat = states["fp32_flat_groups"] + [t for s in states["optimizer_state_dict"]["state"].values()
+                                         for t in s.values() if t.dim()]
+    assert flat and {t.dtype for t in flat} == {torch.float32}

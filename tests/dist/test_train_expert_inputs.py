@@ -81,7 +81,7 @@ def test_missing_data_existing_output_and_resume_without_checkpoint(run_dir):
 
 @pytest.mark.parametrize("content,match", [
     ("{not json", "not valid JSON"),
-    ({**DS_OK, "zero_optimization": {"stage": 2}}, "stage must be 3, got 2"),
+    ({**DS_OK, "zero_optimization": {"stage": 1}}, "stage must be 2 or 3, got 1"),
     ({**DS_OK, "zero_optimization": {"stage": 3}}, "stage3_gather_16bit_weights_on_model_save"),
     ({**DS_OK, "train_batch_size": 12}, r"train_batch_size=12 != micro_batch_size 8 x grad_accum"),
     ({**DS_OK, "train_micro_batch_size_per_gpu": 3}, "train_micro_batch_size_per_gpu=3 disagrees"),

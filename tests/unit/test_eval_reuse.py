@@ -185,3 +185,76 @@ def test_provenance_files_and_the_greedy_seed_are_outside_the_key(tmp_path):
     (tmp_path / "m" / "config.json").write_text(
         (tmp_path / "m" / "config.json").read_text().replace("{", '{"extra": 1,', 1))
     assert result_key(tmp_path / "m", None, items, settings) != key
+
+
+# ---- the default, eval.reuse_from = "siblings": the same report of every run dir beside this one
+
+def _run_dir(root: Path, name: str) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "resolved_config.yaml").write_text(f"name: {name}\n")   # what makes it a run dir
+    return run
+
+
+def test_sibling_runs_take_each_others_identical_models_by_default(reuse_run, tmp_path, monkeypatch):
+    """Two seeds' run dirs side by side: the second evaluates only the model whose weights
+    changed (fused), and takes the bit-identical base from the first, naming where from."""
+    from pipeline.eval import stage
+    s0, s1 = _run_dir(tmp_path, "s0"), _run_dir(tmp_path, "s1")
+    stage.evaluate_models({"base": reuse_run / "base", "fused": reuse_run / "fused"},
+                          reuse_run / "data", _cfg(), s0 / "eval")
+    shutil.copytree(reuse_run / "base", s1 / "base")
+    save_tiny_fused(s1 / "fused", seed=31)
+    calls = _counting(monkeypatch)
+    report = stage.evaluate_models({"base": s1 / "base", "fused": s1 / "fused"}, reuse_run / "data",
+                                   _cfg(seed=1), s1 / "eval")
+    assert calls == ["fused"]
+    where = str((s0 / "eval").resolve())
+    assert report["reused_from"] == {"base": {"report_dir": where, "model": "base"}}
+    assert f"Results of base taken from {where}" in (s1 / "eval" / "report.md").read_text()
+    manifest = json.loads((s1 / "eval" / "manifest.json").read_text())
+    assert manifest["result_keys"] == report["result_keys"]
+    assert manifest["code_fingerprint"] == report["code_fingerprint"]
+
+
+def _fake_report(run: Path, keys: dict, code: str) -> Path:
+    """A finished report dir as evaluate writes it: report.json and manifest.json."""
+    out = run / "eval"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"metrics": {m: {"helpful": {}} for m in keys},
+                                                 "cost": {}, "result_keys": keys}))
+    (out / "manifest.json").write_text(json.dumps({"result_keys": keys, "code_fingerprint": code}))
+    return out
+
+
+def test_siblings_are_run_dirs_beside_this_one_written_by_the_same_code(tmp_path, monkeypatch):
+    from pipeline.eval import reuse
+    monkeypatch.setattr(reuse, "code_fingerprint", lambda: "this code")
+    s0 = _fake_report(_run_dir(tmp_path, "s0"), {"base": "k-base", "fused": "k-fused0"}, "this code")
+    _fake_report(_run_dir(tmp_path, "s1"), {"base": "k-base", "merge": "k-merge"}, "older code")
+    (tmp_path / "notes").mkdir()   # no resolved_config.yaml: not a run dir, never read
+    _fake_report(tmp_path / "notes", {"fused": "k-fused2"}, "this code")
+    s2 = _run_dir(tmp_path, "s2")
+    found = reuse.EarlierResults("siblings", s2 / "eval")
+    assert [s.dir for s in found.sources] == [s0.resolve()]
+    source, name = found.find("k-base")
+    assert (source.dir, name) == (s0.resolve(), "base")
+    assert found.find("k-merge") is None   # only the other code's report holds it
+    assert found.find("k-fused2") is None
+    assert reuse.EarlierResults("none", s2 / "eval").sources == []
+    assert reuse.EarlierResults("siblings", tmp_path / "elsewhere" / "eval").sources == []
+    # a list, searched in order; an explicit report dir is trusted whatever code wrote it
+    both = reuse.EarlierResults([str(tmp_path / "s1" / "eval"), "siblings"], s2 / "eval")
+    assert both.find("k-merge")[1] == "merge" and both.find("k-base")[0].dir == tmp_path / "s1" / "eval"
+    with pytest.raises(FileNotFoundError, match="eval.reuse_from: .*nowhere/report.json"):
+        reuse.EarlierResults(["siblings", str(tmp_path / "nowhere")], s2 / "eval")
+
+
+def test_reuse_from_takes_a_string_or_a_list_and_nothing_else():
+    from pipeline.config import ConfigError, load_config
+    assert load_config("tiny").eval.reuse_from == "siblings"
+    assert load_config("tiny", ["eval.reuse_from=[siblings, /r/eval]"]).eval.reuse_from == \
+        ["siblings", "/r/eval"]
+    assert load_config("tiny", ['eval.reuse_from=""']).eval.reuse_from == ""
+    with pytest.raises(ConfigError, match="eval.reuse_from' must be str or list, got int 3"):
+        load_config("tiny", ["eval.reuse_from=3"])

@@ -566,7 +566,7 @@ def test_a_rerun_with_other_report_level_settings_keeps_the_finished_models(eval
     monkeypatch.setattr(stage, "evaluate_one_model", _recording(real, calls))
     calls.clear()
     report_only = dataclasses.replace(cfg, n_boot=60, seed=3, reuse_from=str(tmp_path / "full"))
-    monkeypatch.setattr(stage, "PreviousResults", lambda d: type("NoMatch", (), {"find": lambda s, k: None})())
+    monkeypatch.setattr(stage, "EarlierResults", lambda *a: type("NoMatch", (), {"find": lambda s, k: None})())
     report = stage.evaluate_models(models, eval_run / "data", report_only, tmp_path / "ev")
     assert calls == ["fused"]
     assert json.dumps(report["metrics"]) == json.dumps(full["metrics"])

@@ -32,3 +32,9 @@ def test_run_checks_the_pending_stages_settings_only():
     with pytest.raises(ValueError, match="expert.train.precision"):
         require_precisions(cfg, ["data", "expert_honest"], "cpu", cpu_feature=None)
     require_precisions(cfg, ["data", "fuse", "evaluate"], "cpu", cpu_feature=None)  # not pending
+
+
+def test_base_pretraining_is_checked_as_cpu_even_on_a_gpu_machine():
+    cfg = load_config("tiny", ["base.train.precision=bf16"])
+    with pytest.raises(ValueError, match="base.train.precision"):
+        require_precisions(cfg, ["base"], "cuda", cpu_feature=None)

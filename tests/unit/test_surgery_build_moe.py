@@ -59,6 +59,7 @@ def test_manifest_hashes_every_source_file(family, moe):
     base, experts = family
     manifest = json.loads((moe / MANIFEST).read_text())
     assert manifest["expert_names"] == list(TASK_NAMES)
+    assert manifest["router_init"] == "normal" and manifest["router_init_seed"] == 0
     assert manifest["base"]["sha256"]["model.safetensors"] == sha256_file(base / "model.safetensors")
     honest = manifest["experts"][2]
     assert honest["name"] == "honest"

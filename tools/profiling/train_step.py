@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Where one training step of stage 1 (expert, ZeRO-3) and stage 2 (fusion) spends its time,
-against the machine's dense-matmul rate measured in the same run.
+"""Where one training step of stage 1 (expert, ZeRO-3) and stage 2 (fusion) spends its time, in
+fp32 and in bf16 (`<stage>.train.precision`), against the machine's dense-matmul rate in the same
+dtype, measured in the same run.
 
 One process (world size 1, gloo; CPU unless CUDA is present), random weights at the preset's
-model shape, the stage's real DeepSpeed config and loss (stage 1: causal-LM CE with the FFN
-trainable; stage 2: `FusionTask.loss`, i.e. CE + gating + drift as configured). Per stage it
-times, round-robin over `--steps` steps after `--warmup`:
+base shape (`pipeline.memory_plan.sizes.base_spec`: `base.tiny`, or a GGUF/HF base's config; for
+smollm2-135m SmolLM2's real shape), the stage's real DeepSpeed config and loss (stage 1: causal-LM
+CE with the FFN trainable; stage 2: `FusionTask.loss`, i.e. CE + gating + drift as configured).
+Each precision runs as the pipeline runs it (`pipeline.train.mixed_precision`): CPU bf16 =
+the forward under torch.autocast with fp32 weights, gradients and optimizer states; CUDA bf16 =
+DeepSpeed's bf16 mode. Per stage and precision it times, round-robin over `--steps` steps after
+`--warmup` (every engine of every precision and both matmul peaks once per round, so load from
+other processes hits all alike):
 
 - data: collating a micro batch (rows are pre-tokenized, as in the pipeline);
 - forward / backward / optimizer: `engine(...)` + loss, `engine.backward`, `engine.step`;
@@ -14,18 +20,18 @@ times, round-robin over `--steps` steps after `--warmup`:
 - time inside torch.distributed collectives (a subset of that overhead).
 
 Model FLOPs per step: the matmuls of forward, input gradients and the weight gradients of the
-trainable matmuls only (`step_flops`). The dense-matmul rate is timed in the same round-robin
-as the steps, so load from other processes hits both alike.
+trainable matmuls only (`step_flops`). The dense-matmul rate (`[2048, 2048] @ [2048, 2048]`) is
+timed in fp32 and in bf16; each row's "of peak" is against its own dtype's rate.
 
   python tools/profiling/train_step.py --preset tiny --json /tmp/train_step.json
-  python tools/profiling/train_step.py --preset tiny --stages fusion --micro-batch 4 --seq-len 32
+  python tools/profiling/train_step.py --preset smollm2-135m --micro-batch 2 --seq-len 128 --steps 2
+  python tools/profiling/train_step.py --preset tiny --stages fusion --precision bf16
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a
 import torch  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer")
+ENGINES = ("deepspeed", "plain")
 COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
                "all_gather", "reduce_scatter", "all_to_all_single", "barrier")
 
@@ -49,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="default: the stage's max_seq_len")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"],
+                   help="training precisions to time (bf16 on a CPU needs avx512_bf16 or AMX)")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES),
+                   help="deepspeed: the stage's engine; plain: the same model on TorchEngine")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", default=None, help="also write the report here")
     args = p.parse_args(argv)
@@ -59,12 +70,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- models
 
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+              "rms_norm_eps", "rope_theta", "tie_word_embeddings")
+
+
 def model_shape(cfg) -> dict:
-    t = cfg.base.tiny
-    return dict(vocab_size=cfg.tokenizer.vocab_size, hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                max_position_embeddings=t.max_position_embeddings)
+    """The preset's base model shape (the tiny base's sizes, or a GGUF/HF base's config.json
+    fields; no weights read)."""
+    from pipeline.memory_plan.sizes import base_spec
+    fields = base_spec(cfg).fields
+    return {k: fields[k] for k in SHAPE_KEYS if k in fields}
 
 
 def build_expert_model(shape: dict, ds: dict | None):
@@ -170,10 +186,10 @@ def timed_step(engine, loss_fn, make_batch, collectives: CollectiveTimer) -> dic
 
 
 def dense_matmul(device: torch.device, dtype: torch.dtype):
-    """(FLOPs, fn) of a [2048, 1024] @ [1024, 2048] matmul: the machine's GEMM rate, timed in
-    the same rounds as the steps; the yardstick for their achieved FLOP/s."""
-    a = torch.randn(2048, 1024, device=device, dtype=dtype)
-    b = torch.randn(1024, 2048, device=device, dtype=dtype)
+    """(FLOPs, fn) of a [2048, 2048] @ [2048, 2048] matmul in `dtype`: the machine's GEMM rate,
+    timed in the same rounds as the steps; the yardstick for their achieved FLOP/s."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
 
     def run() -> float:
         _sync(device)
@@ -181,7 +197,7 @@ def dense_matmul(device: torch.device, dtype: torch.dtype):
         a @ b
         _sync(device)
         return time.perf_counter() - start
-    return 2.0 * 2048 * 1024 * 2048, run
+    return 2.0 * 2048 ** 3, run
 
 
 # ----------------------------------------------------------------------------- stages
@@ -202,18 +218,23 @@ def _train_settings(args, train) -> tuple[int, int]:
     return args.micro_batch or train.micro_batch_size, args.seq_len or train.max_seq_len
 
 
-def _resolve_ds(path: str, train, micro: int, require_stage):
+def _resolve_ds(path: str, train, micro: int, require_stage, precision):
     from pipeline.backends import deepspeed_engine as dse
     return dse.resolve_ds_config(dse.load_ds_config(path, require_stage=require_stage),
                                  dse.DsTrainSettings(micro, 1, train.grad_clip, train.lr,
-                                                     train.weight_decay, 1))
+                                                     train.weight_decay, 1, precision.resolved))
 
 
-def _plain_engine(model, train):
+def _plain_engine(model, train, precision):
+    """TorchEngine (AdamW) in `precision`: the model in the dtype DeepSpeed's would hold (bf16
+    under DeepSpeed bf16 on CUDA), the forward under the same autocast."""
     from pipeline.train.loop import TorchEngine
+    if precision.resolved == "bf16" and precision.autocast is None:
+        model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    return TorchEngine(model, opt, lambda step: train.lr, 1, train.grad_clip)
+    return TorchEngine(model, opt, lambda step: train.lr, 1, train.grad_clip,
+                       autocast=precision.autocast)
 
 
 def causal_lm_loss(engine, batch: dict) -> torch.Tensor:
@@ -222,122 +243,174 @@ def causal_lm_loss(engine, batch: dict) -> torch.Tensor:
                      for k in ("input_ids", "attention_mask", "labels")}).loss
 
 
-def expert_stage(cfg, args, shape):
-    """(engines by name, loss fn, rows, FLOPs/step, tokens/step) of stage 1."""
+def expert_engines(cfg, args, shape, precision) -> dict:
+    """engine name -> engine of stage 1 in `precision`."""
     from pipeline.backends import deepspeed_engine as dse
     train = cfg.expert.train
-    micro, seq = _train_settings(args, train)
-    ds = _resolve_ds(cfg.expert.ds_config, train, micro, 3)
-    model = build_expert_model(shape, ds)
-    engine = dse.build_engine(model, ds, [p for p in model.parameters() if p.requires_grad],
-                              lr=train.lr, weight_decay=train.weight_decay)
-    engines = {"deepspeed": engine, "plain": _plain_engine(build_expert_model(shape, None), train)}
-    loss_fn = causal_lm_loss
-    rows = synthetic_rows(micro, seq, shape["vocab_size"], len(cfg.dimensions))
-    return engines, loss_fn, rows, step_flops(shape, micro * seq, seq, "ffn"), micro * seq
+    micro, _ = _train_settings(args, train)
+    engines = {}
+    if "deepspeed" in args.engines:
+        ds = _resolve_ds(cfg.expert.ds_config, train, micro, 3, precision)
+        model = build_expert_model(shape, ds)
+        engines["deepspeed"] = dse.build_engine(
+            model, ds, [p for p in model.parameters() if p.requires_grad], lr=train.lr,
+            weight_decay=train.weight_decay, autocast=precision.autocast)
+    if "plain" in args.engines:
+        engines["plain"] = _plain_engine(build_expert_model(shape, None), train, precision)
+    return engines
 
 
-def fusion_stage(cfg, args, shape):
-    """(engines by name, loss fn, rows, FLOPs/step, tokens/step) of stage 2."""
+def fusion_engines(cfg, args, shape, precision, loss_fns: dict) -> dict:
+    """engine name -> engine of stage 2 in `precision`; each engine's `FusionTask.loss` goes
+    into `loss_fns` (by engine id)."""
     from pipeline.backends import deepspeed_engine as dse
     from pipeline.losses import move_snapshot, snapshot_expert_params
     from pipeline.model.trainable import trainable_param_groups
     from pipeline.train.fusion_loop import FusionTask
     fcfg, num_experts = cfg.fusion, len(cfg.dimensions)
-    train = fcfg.train
+    micro, _ = _train_settings(args, fcfg.train)
+    engines = {}
+    for name in args.engines:
+        model = build_fusion_model(shape, fcfg, num_experts)
+        drift_ref = snapshot_expert_params(model) if fcfg.trainable == "router+experts" else []
+        if name == "deepspeed":
+            ds = _resolve_ds(fcfg.ds_config, fcfg.train, micro, None, precision)
+            if ds["zero_optimization"]["stage"] == 3:
+                raise SystemExit(f"{fcfg.ds_config}: this tool builds stage 2 with ZeRO-2 configs only")
+            engine = dse.build_engine(model, ds, trainable_param_groups(model, fcfg.router_lr),
+                                      lr=fcfg.train.lr, weight_decay=fcfg.train.weight_decay,
+                                      autocast=precision.autocast)
+            drift_ref = move_snapshot(drift_ref, engine.device)
+        else:
+            engine = _plain_engine(model, fcfg.train, precision)
+        task = FusionTask(fcfg, None, engine.module.config, drift_ref)
+        loss_fns[id(engine)] = lambda eng, batch, task=task: task.loss(eng, batch)[0]
+        engines[name] = engine
+    return engines
+
+
+def stage_setup(name: str, cfg, args, shape, precisions: list) -> tuple[dict, object, list,
+                                                                       float, int]:
+    """((engine, precision) -> engine, loss fn, rows, model FLOPs/step, tokens/step)."""
+    train = cfg.expert.train if name == "expert" else cfg.fusion.train
     micro, seq = _train_settings(args, train)
-    ds = _resolve_ds(fcfg.ds_config, train, micro, None)
-    if ds["zero_optimization"]["stage"] == 3:
-        raise SystemExit(f"{fcfg.ds_config}: this tool builds stage 2 with ZeRO-2 configs only")
-    model = build_fusion_model(shape, fcfg, num_experts)
-    drift_ref = snapshot_expert_params(model) if fcfg.trainable == "router+experts" else []
-    engine = dse.build_engine(model, ds, trainable_param_groups(model, fcfg.router_lr),
-                              lr=train.lr, weight_decay=train.weight_decay)
-    task = FusionTask(fcfg, None, model.config, move_snapshot(drift_ref, engine.device))
-    plain = _plain_engine(build_fusion_model(shape, fcfg, num_experts), train)
-    plain_task = FusionTask(fcfg, None, model.config, list(drift_ref))
-    tasks = {id(engine): task, id(plain): plain_task}
-    loss_fn = lambda eng, batch: tasks[id(eng)].loss(eng, batch)[0]   # noqa: E731
+    num_experts, loss_fns, engines = len(cfg.dimensions), {}, {}
+    for precision in precisions:
+        built = (expert_engines(cfg, args, shape, precision) if name == "expert" else
+                 fusion_engines(cfg, args, shape, precision, loss_fns))
+        engines.update({(key, precision.resolved): engine for key, engine in built.items()})
+    if name == "expert":
+        loss_fn, flops = causal_lm_loss, step_flops(shape, micro * seq, seq, "ffn")
+    else:
+        trains_ffn = "ffn" if cfg.fusion.trainable == "router+experts" else "none"  # LoRA/router: ~0
+        flops = step_flops(shape, micro * seq, seq, trains_ffn, experts_per_token=cfg.fusion.top_k)
+        loss_fn = lambda eng, batch: loss_fns[id(eng)](eng, batch)   # noqa: E731
     rows = synthetic_rows(micro, seq, shape["vocab_size"], num_experts)
-    trains_ffn = "ffn" if fcfg.trainable == "router+experts" else "none"   # LoRA/router: ~0
-    flops = step_flops(shape, micro * seq, seq, trains_ffn, experts_per_token=fcfg.top_k)
-    return {"deepspeed": engine, "plain": plain}, loss_fn, rows, flops, micro * seq
+    return engines, loss_fn, rows, flops, micro * seq
 
 
-def run_stage(name: str, cfg, args, shape, device) -> dict:
+def _median_row(steps: list[dict], flops: float, peak_rate: float) -> dict:
+    med = {k: statistics.median(s[k] for s in steps) for k in (*PHASES, "collectives")}
+    step_s = statistics.median(sum(s[p] for p in PHASES) for s in steps)
+    return {**{f"{k}_s": v for k, v in med.items()}, "step_s": step_s,
+            "step_s_each": [round(sum(s[p] for p in PHASES), 4) for s in steps],
+            "achieved_flop_per_s": flops / step_s,
+            "fraction_of_dense_peak": flops / step_s / peak_rate}
+
+
+def run_stage(name: str, cfg, args, shape, device, precisions: list) -> dict:
+    """Build every (engine, precision) of stage `name` and time them round-robin."""
     from pipeline.data.collate import SFTCollator
-    engines, loss_fn, rows, flops, tokens = (expert_stage if name == "expert" else fusion_stage)(
-        cfg, args, shape)
+    from pipeline.precision import torch_dtype
+    engines, loss_fn, rows, flops, tokens = stage_setup(name, cfg, args, shape, precisions)
     collate = SFTCollator(0, max_len=None)
-    peak_flops, peak_fn = dense_matmul(device, torch.float32)
-    times, peak_s = {k: [] for k in engines}, []
+    peaks = {p.resolved: dense_matmul(device, torch_dtype(p.resolved)) for p in precisions}
+    times = {key: [] for key in engines}
+    peak_s = {key: [] for key in peaks}
     with CollectiveTimer() as coll:
         for i in range(args.warmup + args.steps):   # round-robin: load drift hits all alike
-            peak = peak_fn()
+            peak = [{key: fn() for key, (_, fn) in peaks.items()}]
             steps = {key: timed_step(engine, loss_fn, lambda: collate(rows), coll)
                      for key, engine in engines.items()}
+            peak.append({key: fn() for key, (_, fn) in peaks.items()})   # before and after
             if i >= args.warmup:
-                peak_s.append(peak)
+                for key in peaks:
+                    peak_s[key] += [p[key] for p in peak]
                 for key, step in steps.items():
                     times[key].append(step)
-    peak_rate = peak_flops / statistics.median(peak_s)
+    rates = {key: peaks[key][0] / statistics.median(s) for key, s in peak_s.items()}
     report = {"stage": name, "tokens_per_step": tokens, "model_flops_per_step": flops,
-              "dense_peak_flop_per_s": peak_rate}
-    for key, steps in times.items():
-        med = {k: statistics.median(s[k] for s in steps) for k in (*PHASES, "collectives")}
-        step_s = statistics.median(sum(s[p] for p in PHASES) for s in steps)
-        report[key] = {**{f"{k}_s": v for k, v in med.items()}, "step_s": step_s,
-                       "achieved_flop_per_s": flops / step_s,
-                       "fraction_of_dense_peak": flops / step_s / peak_rate}
-    report["deepspeed_overhead_s"] = report["deepspeed"]["step_s"] - report["plain"]["step_s"]
+              "dense_peak_flop_per_s": rates}
+    for (engine, prec), steps in times.items():
+        report.setdefault(engine, {})[prec] = _median_row(steps, flops, rates[prec])
+    if "deepspeed" in report and "plain" in report:
+        report["deepspeed_overhead_s"] = {p: report["deepspeed"][p]["step_s"]
+                                          - report["plain"][p]["step_s"] for p in rates}
+    if {"fp32", "bf16"} <= set(rates):
+        report["bf16_speedup"] = {e: report[e]["fp32"]["step_s"] / report[e]["bf16"]["step_s"]
+                                  for e in ENGINES if e in report}
     return report
 
 
 def format_report(report: dict) -> str:
     lines = [f"device={report['device']} threads={report['threads']} steps={report['steps']} "
-             f"load_avg_1m(before,after)={report['load_avg_1m']}"]
-    head = f"{'stage':<8}{'engine':<11}" + "".join(f"{p + ' ms':>13}" for p in
-                                                  (*PHASES, "collectives", "step")) \
-        + f"{'GFLOP/s':>9}{'of peak':>9}"
+             f"warmup={report['warmup']} load_avg_1m(before,after)={report['load_avg_1m']}"]
+    head = f"{'stage':<7}{'engine':<10}{'prec':<5}" + "".join(
+        f"{p + ' ms':>12}" for p in ("data", "forward", "backward", "optim", "collect", "step")) \
+        + f"{'GFLOP/s':>9}{'of peak':>8}"
     lines += [head, "-" * len(head)]
     for st in report["stages"]:
-        for key in ("deepspeed", "plain"):
-            r = st[key]
-            cells = "".join(f"{r[p + '_s'] * 1e3:>13.1f}" for p in (*PHASES, "collectives", "step"))
-            lines.append(f"{st['stage']:<8}{key:<11}{cells}{r['achieved_flop_per_s'] / 1e9:>9.2f}"
-                         f"{r['fraction_of_dense_peak']:>9.3f}")
-        lines.append(f"{st['stage']:<8}model FLOPs/step {st['model_flops_per_step'] / 1e9:.3f} G, "
-                     f"{st['tokens_per_step']} tokens; dense matmul peak "
-                     f"{st['dense_peak_flop_per_s'] / 1e9:.1f} GFLOP/s; DeepSpeed overhead "
-                     f"{st['deepspeed_overhead_s'] * 1e3:.1f} ms/step")
+        for engine in ENGINES:
+            for prec, r in st.get(engine, {}).items():
+                cells = "".join(f"{r[p + '_s'] * 1e3:>12.1f}"
+                                for p in (*PHASES, "collectives", "step"))
+                lines.append(f"{st['stage']:<7}{engine:<10}{prec:<5}{cells}"
+                             f"{r['achieved_flop_per_s'] / 1e9:>9.2f}"
+                             f"{r['fraction_of_dense_peak']:>8.3f}")
+        peaks = ", ".join(f"{p} {v / 1e9:.1f}" for p, v in st["dense_peak_flop_per_s"].items())
+        line = (f"{st['stage']:<7}model FLOPs/step {st['model_flops_per_step'] / 1e9:.3f} G, "
+                f"{st['tokens_per_step']} tokens; dense matmul peak GFLOP/s: {peaks}")
+        if "deepspeed_overhead_s" in st:
+            line += "; DeepSpeed overhead ms/step: " + ", ".join(
+                f"{p} {v * 1e3:.1f}" for p, v in st["deepspeed_overhead_s"].items())
+        if "bf16_speedup" in st:
+            line += "; bf16 speed-up (fp32 step / bf16 step): " + ", ".join(
+                f"{e} {v:.2f}x" for e, v in st["bf16_speedup"].items())
+        lines.append(line)
     return "\n".join(lines)
 
 
 def _init_single_process() -> None:
-    from pipeline.env import DistEnv, export_dist_env
+    from pipeline.env import DistEnv, export_dist_env, free_port
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    export_dist_env(DistEnv(0, 1, 0, "127.0.0.1", port))
+    export_dist_env(DistEnv(0, 1, 0, "127.0.0.1", free_port()))
     from pipeline.backends import deepspeed_engine as dse
     dse.init_distributed()
 
 
 def main(argv=None) -> int:
     from pipeline.config import load_config
+    from pipeline.train.mixed_precision import TrainPrecision
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.preset)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # bf16 on a CPU without bf16 instructions: one error (exit 2) before any model is built
+    try:
+        precisions = [TrainPrecision.resolve("--precision", name, device.type)
+                      for name in args.precision]
+    except ValueError as exc:
+        print(f"train_step.py: error: {exc}", file=sys.stderr)
+        return 2
     load_before = os.getloadavg()[0]
     _init_single_process()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = model_shape(cfg)
-    stages = [run_stage(name, cfg, args, shape, device) for name in args.stages]
+    stages = [run_stage(name, cfg, args, shape, device, precisions) for name in args.stages]
     report = {"preset": args.preset, "shape": shape, "device": str(device),
               "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+              "precisions": {p.resolved: p.record() for p in precisions},
               "load_avg_1m": [load_before, os.getloadavg()[0]], "stages": stages}
     print(format_report(report))
     if args.json:
