@@ -100,3 +100,17 @@ def test_run_measured_counts_descendants(tmp_path):
             "subprocess.run([sys.executable, '-c', 'y = bytearray(96 * 2**20)']); sys.exit(3)")
     status, cpu, rss = rc.run_measured([sys.executable, "-c", code], {}, tmp_path / "log")
     assert status == 3 and cpu > 0 and rss >= 96   # the grandchild's 96 MiB peak
+
+
+def test_table_from_saved_launches_names_the_run(tmp_path, capsys):
+    import json
+
+    row = {"label": "expert 2 rank x 1 thr, ZeRO-3", "steps": 4, "steady_s_per_step": 0.5,
+           "wall_s": 9.0, "fixed_s": 7.0, "before_s": 6.0, "after_s": 1.0, "load_before": 0.5,
+           "load_after": 0.7, "others_cpu": 0.0}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"run_dir": "/runs/tiny_x", "records": [row]}))
+    assert rc.main(["--table-from", str(path)]) == 0
+    assert "| tiny_x expert 2 rank x 1 thr, ZeRO-3 | 1 | 4 | 0.500 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        rc.parse_args([])   # neither --run-dir nor --table-from

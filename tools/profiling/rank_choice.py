@@ -69,7 +69,7 @@ class Setting(NamedTuple):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--run-dir", required=True, help="prepared run dir (read only)")
+    p.add_argument("--run-dir", help="prepared run dir (read only)")
     p.add_argument("--config", default=None, help="default: <run-dir>/resolved_config.yaml")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["expert", "fusion"])
     p.add_argument("--dimension", default=None, help="expert stage's dimension (default: the first)")
@@ -91,7 +91,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="parent of the scratch run dirs (default: temp dir)")
     p.add_argument("--log-dir", default=None, help="keep each launch's output here")
     p.add_argument("--json", default=None, help="also write every launch and the table here")
+    p.add_argument("--table-from", nargs="+", metavar="JSON",
+                   help="launch nothing: print the table of these --json files' launches")
     args = p.parse_args(argv)
+    if not args.run_dir and not args.table_from:
+        p.error("--run-dir is required (or --table-from)")
     if args.steps < args.skip + 2 or args.skip < 0 or args.repeats < 1:
         p.error("need --steps >= --skip + 2, --skip >= 0 and --repeats >= 1")
     if any(r < 1 or r > args.cores for r in args.ranks):
@@ -274,30 +278,27 @@ def scratch_run(src: Path, parent: Path) -> Path:
 def run_once(s: Setting, args, cfg, config: str, dimension: str, parent: Path, i: int) -> dict:
     from pipeline.env import free_port
 
-    run = scratch_run(Path(args.run_dir), parent)
-    port = free_port()
+    waited = wait_for_quiet(args.quiet, args.quiet_wait, args.cores) if args.quiet else 0.0
+    run, port = scratch_run(Path(args.run_dir), parent), free_port()
     cmd = launch_argv(s, dimension, config, str(run), overrides(s, cfg, args.steps), port)
     log = (Path(args.log_dir) / f"{i:02d}_{s.stage}_{s.ranks}r_z{s.zero}.log") if args.log_dir \
         else run / "launch.log"
-    waited = wait_for_quiet(args.quiet, args.quiet_wait, args.cores) if args.quiet else 0.0
-    load_before, busy0 = os.getloadavg()[0], cpu_busy_s()
-    t0 = time.time()
-    rc, ours, rss = run_measured(cmd, launch_env(s, port, dict(os.environ), args.env), log)
-    t1 = time.time()
-    load_after = os.getloadavg()[0]
-    others = others_share(cpu_busy_s() - busy0, ours, t1 - t0, args.cores)
+    rc = None
     try:
+        load_before, busy0, t0 = os.getloadavg()[0], cpu_busy_s(), time.time()
+        rc, ours, rss = run_measured(cmd, launch_env(s, port, dict(os.environ), args.env), log)
+        t1, load_after = time.time(), os.getloadavg()[0]
         if rc != 0:
             raise RuntimeError(f"{s.label}: exit status {rc}; its output: {log}")
         times = tensorboard_step_times(run / "tensorboard")
-        record = {"label": s.label, **s._asdict(), "load_before": load_before,
-                  "load_after": load_after, "others_cpu": others, "waited_s": waited,
-                  "cpu_s": ours, "max_rss_mib": rss,
-                  "step_end_times": [t - t0 for t in times],
-                  **launch_summary(t0, t1, times, args.skip)}
-    finally:
+    finally:   # a failed launch keeps its scratch dir when the log lies in it
         if rc == 0 or args.log_dir:
             shutil.rmtree(run, ignore_errors=True)
+    others = others_share(cpu_busy_s() - busy0, ours, t1 - t0, args.cores)
+    record = {"label": f"{cfg.name} {s.label}", **s._asdict(), "load_before": load_before,
+              "load_after": load_after, "others_cpu": others, "waited_s": waited, "cpu_s": ours,
+              "max_rss_mib": rss, "step_end_times": [t - t0 for t in times],
+              **launch_summary(t0, t1, times, args.skip)}
     print(f"  {s.label}: {record['steady_s_per_step']:.3f} s/step, wall {record['wall_s']:.1f} s, "
           f"fixed {record['fixed_s']:.1f} s, others' CPU {others:.2f}, load {load_before:.2f} -> "
           f"{load_after:.2f}", flush=True)
@@ -305,22 +306,45 @@ def run_once(s: Setting, args, cfg, config: str, dimension: str, parent: Path, i
 
 
 def import_cost(python: str = sys.executable) -> dict:
-    """Seconds one process spends importing what every rank of a training stage imports."""
+    """Seconds one process spends importing what every rank of a training stage imports, and
+    the 2-rank launcher around ranks that do nothing (`--no-python true`)."""
+    from pipeline.env import free_port
+
     out = {}
-    for name, code in (("python", "pass"), ("torch", "import torch"),
+    for name, argv in (("python", ["-c", "pass"]), ("torch", ["-c", "import torch"]),
                        ("torch+transformers+deepspeed",
-                        "import torch, transformers, deepspeed; "
-                        "from transformers import AutoModelForCausalLM")):
+                        ["-c", "import torch, transformers, deepspeed; "
+                               "from transformers import AutoModelForCausalLM"]),
+                       ("pipeline.commands.launch", ["-c", "import pipeline.commands.launch"]),
+                       ("launcher+2 no-op ranks",
+                        ["-m", "pipeline.commands.launch", "--standalone", "--nproc-per-node=2",
+                         f"--master-port={free_port()}", "--no-python", "true"])):
         t0 = time.time()
-        subprocess.run([python, "-c", code], cwd=REPO, check=True, capture_output=True)
+        subprocess.run([python, *argv], cwd=REPO, check=True, capture_output=True)
         out[name] = round(time.time() - t0, 2)
     return out
+
+
+def save(path: Optional[str], meta: dict, records: list[dict], max_others: float) -> str:
+    text = table(records, max_others)
+    if path:
+        Path(path).write_text(json.dumps({**meta, "records": records, "table": text}, indent=1))
+    return text
 
 
 def main(argv=None) -> int:
     from pipeline.config import load_config
 
     args = parse_args(argv)
+    if args.table_from:   # print the table of saved launches (several files: pooled)
+        records = []
+        for path in args.table_from:
+            saved = json.loads(Path(path).read_text())
+            name = saved.get("preset") or Path(saved["run_dir"]).name
+            records += [{**r, "label": r["label"] if r["label"].startswith(name + " ")
+                         else f"{name} {r['label']}"} for r in saved["records"]]
+        print(table(records, args.max_others))
+        return 0
     config = args.config or str(Path(args.run_dir) / "resolved_config.yaml")
     cfg = load_config(config)
     dimension = args.dimension or cfg.dimensions[0]
@@ -332,22 +356,18 @@ def main(argv=None) -> int:
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
-    imports = import_cost()
-    print(f"import seconds (one process): {imports}", flush=True)
-    records, i = [], 0
+    meta = {"run_dir": args.run_dir, "preset": cfg.name, "config": config, "dimension": dimension,
+            "env": args.env, "imports_s": import_cost()}
+    print(f"import seconds: {meta['imports_s']}", flush=True)
+    records = []
     for rep in range(args.repeats):
         print(f"pass {rep + 1}/{args.repeats}", flush=True)
         for s in settings:
-            records.append(run_once(s, args, cfg, config, dimension, parent, i))
-            i += 1
+            records.append(run_once(s, args, cfg, config, dimension, parent, len(records)))
+            save(args.json, meta, records, args.max_others)   # a cut-short run keeps its launches
     print(f"load average after: {os.getloadavg()}")
-    text = table(records, args.max_others)
     print(f"launches with other processes using <= {args.max_others} of the CPUs:")
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"run_dir": args.run_dir, "config": config,
-                                               "dimension": dimension, "imports_s": imports,
-                                               "records": records, "table": text}, indent=1))
+    print(save(args.json, meta, records, args.max_others))
     return 0
 
 
