@@ -1,4 +1,4 @@
-"""tools/profiling/rank_choice.py: the pure parts (settings, --set values, commands, timing, table)."""
+"""tools/profiling/rank_choice.py: settings, --set values, commands, timing, table, bad inputs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -114,3 +114,26 @@ def test_table_from_saved_launches_names_the_run(tmp_path, capsys):
     assert "| tiny_x expert 2 rank x 1 thr, ZeRO-3 | 1 | 4 | 0.500 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         rc.parse_args([])   # neither --run-dir nor --table-from
+
+
+def test_bad_inputs_are_one_error_before_any_launch(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(rc, "run_once", lambda *a, **k: pytest.fail("launched"))
+    monkeypatch.setattr(rc, "import_cost", lambda *a, **k: pytest.fail("timed imports"))
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "base").mkdir()
+    assert rc.main(["--run-dir", str(run), "--stages", "fusion"]) == 2
+    assert f"{run / 'fused_init'} (stage fusion)" in capsys.readouterr().err
+    assert rc.main(["--run-dir", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert rc.main(["--run-dir", str(run), "--stages", "expert"]) == 2   # no resolved_config.yaml
+    assert "config file not found" in capsys.readouterr().err
+    tiny = ["--run-dir", str(run), "--config", "tiny", "--stages", "expert"]
+    assert rc.main(tiny + ["--ranks", "3", "--cores", "3"]) == 2   # 2 x 16 rows on 3 ranks
+    assert "not divisible by 3 ranks" in capsys.readouterr().err
+    assert rc.main(tiny + ["--dimension", "kind"]) == 2
+    assert "--dimension 'kind': not one of" in capsys.readouterr().err
+    for bad in (["--steps", "2"], ["--ranks", "3", "--cores", "2"], ["--env", "FOO"]):
+        with pytest.raises(SystemExit) as exit_:
+            rc.parse_args(["--run-dir", str(run), *bad])
+        assert exit_.value.code == 2

@@ -15,8 +15,8 @@ reports:
   step's extra, saving the output, exit); split into `before` (start to the end of step 1, minus
   one steady step) and `after` (end of the last step to exit).
 
-One rank keeps the global batch: its micro batch is `ranks_now x micro / 1` (2 ranks x 16 rows
--> 1 rank x 32 rows), so both settings run the same number of steps over the same rows.
+Every setting keeps the config's global batch: micro batch x num_procs / ranks (2 ranks x 16
+rows -> 1 rank x 32 rows), so all settings run the same steps over the same rows.
 Stages: `expert` (train-expert, `--zero` 3 and/or 2: ds_configs/zero{3,2}_expert.json),
 `multitask` (train-baseline --kind multitask --variant data_matched: the plan's full step count,
 the stage-1 trainer on the union; `--zero` as expert) and `fusion` (fuse, its own ds_config).
@@ -28,9 +28,11 @@ rusage): on a shared machine a rank with 2 OpenMP threads loses far more to anot
 process than two 1-thread ranks do, so compare settings only at similar shares (`--quiet`
 waits for a quiet machine before each launch).
 
-  python tools/profiling/rank_choice.py --run-dir runs/tiny --stages expert fusion --steps 12
-  python tools/profiling/rank_choice.py --run-dir runs/smollm2 --stages expert --steps 5 \\
-      --zero 3 --repeats 2
+  python tools/profiling/rank_choice.py --run-dir runs/tiny --stages expert multitask fusion \\
+      --steps 20 --repeats 2 --quiet 0.05 --quiet-wait 600 --json /tmp/rank_tiny.json
+  python tools/profiling/rank_choice.py --run-dir runs/smollm2 --stages expert fusion --steps 6 \\
+      --repeats 1 --quiet 0.05 --quiet-wait 600 --json /tmp/rank_smollm2.json
+  python tools/profiling/rank_choice.py --table-from /tmp/rank_tiny.json
 """
 from __future__ import annotations
 
@@ -52,6 +54,8 @@ sys.path.insert(0, str(REPO))   # runnable from a checkout
 STAGES = ("expert", "multitask", "fusion")
 ZERO_CONFIGS = {3: "ds_configs/zero3_expert.json", 2: "ds_configs/zero2_expert.json"}
 LINKED = ("data", "tokenizer", "base", "fused_init")   # inputs the timed stages read
+NEEDS = {"expert": ("data", "base"), "multitask": ("data", "base"),
+         "fusion": ("data", "fused_init")}
 
 
 class Setting(NamedTuple):
@@ -67,18 +71,19 @@ class Setting(NamedTuple):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", help="prepared run dir (read only)")
     p.add_argument("--config", default=None, help="default: <run-dir>/resolved_config.yaml")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=["expert", "fusion"])
-    p.add_argument("--dimension", default=None, help="expert stage's dimension (default: the first)")
+    p.add_argument("--dimension", default=None, help="expert stage's dimension (default: 1st)")
     p.add_argument("--ranks", nargs="+", type=int, default=[2, 1])
     p.add_argument("--zero", nargs="+", type=int, choices=sorted(ZERO_CONFIGS), default=[3, 2])
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per launch (expert, fusion)")
+    p.add_argument("--steps", type=int, default=12, help="steps per launch (expert, fusion)")
     p.add_argument("--skip", type=int, default=1, help="step gaps left out as warm-up")
     p.add_argument("--repeats", type=int, default=2, help="round-robin passes over the settings")
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads per rank = cores // ranks")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                   help="threads per rank = cores // ranks")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment of every launch, e.g. OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--quiet", type=float, default=None, metavar="SHARE",
@@ -88,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-others", type=float, default=0.05, metavar="SHARE",
                    help="the table takes only launches during which other processes used at "
                         "most SHARE of the CPUs (every launch is printed and in --json)")
-    p.add_argument("--work", default=None, help="parent of the scratch run dirs (default: temp dir)")
+    p.add_argument("--work", default=None, help="parent of the scratch run dirs (default: tmp)")
     p.add_argument("--log-dir", default=None, help="keep each launch's output here")
     p.add_argument("--json", default=None, help="also write every launch and the table here")
     p.add_argument("--table-from", nargs="+", metavar="JSON",
@@ -126,8 +131,9 @@ def scaled_micro(micro: int, procs: int, ranks: int, key: str) -> int:
 
 
 def overrides(s: Setting, cfg, steps: int) -> list[str]:
-    """The `--set` values of one setting: rank count, batch that keeps the global batch, log
-    every step, DS config (expert/multitask), and the step cap (the multitask plan fixes its own)."""
+    """The `--set` values of one setting: rank count, the batch that keeps the global batch, a
+    log line every step, the DS config (expert/multitask) and the step cap (not multitask: its
+    plan fixes its steps)."""
     section = "fusion" if s.stage == "fusion" else "expert"
     sec = getattr(cfg, section)
     micro = scaled_micro(sec.train.micro_batch_size, sec.num_procs, s.ranks,
@@ -147,16 +153,28 @@ def stage_argv(stage: str, dimension: str) -> list[str]:
             "fusion": ["fuse"]}[stage]
 
 
+def check_inputs(run_dir: Path, stages) -> None:
+    """The input run dir holds what every chosen stage reads (before any launch)."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--run-dir {run_dir}: not a directory")
+    missing = sorted({f"{run_dir / name} (stage {stage})" for stage in stages
+                      for name in NEEDS[stage] if not (run_dir / name).exists()})
+    if missing:
+        raise FileNotFoundError(f"--run-dir lacks what the stages read: {', '.join(missing)}")
+
+
 def launch_argv(s: Setting, dimension: str, config: str, run_dir: str, sets: list[str],
                 port: int, python: str = sys.executable) -> list[str]:
     """The command `h3fusion run` starts for this stage (pipeline.commands.run.stage_command)."""
     if s.ranks > 1:
         launcher = [python, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={s.ranks}", f"--master-port={port}", "-m", "pipeline.commands"]
+                    f"--nproc-per-node={s.ranks}", f"--master-port={port}",
+                    "-m", "pipeline.commands"]
     else:
         launcher = [python, "-m", "pipeline.commands"]
     extra = [a for kv in sets for a in ("--set", kv)]
-    return launcher + stage_argv(s.stage, dimension) + ["--config", config, "--run-dir", run_dir] + extra
+    return (launcher + stage_argv(s.stage, dimension) + ["--config", config, "--run-dir", run_dir]
+            + extra)
 
 
 def launch_env(s: Setting, port: int, base: dict, extra: list[str] = ()) -> dict:
@@ -346,11 +364,18 @@ def main(argv=None) -> int:
         print(table(records, args.max_others))
         return 0
     config = args.config or str(Path(args.run_dir) / "resolved_config.yaml")
-    cfg = load_config(config)
-    dimension = args.dimension or cfg.dimensions[0]
     settings = settings_for(args.stages, args.ranks, args.zero, args.cores)
-    for s in settings:   # bad input (batch not divisible) before any launch
-        overrides(s, cfg, args.steps)
+    try:   # bad input: one line, before any launch
+        check_inputs(Path(args.run_dir), args.stages)
+        cfg = load_config(config)
+        dimension = args.dimension or cfg.dimensions[0]
+        if dimension not in cfg.dimensions:
+            raise ValueError(f"--dimension {dimension!r}: not one of {cfg.dimensions}")
+        for s in settings:
+            overrides(s, cfg, args.steps)
+    except (ValueError, FileNotFoundError) as exc:   # ConfigError is a ValueError
+        print(f"rank_choice.py: error: {exc}", file=sys.stderr)
+        return 2
     parent = Path(args.work or tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     if args.log_dir:
