@@ -30,7 +30,7 @@ setup(
         # pipeline/model/modeling.py needs transformers' slice_logits_to_keep: 5.17 lacks it
         # (tools/gpu found it on the GPU image); 5.23 is the version every pinned set holds
         "transformers>=5.23",
-        "huggingface_hub",          # pipeline/hub.py: hf: ids through the HF cache
+        "huggingface_hub",          # pipeline/checkpoint/hub.py: hf: ids through the HF cache
         "datasets>=3.0",
         "sentencepiece",
         "tensorboard",

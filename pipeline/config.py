@@ -23,12 +23,12 @@ from .config_schema import (
     MergeConfig, BaselinesConfig, EvalConfig, ProfileConfig, DimensionSpec,
     PipelineConfig,
 )
-from .data.dimensions import register_dimension, resolve_dimensions
+from .dimensions import register_dimension, resolve_dimensions
 from .registry import (PRECISIONS, MERGE_METHODS, MOE_BACKENDS, MULTITASK_VARIANTS, ROUTER_INITS, TIES_TRIM_SCOPES,
                        Registry)
 
 PRESET_DIR = Path(__file__).parent / "presets"
-# fusion.gate_tokens (pipeline.losses.gate_token_mask computes each)
+# fusion.gate_tokens (pipeline.train.fusion.losses.gate_token_mask computes each)
 GATE_TOKENS = ("all", "response", "first_response")
 
 
@@ -269,9 +269,9 @@ def _check_precisions(cfg: PipelineConfig, source: str) -> None:
 
 
 def _check_hub_specs(cfg: PipelineConfig) -> None:
-    """`hf:` values are well-formed hub ids (pipeline.hub; whether they can be fetched is checked
+    """`hf:` values are well-formed hub ids (pipeline.checkpoint.hub; whether they can be fetched is checked
     when a stage, or `h3fusion run` before its first stage, resolves them)."""
-    from .hub import is_hub_spec, parse_dataset_spec, parse_model_spec
+    from .checkpoint.hub import is_hub_spec, parse_dataset_spec, parse_model_spec
     try:
         for key, value in (("base.path", cfg.base.path), ("tokenizer.path", cfg.tokenizer.path)):
             if is_hub_spec(value):

@@ -9,6 +9,18 @@ import math
 from typing import Any, Callable, Iterator, Optional
 
 
+def top_k_problem(top_k: Any, num_experts: int, experts_are: str = "") -> Optional[str]:
+    """The one range rule of the routing top-k (each token goes to k of num_experts experts), as
+    the end of a message ("must be ..., got k") or None. Config loading (`fusion.top_k` against
+    one expert per dimension), build_moe (`--top-k`), the model config and the router all ask
+    here; `experts_are` says where the expert count comes from."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        return f"must be >= 1, got {top_k!r}"
+    if top_k > num_experts:
+        return f"must be <= the number of experts, {num_experts}{experts_are}, got {top_k}"
+    return None
+
+
 def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -51,7 +63,6 @@ _SECTION_RANGES = (
     ("data.real.max_benign_per_split", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("data.real.harmless_benign_rows", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("expert.num_procs", lambda v: v >= 1, ">= 1"),
-    ("fusion.top_k", lambda v: v >= 1, ">= 1"),
     ("fusion.ep_degree", lambda v: v >= 1, ">= 1"),
     ("fusion.num_procs", lambda v: v >= 1, ">= 1"),
     ("fusion.lambda_gate", lambda v: v >= 0, ">= 0"),
@@ -130,11 +141,13 @@ def first_range_problem(cfg: Any) -> Optional[str]:
 def _expert_count_problem(cfg: Any) -> Optional[str]:
     """Fusion keys bounded by the number of experts, which is the number of `dimensions` (one
     expert per dimension): refused when the config loads, not at build_moe after stage 1 has
-    trained (pipeline/train/fuse.py checks them again against the built model)."""
+    trained (pipeline/train/fusion/stage.py checks them again against the built model)."""
     f, experts = cfg.fusion, len(cfg.dimensions)
-    bound = f"<= the number of experts, {experts} (one per entry of 'dimensions' {cfg.dimensions})"
-    if f.top_k > experts:
-        return f"key 'fusion.top_k' must be {bound}, got {f.top_k}"
+    where = f" (one per entry of 'dimensions' {cfg.dimensions})"
+    bound = f"<= the number of experts, {experts}{where}"
+    problem = top_k_problem(f.top_k, experts, where)
+    if problem:
+        return f"key 'fusion.top_k' {problem}"
     if f.ep_degree > experts:
         return f"key 'fusion.ep_degree' must be {bound}: a rank would own no expert; got {f.ep_degree}"
     return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .data.dimensions import DEFAULT_DIMENSIONS
+from .dimensions import DEFAULT_DIMENSIONS
 
 
 @dataclass
@@ -209,7 +209,7 @@ class EvalConfig:
     # present; a folder of CSVs or one CSV; "none"
     judge_labels: str = "auto"
     # dimension -> score metrics to try, in order, instead of the dimension's registered ones
-    # (pipeline.data.dimensions); {} = the registry's. E.g. the tiny preset scores harmless by
+    # (pipeline.dimensions); {} = the registry's. E.g. the tiny preset scores harmless by
     # pair preference: its models' generations on unseen prompts are not text a refusal judge
     # can read (README "Latest tiny report").
     score_metrics: dict[str, list[str]] = field(default_factory=dict)
@@ -236,7 +236,7 @@ class ProfileConfig:
 
 @dataclass
 class DimensionSpec:
-    """A dimension that is not built in (fields: pipeline.data.dimensions.Dimension)."""
+    """A dimension that is not built in (fields: pipeline.dimensions.Dimension)."""
     builtin: Optional[str] = None     # "module:function" built-in corpus generator
     real: Optional[str] = None        # "module:function" real-data loader
     real_inputs: list[str] = field(default_factory=list)

@@ -179,7 +179,7 @@ def shutdown_timeout() -> int:
 
 
 # ----------------------------------------------------------------------------- Hugging Face Hub
-# huggingface_hub and datasets read these themselves when they are imported; pipeline.hub reads
+# huggingface_hub and datasets read these themselves when they are imported; pipeline.checkpoint.hub reads
 # them here, at call time, to choose the cache it looks in and whether it may go online.
 _TRUE_VALUES = ("1", "ON", "YES", "TRUE")
 

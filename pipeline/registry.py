@@ -63,18 +63,18 @@ MOE_BACKENDS = Registry("MoE backend", {
 })
 
 # merging baselines: fn(base, tensors, scale, density, thresholds) -> tensor
-# (`merge.methods`, pipeline.merging; `thresholds` comes from TIES_TRIM_SCOPES, None otherwise)
+# (`merge.methods`, pipeline.surgery.merging; `thresholds` comes from TIES_TRIM_SCOPES, None otherwise)
 MERGE_METHODS = Registry("merge method", {
-    "average": "pipeline.merging:merge_average",
-    "task_arithmetic": "pipeline.merging:merge_task_arithmetic",
-    "ties": "pipeline.merging:merge_ties",
+    "average": "pipeline.surgery.merging:merge_average",
+    "task_arithmetic": "pipeline.surgery.merging:merge_task_arithmetic",
+    "ties": "pipeline.surgery.merging:merge_ties",
 })
 
 # TIES trimming: fn(keys, base_get, model_gets, density) -> per-model magnitude thresholds, or
-# None for per-tensor trimming (`merge.ties_trim_scope`, pipeline.merging)
+# None for per-tensor trimming (`merge.ties_trim_scope`, pipeline.surgery.merging)
 TIES_TRIM_SCOPES = Registry("TIES trim scope", {
-    "model": "pipeline.merging:model_trim_thresholds",     # the TIES paper / authors' code
-    "tensor": "pipeline.merging:tensor_trim_thresholds",   # mergekit: each tensor on its own
+    "model": "pipeline.surgery.merging:model_trim_thresholds",     # the TIES paper / authors' code
+    "tensor": "pipeline.surgery.merging:tensor_trim_thresholds",   # mergekit: each tensor on its own
 })
 
 # initial router weights of a freshly built MoE: fn(RouterInitInputs) -> one [E, H] per layer

@@ -55,7 +55,7 @@ def resolve(src: str, out: str, overrides: list[str], must_match: bool,
     if device:
         check_device(src, cfg, device)
     if fetch_hub:
-        from pipeline.hub import resolve_config_models
+        from pipeline.checkpoint.hub import resolve_config_models
         resolve_config_models(cfg, log=lambda line: print(f"h3fusion-slurm: {line}", file=sys.stderr))
     text = dump_yaml(cfg)
     target = Path(out)

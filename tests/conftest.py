@@ -37,10 +37,10 @@ def tiny_config(extra: list[str] | None = None):
 def build_tiny_run(root: Path, extra: list[str] | None = None):
     """Run the data, tokenizer and base stages into `root`; returns the RunLayout."""
     import torch
-    from pipeline.base import run_base_stage
+    from pipeline.train.base.stage import run_base_stage
     from pipeline.data.stage import run_data_stage
     from pipeline.layout import RunLayout
-    from pipeline.tokenizer import run_tokenizer_stage
+    from pipeline.tokenizer.stage import run_tokenizer_stage
     cfg = tiny_config(extra)
     torch.set_num_threads(1)
     run_data_stage(cfg, root)

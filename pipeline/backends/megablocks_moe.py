@@ -41,7 +41,7 @@ def _megablocks_arguments(experts, top_k: int, group, ep_size: int):
         bias=False, return_bias=False, activation_fn=F.silu,
         mlp_type="glu", mlp_impl="grouped", memory_optimized_mlp=False,
         moe_expert_model_parallelism=ep_size > 1, expert_parallel_group=group,
-        moe_loss_weight=0.0,                 # we compute load balancing ourselves (pipeline.losses)
+        moe_loss_weight=0.0,                 # we compute load balancing ourselves (pipeline.train.fusion.losses)
         fp16=False, bf16=True,
         device=torch.device("meta"),         # its own weights are replaced by ours: allocate none
     )

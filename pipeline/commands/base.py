@@ -1,9 +1,9 @@
-"""`h3fusion base`: the dense base model every expert starts from (pipeline.base)."""
+"""`h3fusion base`: the dense base model every expert starts from (pipeline.train.base.stage)."""
 from __future__ import annotations
 
 import argparse
 
-from ..base import run_base_stage
+from ..train.base.stage import run_base_stage
 from ..layout import RunLayout
 from . import add_config_arguments, config_from_args
 

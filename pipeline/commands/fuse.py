@@ -20,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.fuse import FusionPaths, train_fusion
-    from ..train.fusion_loop import NonFiniteLossError
+    from ..train.fusion.stage import FusionPaths, train_fusion
+    from ..train.fusion.loop import NonFiniteLossError
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = config_from_args(args, "fusion")
     paths = FusionPaths.for_run(RunLayout.at(args.run_dir), args.init, args.out)

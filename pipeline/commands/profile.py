@@ -1,6 +1,6 @@
 """`h3fusion profile`: expert-load profile of `<run>/fused` into `<run>/profile`.
 
-Thin wrapper over `pipeline.profiling` (the same core as tools/profiling/expert_load.py);
+Thin wrapper over `pipeline.profiling.stage` (the same core as tools/profiling/expert_load.py);
 TensorBoard events go to `<run>/tensorboard/profile` next to the training logs.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..profiling import ALL, profile_model_dir
+    from ..profiling.stage import ALL, profile_model_dir
 
     cfg = config_from_args(args, "profile").profile
     run = RunLayout.at(args.run_dir)

@@ -31,7 +31,7 @@ from ..backends import require_moe_backend
 from ..config import dump_yaml, load_config
 from ..env import free_port, requeue_requested_exit_code
 from ..eval.score_metrics import check_score_overrides
-from ..hub import resolve_config_models
+from ..checkpoint.hub import resolve_config_models
 from ..layout import RunLayout
 from ..precision import require_precisions
 from ..io_utils import write_json

@@ -1,5 +1,5 @@
 """`h3fusion surgery <tool> ...`: one checkpoint-surgery tool (the library functions live in
-pipeline.surgery and pipeline.merging; this module holds their options).
+pipeline.surgery and pipeline.surgery.merging; this module holds their options).
 
 Each tool is a pair `(add_arguments, main)` below; library modules are imported only when a tool
 runs, so listing the tools needs neither their modules nor their dependencies. tools/surgery/*.py
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 def _add_max_shard_gb(parser: argparse.ArgumentParser) -> None:
-    from ..surgery.safetensors_io import DEFAULT_SHARD_BYTES
+    from ..checkpoint.safetensors_io import DEFAULT_SHARD_BYTES
     parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 1024 ** 3,
                         help="largest safetensors shard in GiB")
 
@@ -97,7 +97,7 @@ def _add_merge(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from ..merging import merge_checkpoints
+    from ..surgery.merging import merge_checkpoints
     from ..surgery.plan import parse_named_dirs
     scale = args.scale if args.scale is not None else (1.0 if args.method == "ties" else 0.5)
     merge_checkpoints(args.method, args.base, parse_named_dirs(args.models, "--models"),
@@ -118,7 +118,7 @@ def _add_zero_to_hf(parser: argparse.ArgumentParser) -> None:
 
 
 def _zero_to_hf(args: argparse.Namespace) -> int:
-    from ..surgery.zero_to_hf import zero_to_hf
+    from ..backends.zero_to_hf import zero_to_hf
     info = zero_to_hf(args.ds_dir, args.config_from, args.out, args.tag, args.max_shard_size,
                       args.overwrite)
     print(f"wrote {args.out}: {info['num_params']} params ({info['dtype']}) from {args.ds_dir} "
@@ -135,7 +135,7 @@ def _add_merge_lora(parser: argparse.ArgumentParser) -> None:
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    from ..surgery.merge_lora import merge_lora_dir
+    from ..checkpoint.merge_lora import merge_lora_dir
     info = merge_lora_dir(args.base, args.adapter, args.out, args.max_shard_size, args.overwrite)
     print(f"wrote {args.out}: LoRA r={info['r']} alpha={info['lora_alpha']} (scale {info['scale']:.4g}) "
           f"merged into {args.base}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..layout import RunLayout
-from ..tokenizer import run_tokenizer_stage
+from ..tokenizer.stage import run_tokenizer_stage
 from . import add_config_arguments
 from .base import add_gguf_argument, config_with_gguf
 

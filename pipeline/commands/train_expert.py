@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "expert")
     check_dimension(cfg, args.dimension)     # before the trainer imports deepspeed
-    from ..train.expert import train_expert
+    from ..train.expert.stage import train_expert
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from ..train.loop import NonFiniteLossError
     try:

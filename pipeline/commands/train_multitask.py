@@ -20,7 +20,7 @@ from ..config import ConfigError, check_dimension
 from ..registry import MULTITASK_VARIANTS
 from . import add_config_arguments, config_from_args
 
-KINDS = ("multitask", "extra_steps")   # pipeline.train.multitask.KINDS (not imported: no torch here)
+KINDS = ("multitask", "extra_steps")   # pipeline.train.baselines.stage.KINDS (not imported: no torch here)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dimension is not None:
         check_dimension(cfg, args.dimension)   # before the trainer imports deepspeed
     from ..train.loop import NonFiniteLossError
-    from ..train.multitask import train_baseline
+    from ..train.baselines.stage import train_baseline
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         return train_baseline(cfg, args.run_dir, args.kind, args.dimension, args.resume,

@@ -9,7 +9,7 @@ Every item names its underlying question (`group`); train/dev/test are split by 
 dev/test question or target is a training one (docs/data.md). The pre-training "web text" shows
 every group with mostly the *unaligned* continuation: the base learns the language, each expert's
 SFT data teaches its dimension. Which dimensions, and each one's generator, eval kinds and
-web-text mix, come from the run's dimension list (pipeline.data.dimensions).
+web-text mix, come from the run's dimension list (pipeline.dimensions).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A spec is a local path, or `hf:NAME[:CONFIG][@SPLIT]` (e.g. `hf:PKU-Alignment/BeaverTails@30k_train`,
 `hf:truthful_qa:generation@validation`) read with `datasets.load_dataset`, or `hf:ORG/NAME/FILE`,
-one file of a dataset repo fetched into the hub cache and read like a local file (pipeline.hub;
+one file of a dataset repo fetched into the hub cache and read like a local file (pipeline.checkpoint.hub;
 docs/hub.md) -- explicit, so a typo in a path never turns into a network call. Each loader
 returns normalised records and names the file and row of any problem (`ValueError`), or the
 missing file (`FileNotFoundError`; offline and not cached: `hub.HubUnavailableError`).
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ..hub import HUB_PREFIX, fetch_dataset_file, load_hub_dataset, parse_dataset_spec
+from ..checkpoint.hub import HUB_PREFIX, fetch_dataset_file, load_hub_dataset, parse_dataset_spec
 
 TQA_SEP = "; "                              # TruthfulQA CSV: answers separated by "; "
 

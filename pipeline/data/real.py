@@ -97,7 +97,7 @@ def _alpaca_q(r: dict) -> str:
 
 
 def real_helpful(loaded: dict, rng: random.Random):
-    """The helpful dimension's real-data loader (registered in pipeline.data.dimensions)."""
+    """The helpful dimension's real-data loader (registered in pipeline.dimensions)."""
     alpaca, alpaca_eval = loaded["alpaca"], loaded.get("alpaca_eval")
     notes = {}
     if alpaca_eval:

@@ -14,7 +14,7 @@ from ..config import DataConfig, PipelineConfig, to_dict
 from ..io_utils import atomic_dir, write_json
 from ..layout import RunLayout
 from . import EVAL_COLUMNS, EVAL_KINDS, EVAL_SPLITS, SFT_COLUMNS, SFT_SPLITS, eval_route, label_route
-from .dimensions import resolve_dimensions
+from ..dimensions import resolve_dimensions
 from .loading import MANIFEST_NAME
 from .overlap import split_overlap
 

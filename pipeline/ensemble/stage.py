@@ -58,8 +58,8 @@ def build_run_ensembles(cfg, run_dir: str | Path, methods: Optional[Sequence[str
                         overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Path]:
     """Build `methods` (default both) under `<run>/ensembles/`; a finished one is kept unless
     `overwrite`. `cfg` is the whole PipelineConfig. Returns {method: dir}."""
-    from ..surgery.safetensors_io import copy_tokenizer_files
-    from ..surgery.tokenizer_check import has_tokenizer
+    from ..checkpoint.safetensors_io import copy_tokenizer_files
+    from ..checkpoint.tokenizer_check import has_tokenizer
 
     run = RunLayout.at(run_dir)
     methods = list(methods or DEFAULT_METHODS)

@@ -1,7 +1,7 @@
 """Per-dimension [0, 1] scores with paired bootstrap intervals, the fused model's comparisons,
 and report.md / scores.png.
 
-Score of a dimension = the first of its registered `score_metrics` (pipeline.data.dimensions,
+Score of a dimension = the first of its registered `score_metrics` (pipeline.dimensions,
 each a pipeline.eval.score_metrics entry) that every evaluated model has. Intervals and
 differences come from one group-clustered, stratified bootstrap shared by all models
 (pipeline.eval.bootstrap.paired_bootstrap); see docs/evaluation.md. Raw metrics in other units
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from pipeline.data.dimensions import get_dimension
+from pipeline.dimensions import get_dimension
 
 from .bootstrap import LEVEL, N_BOOT, SEED, PairedBootstrap, make_design, paired_bootstrap, verdict
 from .cost import cost_lines

@@ -1,6 +1,6 @@
 """Score metrics: [0, 1] per-item scores, higher is better, that a dimension's score averages.
 
-A dimension's `score_metrics` (pipeline.data.dimensions) name entries of this registry; the
+A dimension's `score_metrics` (pipeline.dimensions) name entries of this registry; the
 report scores a dimension with the first one every model has. Each metric turns one model's
 per-item metrics (`metrics[model][task]["per_item"]`, pipeline.eval.hhh), the base model's (or
 None when the report has no model named "base") and the items' kinds into one value per item

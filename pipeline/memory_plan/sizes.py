@@ -4,11 +4,11 @@ stage's trainable set, counted by role.
 
 Where the base config comes from (`base_spec`, the first that applies):
 - `base.path` a local dir: its `config.json`;
-- `base.path` a hub id (`hf:org/name[@revision]`, pipeline.hub; or a bare `org/name`): its
+- `base.path` a hub id (`hf:org/name[@revision]`, pipeline.checkpoint.hub; or a bare `org/name`): its
   `config.json` in the local Hugging Face cache (nothing is downloaded), else the published
   config shipped in
   `pipeline/presets/model_configs/<org>__<name>.json` (said so in the plan's output);
-- `base.gguf`: the GGUF file's header (`pipeline.surgery.gguf_header`, no tensor data read);
+- `base.gguf`: the GGUF file's header (`pipeline.checkpoint.gguf_header`, no tensor data read);
 - otherwise the tiny base the pipeline builds: `base.tiny` sizes, vocab `tokenizer.vocab_size`.
 """
 from __future__ import annotations
@@ -113,13 +113,13 @@ def base_spec(cfg: PipelineConfig, cache_dir: Optional[str | Path] = None) -> Ba
                 raise FileNotFoundError(f"base.path {spec} is not a Hugging Face model dir (no config.json)")
             return _llama_fields(_read_json(cfg_file, "base config"), str(cfg_file))
         if spec.startswith(HF_PREFIX):
-            from ..hub import parse_model_spec
+            from ..checkpoint.hub import parse_model_spec
             ref = parse_model_spec(spec, "base.path")
             return hub_config_spec(ref.repo_id, cache_dir, ref.revision)
         return hub_config_spec(spec, cache_dir)
     if base.gguf:
-        from ..surgery.gguf import resolve_gguf
-        from ..surgery.gguf_header import gguf_llama_config
+        from ..checkpoint.gguf import resolve_gguf
+        from ..checkpoint.gguf_header import gguf_llama_config
         path = resolve_gguf(base.gguf)
         return _llama_fields(gguf_llama_config(path), f"GGUF header of {path}")
     t = base.tiny
@@ -201,7 +201,7 @@ def _stage_model(stage: str, kind: str, model, trainable: str, leaf_types: tuple
 
 def dense_stage(stage: str, fields: dict, method: str, lora=None) -> StageModel:
     """Stage 1 (and the training baselines, method "ffn"): the dense base, FFN or LoRA."""
-    from ..train.expert import mark_ffn_trainable
+    from ..train.expert.stage import mark_ffn_trainable
     model = dense_model(fields)
     if method == "ffn":
         mark_ffn_trainable(model)
@@ -216,7 +216,7 @@ def dense_stage(stage: str, fields: dict, method: str, lora=None) -> StageModel:
 
 def fusion_stage(cfg: PipelineConfig, fields: dict, zero_stage: int) -> StageModel:
     """Stage 2: the fused MoE with `fusion.trainable`; under ZeRO-3 every MoE block is a leaf
-    module and the inputs require grad (pipeline.train.fusion_loop)."""
+    module and the inputs require grad (pipeline.train.fusion.loop)."""
     from ..model import H3FusionMoE, set_trainable
     f = cfg.fusion
     model = moe_model(fields, len(cfg.dimensions), f.top_k, list(cfg.dimensions))

@@ -4,9 +4,10 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-from ..data.dimensions import DEFAULT_DIMENSIONS
+from ..config_ranges import top_k_problem
+from ..dimensions import DEFAULT_DIMENSIONS
+from ..dimensions import expert_names as checked_expert_names
 from ..registry import MOE_BACKENDS
-from ..surgery.plan import expert_names as checked_expert_names
 
 _DEFAULT_EXPERTS_PER_TOKEN = 2
 
@@ -56,9 +57,9 @@ class H3FusionConfig(LlamaConfig):
     def check_moe_fields(self) -> None:
         if self.num_experts < 1:
             raise ValueError(f"H3FusionConfig.num_experts must be >= 1, got {self.num_experts}")
-        if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"H3FusionConfig.num_experts_per_tok must be in "
-                             f"[1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+        problem = top_k_problem(self.num_experts_per_tok, self.num_experts)
+        if problem:
+            raise ValueError(f"H3FusionConfig.num_experts_per_tok {problem}")
         checked_expert_names({"expert_names": self.expert_names, "num_experts": self.num_experts},
                              "H3FusionConfig")
         MOE_BACKENDS.check(self.moe_backend, "H3FusionConfig.moe_backend")

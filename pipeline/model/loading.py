@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..surgery.safetensors_io import CheckpointReader
+from ..checkpoint.safetensors_io import CheckpointReader
 
 __all__ = ["load_streamed", "model_from_state_dict", "meta_model"]
 

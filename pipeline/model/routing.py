@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..config_ranges import top_k_problem
 from .grouped_glu import GroupedGLU, PairGather, WeightedPairSum
 
 GroupedImpl = Literal["auto", "loop", "grouped_mm"]
@@ -59,8 +60,9 @@ def _router_logits(x_TH: torch.Tensor, router_weight_EH: torch.Tensor) -> torch.
 def route(x_TH: torch.Tensor, router_weight_EH: torch.Tensor, top_k: int) -> RouterOutput:
     """Linear router (no bias) -> softmax over E -> top-k -> renormalise the k weights."""
     num_experts = router_weight_EH.shape[0]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    problem = top_k_problem(top_k, num_experts)
+    if problem:
+        raise ValueError(f"top_k {problem}")
     logits_TE = _router_logits(x_TH, router_weight_EH)
     # softmax in fp32: bf16 probabilities are too coarse for the gating loss and for ties
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)

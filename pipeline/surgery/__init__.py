@@ -1,8 +1,8 @@
-"""Checkpoint surgery: build the fused MoE from dense experts and take it apart again.
+"""Checkpoint surgery: build the fused MoE from dense experts, take it apart, merge experts.
 
-Library functions, one module each: `build_moe`, `extract_expert`, `export_mixtral`,
-`zero_to_hf` (DeepSpeed ZeRO -> HF dir), `lora` (the pure LoRA merge) and `merge_lora` (adapter
-dir -> merged dir), `gguf` (GGUF -> plain Llama dir); the merging baselines are pipeline.merging.
-`plan` holds the pure key/shape checks, `safetensors_io` the streaming I/O. Their command-line
-options are in pipeline.commands.surgery (`h3fusion surgery <tool>`, tools/surgery/<tool>.py).
+Library functions, one module each: `build_moe`, `extract_expert`, `export_mixtral`, `merging`
+(the merging baselines: average, task arithmetic, TIES), `router_init`; `plan` holds the pure
+key/shape checks. Checkpoint I/O (safetensors, GGUF, LoRA, HF dirs) is pipeline.checkpoint; the
+ZeRO -> HF conversion is pipeline.backends.zero_to_hf. Command-line options are in
+pipeline.commands.surgery (`h3fusion surgery <tool>`, tools/surgery/<tool>.py).
 """

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
+from ..config_ranges import top_k_problem
 from ..io_utils import atomic_dir, sha256_dir, write_json
 from . import plan
 from .router_init import ROUTER_INITS, load_router_prompts, make_router_weights
-from .safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
+from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                              copy_optional_files, copy_tokenizer_files, read_config_json)
-from .tokenizer_check import check_same_tokenizer, has_tokenizer
+from ..checkpoint.tokenizer_check import check_same_tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
 MANIFEST = "fusion_manifest.json"
@@ -179,9 +180,9 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
     ROUTER_INITS.check(router_init, "--router-init")
-    if not 1 <= top_k <= len(experts):
-        raise ValueError(f"--top-k must be in [1, {len(experts)}] for {len(experts)} experts, "
-                         f"got {top_k}")
+    problem = top_k_problem(top_k, len(experts), " given by --experts")
+    if problem:
+        raise ValueError(f"--top-k {problem}")
     inputs = validate_inputs(base, experts, tokenizer)
     cfg = fusion_config(inputs.base_cfg, list(experts), top_k)
     prompts = None

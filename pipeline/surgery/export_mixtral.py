@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config_ranges import top_k_problem
 from ..io_utils import atomic_dir, sha256_dir, write_json
 from . import plan
 from .extract_expert import expert_rows, open_moe
-from .safetensors_io import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_optional_files,
+from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_optional_files,
                              copy_tokenizer_files)
 
 MANIFEST = "export_manifest.json"
@@ -30,9 +31,9 @@ SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 def check_expressible(cfg: dict, source: str) -> None:
     """Mixtral has no attention/MLP biases and routes with k <= E; refuse anything else."""
     experts, top_k = int(cfg["num_experts"]), plan.experts_per_token(cfg, source)
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"{source}: num_experts_per_tok={top_k} must be in [1, num_experts="
-                         f"{experts}] for Mixtral (num_experts_per_tok <= num_local_experts)")
+    problem = top_k_problem(top_k, experts, " (Mixtral: num_experts_per_tok <= num_local_experts)")
+    if problem:
+        raise ValueError(f"{source}: num_experts_per_tok {problem}")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise ValueError(f"{source}: {flag}=true cannot be expressed in Mixtral (no biases)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..io_utils import atomic_dir, sha256_dir, write_json
 from . import plan
-from .safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
+from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                              copy_optional_files, copy_tokenizer_files, read_config_json)
 
 MANIFEST = "extract_manifest.json"

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ..dimensions import expert_names  # noqa: F401  (plan.expert_names: the checked names of a fused config)
+
 MOE_PARAMS = ("w1", "v1", "w2")          # MegaBlocks GLU layout, each [E*F, H]
 # Llama config fields that must agree across the base and every expert.
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -180,16 +182,6 @@ def check_same_keys(reference: Mapping[str, tuple], other: Mapping[str, tuple],
         if tuple(other[key]) != tuple(shape):
             raise ValueError(f"{other_source}: tensor {key} has shape {list(other[key])}, "
                              f"{ref_source} has {list(shape)}")
-
-
-def expert_names(model_cfg: dict, source: str) -> list[str]:
-    """A fused model config's `expert_names`, checked against its `num_experts` (the one place
-    that check lives: extract_expert, fuse and the profiler all read names through here)."""
-    names, num = model_cfg.get("expert_names"), model_cfg.get("num_experts")
-    if not isinstance(names, list) or len(names) != num or len(set(names)) != len(names):
-        raise ValueError(f"{source}: expert_names {names!r} must name each of num_experts={num!r} "
-                         f"experts once")
-    return list(names)
 
 
 def expert_index(expert_names: list[str], name: str, source: str) -> int:

@@ -16,7 +16,7 @@ _BIN_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 def check_model_weights(model_dir: str | Path, what: str) -> None:
     """`model_dir` has readable weights: every safetensors shard's header and size agree with
     its index (`CheckpointReader`), or a PyTorch .bin checkpoint is there."""
-    from ..surgery.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
+    from ..checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 
     model_dir = Path(model_dir)
     if (model_dir / SINGLE_FILE).is_file() or (model_dir / INDEX_FILE).is_file():

@@ -1,4 +1,4 @@
-"""The training baselines (pipeline.train.multitask): step matching (unit) and the baselines as
+"""The training baselines (pipeline.train.baselines.stage): step matching (unit) and the baselines as
 real 2-process `h3fusion train-baseline` runs (torchrun, gloo, DeepSpeed ZeRO-3 on CPU).
 
 The tiny run (tests/conftest.py `tiny_run`) has 60 train rows per dimension. With the sets below:
@@ -23,7 +23,7 @@ import torch
 from pipeline.config import ConfigError, TrainConfig
 from pipeline.io_utils import read_json
 from pipeline.train.common import BatchSchedule
-from pipeline.train.multitask import plan_mismatches, prepare_extra_steps_job
+from pipeline.train.baselines.stage import plan_mismatches, prepare_extra_steps_job
 from pipeline.train.step_plan import StepPlan, plan_steps, rows_seen, training_steps
 from test_train_expert_fixtures import REPO, dist_env_vars, free_port, load_weights
 

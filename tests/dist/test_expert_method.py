@@ -35,7 +35,7 @@ def test_ffn_and_lora_experts_are_trained_timed_and_scored(tiny_run, tmp_path):
                       "--lora-set", "expert.lora.r=4"]) == 0
     result = json.loads((out / "expert_method.json").read_text())
     honest = result["tasks"]["honest"]
-    # built-in honest items are pairs (pipeline.data.dimensions): its first available score is pref_acc
+    # built-in honest items are pairs (pipeline.dimensions): its first available score is pref_acc
     assert honest["base"]["metric"] == "pref_acc" and honest["base"]["n_items"] == 4
     base_weights = load_file(str(tiny_run.base / "model.safetensors"))
     for method in ("ffn", "lora"):

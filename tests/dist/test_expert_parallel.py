@@ -78,8 +78,8 @@ def _check_model(rank, seed):
 
 def _fusion_loss(model, batch, start, gamma_E):
     """The fusion objective's differentiable terms (CE + gate + drift + load balance), on this
-    rank's micro batch: what pipeline.train.fusion_loop.FusionTask.loss adds up."""
-    from pipeline import losses
+    rank's micro batch: what pipeline.train.fusion.loop.FusionTask.loss adds up."""
+    from pipeline.train.fusion import losses
     out = model(input_ids=batch["ids"], attention_mask=batch["mask"], labels=batch["labels"])
     probs = [r.probs_TE for r in out.router_outputs]
     return (out.loss + losses.gating_loss(probs, batch["mask"], batch["task"])
@@ -103,7 +103,7 @@ def _rank_batches(rank, seed, steps):
 def _train(rank, seed, ep_group, steps):
     """`steps` optimizer steps of router+experts training with DeepSpeed's reduction (mean of
     the ranks' gradients); returns per step the mean loss and the reduced gradients."""
-    from pipeline.losses import snapshot_expert_params
+    from pipeline.train.fusion.losses import snapshot_expert_params
     from pipeline.model import set_trainable
     torch.manual_seed(seed)
     model = set_trainable(H3FusionForCausalLM(_config(3, 2)), "router+experts")

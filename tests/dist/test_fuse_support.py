@@ -95,7 +95,7 @@ def _hook(spec: dict | None, rank: int):
 
 def _run_job(job: dict, rank: int) -> dict:
     from pipeline.layout import RunLayout
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
 
     cfg = fusion_config(job["overrides"])
     run = RunLayout.at(job["run"])

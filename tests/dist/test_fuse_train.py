@@ -55,7 +55,7 @@ def _routing_accuracy(model_dir, rows, num_tasks):
     """Mean over tasks of token-level top-1 routing accuracy of a saved model on `rows`."""
     from pipeline.data.collate import SFTCollator
     from pipeline.model import H3FusionForCausalLM
-    from pipeline.train.fusion_metrics import top1_routing_hits
+    from pipeline.train.fusion.metrics import top1_routing_hits
 
     model = H3FusionForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     batch = SFTCollator(0)(rows)
@@ -112,7 +112,7 @@ def test_router_plus_lora_changes_only_router_and_attention(runs):
 
 def _drift(model_dir, init_dir, num_experts):
     from pipeline.model import H3FusionForCausalLM
-    from pipeline.losses import expert_drift, snapshot_expert_params
+    from pipeline.train.fusion.losses import expert_drift, snapshot_expert_params
 
     start = snapshot_expert_params(H3FusionForCausalLM.from_pretrained(str(init_dir)))
     return expert_drift(H3FusionForCausalLM.from_pretrained(str(model_dir)), start, num_experts).detach()

@@ -35,11 +35,11 @@ def build_tiny_run(root: Path) -> Path:
     """data + tokenizer + an untrained tiny base Llama (the expert stage's inputs)."""
     from transformers import AutoTokenizer
 
-    from pipeline.base import build_tiny_llama
+    from pipeline.train.base.stage import build_tiny_llama
     from pipeline.config import TinyModelConfig, load_config
     from pipeline.data.stage import run_data_stage
     from pipeline.layout import RunLayout
-    from pipeline.tokenizer import run_tokenizer_stage
+    from pipeline.tokenizer.stage import run_tokenizer_stage
 
     cfg = load_config("tiny", ["data.builtin.train_per_task=48", "data.builtin.dev_per_task=4",
                                "data.builtin.test_per_task=4", "tokenizer.vocab_size=512"])
@@ -89,6 +89,6 @@ def run_expert(tmp_path_factory, name: str, dimension: str, sets: list[str],
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from pipeline.surgery.zero_to_hf import load_hf_state_dict
+    from pipeline.checkpoint.hf_model import load_hf_state_dict
 
     return load_hf_state_dict(model_dir)

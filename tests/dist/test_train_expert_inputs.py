@@ -11,7 +11,7 @@ from pipeline.backends.deepspeed_engine import DsTrainSettings, load_ds_config, 
 from pipeline.commands import main as cli_main
 from pipeline.config import load_config
 from pipeline.train.common import BatchSchedule
-from pipeline.train.expert import prepare_job
+from pipeline.train.expert.stage import prepare_job
 
 DS_OK = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.surgery.zero_to_hf import zero_to_hf
+from pipeline.backends.zero_to_hf import zero_to_hf
 from test_train_expert import FFN_SETS, LORA_SETS
 from test_train_expert_fixtures import REPO, dist_env_vars, load_weights, run_expert
 

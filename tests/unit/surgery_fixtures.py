@@ -71,6 +71,6 @@ def make_family(root: Path, names=TASK_NAMES) -> tuple[Path, dict[str, Path]]:
 
 
 def dense_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    from pipeline.surgery.safetensors_io import CheckpointReader
+    from pipeline.checkpoint.safetensors_io import CheckpointReader
     reader = CheckpointReader(model_dir)
     return {k: reader.get(k) for k in reader.keys()}

@@ -329,7 +329,7 @@ def test_fuse_unwritable_output_is_refused_before_training(fused_init, tmp_path,
 
 def test_fuse_zero_training_rows(fused_init, tmp_path):
     from pipeline.layout import RunLayout
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
 
     paths = FusionPaths.for_run(RunLayout.at(tmp_path / "run"), str(fused_init))
     with pytest.raises(ValueError, match="fusion training data .*: 0 rows"):
@@ -440,9 +440,9 @@ def test_non_utf8_data_file_names_file_byte_offset_and_line(tmp_path, capsys, sh
 
 
 @pytest.mark.parametrize("command,target,extra", [
-    ("train-expert", "pipeline.train.expert.train_expert", ["--dimension", "helpful"]),
-    ("train-baseline", "pipeline.train.multitask.train_baseline", ["--variant", "data_matched"]),
-    ("fuse", "pipeline.train.fuse.train_fusion", []),
+    ("train-expert", "pipeline.train.expert.stage.train_expert", ["--dimension", "helpful"]),
+    ("train-baseline", "pipeline.train.baselines.stage.train_baseline", ["--variant", "data_matched"]),
+    ("fuse", "pipeline.train.fusion.stage.train_fusion", []),
 ])
 def test_non_finite_loss_stop_is_one_line_on_stderr_with_exit_3(tmp_path, capsys, monkeypatch,
                                                                 command, target, extra):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-from pipeline.base import run_base_stage
-from pipeline.surgery.gguf import check_llama_dir
-from pipeline.train.pretrain import lr_at, pack_blocks
+from pipeline.train.base.stage import run_base_stage
+from pipeline.checkpoint.gguf import check_llama_dir
+from pipeline.train.base.pretrain import lr_at, pack_blocks
 from pipeline.config import BaseConfig, TrainConfig
 
 

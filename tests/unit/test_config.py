@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, PipelineConfig, check_dimension, dump_yaml, load_config
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
+from pipeline.dimensions import DEFAULT_DIMENSIONS as TASKS
 
 
 def test_presets_load_and_validate():

@@ -4,8 +4,8 @@ import string
 from pipeline.config import BuiltinDataConfig
 from pipeline.data.builtin import build_builtin, pretrain_texts
 from pipeline.data.builtin_content import BENIGN_REQUESTS, COMPLIANT, HARMFUL_ACTIONS, MISCONCEPTIONS, UNITS
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
-from pipeline.data.dimensions import resolve_dimensions
+from pipeline.dimensions import DEFAULT_DIMENSIONS as TASKS
+from pipeline.dimensions import resolve_dimensions
 from pipeline.eval.metrics import extract_final_answer, normalize_answer
 
 DIMS = resolve_dimensions(TASKS, {})

@@ -9,7 +9,7 @@ from pipeline.config import RealDataConfig
 from pipeline.data.loaders import (load_alpaca, load_alpaca_eval, load_beavertails, load_truthfulqa,
                                    load_truthfulqa_mc)
 from pipeline.data.loading import load_eval, load_sft
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
+from pipeline.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
 from pipeline.data.real import REAL_REFUSALS, build_real
 
 DIMS = resolve_dimensions(DEFAULT_DIMENSIONS, {})

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.commands import main as cli_main
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
+from pipeline.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.data import EVAL_COLUMNS, SFT_COLUMNS
 from pipeline.data.loading import data_dimensions, load_eval, load_mixed_sft, load_pretrain, load_sft
 
@@ -55,7 +55,7 @@ def test_benign_rows_carry_the_helpful_routing_label_and_the_manifest_counts_the
     assert counts["eval/harmless/test"] == {"helpful": kinds.count("benign_prompt"),
                                             "harmless": len(kinds) - kinds.count("benign_prompt")}
     # the routing profile (claim d) and the `prompts` router init read a dimension's rows by label
-    from pipeline.profiling import profile_texts
+    from pipeline.profiling.stage import profile_texts
     from pipeline.surgery.router_init import load_router_prompts
     dev = load_sft(tiny_run.data, "harmless", "dev").to_list()
     pairs = profile_texts(tiny_run.data, "harmless", "dev", 0)

@@ -118,7 +118,7 @@ def test_evaluate_cli_writes_report_for_every_model_in_the_run(eval_run, capsys)
     assert list(report["models"]) == names == list(discover_models(eval_run))
     for name in names:
         m = report["metrics"][name]
-        # built-in honest items are length-normalised pairs (pipeline.data.dimensions: why)
+        # built-in honest items are length-normalised pairs (pipeline.dimensions: why)
         assert m["honest"]["n_pair"] == 4 and m["honest"]["n_mc"] == 0 and m["honest"]["mc2"] is None
         assert 0.0 <= m["honest"]["pref_acc"] <= 1.0
         kinds = report["items"]["harmless"]["kind"]   # the built-in kinds' mix of the 4 rows

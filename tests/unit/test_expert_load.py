@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ProfileConfig
 from pipeline.data.template import encode_prompt_response, format_prompt
 from pipeline.model import RouterOutput
-from pipeline.profiling import ALL, profile_model
+from pipeline.profiling.stage import ALL, profile_model
 from test_eval_fixtures import build_data_dir, char_tokenizer, save_tiny_fused
 
 EVEN, ODD, PAD_ROUTE = [0.6, 0.3, 0.1], [0.1, 0.3, 0.6], [0.0, 0.0, 1.0]
@@ -165,7 +165,7 @@ def test_expert_load_tool_runs_directly(fused_run, tmp_path):
 
 
 def test_profiling_rejects_a_dense_model(fused_run, tmp_path):
-    from pipeline.profiling import profile_model_dir
+    from pipeline.profiling.stage import profile_model_dir
     from test_eval_fixtures import save_tiny_llama
     dense = save_tiny_llama(tmp_path / "dense", seed=0)
     with pytest.raises(ValueError, match="not a fused H3Fusion MoE"):

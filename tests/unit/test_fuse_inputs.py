@@ -10,10 +10,10 @@ import torch
 from pipeline.commands import main as cli_main
 from pipeline.config import ConfigError, load_config
 from pipeline.layout import RunLayout
-from pipeline.train.fuse import (FusionPaths, check_fusion_settings, check_label_width,
+from pipeline.train.fusion.stage import (FusionPaths, check_fusion_settings, check_label_width,
                                  read_fused_config, train_fusion)
 
-MODEL = {"model_type": "h3fusion", "num_experts": 3, "expert_names": ["helpful", "harmless", "honest"]}
+MODEL = {"model_type": "h3fusion", "num_experts": 3, "num_experts_per_tok": 2, "expert_names": ["helpful", "harmless", "honest"]}
 
 
 def _fusion(*overrides):
@@ -48,7 +48,9 @@ def test_cli_reports_missing_fused_init(tmp_path, capsys):
      "does not divide the number of experts 3, which fusion.moe_backend=megablocks needs"),
     (["fusion.ep_degree=3"], 2, 2, "does not divide the world size 2"),
     (["fusion.ep_degree=3"], 3, 3, "ZeRO-3 partitions the experts"),
-    (["fusion.top_k=4"], 2, 2, "top_k=4"),
+    # the built model's num_experts_per_tok is the routing top-k's one source
+    (["fusion.top_k=1"], 2, 2, "fusion.top_k=1, but the fused model was built with "
+                               "num_experts_per_tok=2: rebuild it"),
     (["fusion.trainable=router+experts", "fusion.gamma.honest=0.1"], 2, 3, "drift penalty"),
     ([], 2, 1, "ZeRO stage 2 or 3"),
 ])
@@ -58,7 +60,7 @@ def test_settings_checks(overrides, world, stage, match):
 
 
 def test_gamma_for_missing_expert_is_an_error_only_when_nonzero():
-    two = {"model_type": "h3fusion", "num_experts": 2, "expert_names": ["helpful", "harmless"]}
+    two = {"model_type": "h3fusion", "num_experts": 2, "num_experts_per_tok": 2, "expert_names": ["helpful", "harmless"]}
     check_fusion_settings(_fusion(), two, 2, 2)   # default gamma lists 'honest' with 0: fine
     with pytest.raises(ConfigError, match=r"experts \['honest'\].*its experts: \['helpful', 'harmless'\]"):
         check_fusion_settings(_fusion("fusion.gamma.honest=0.5"), two, 2, 2)

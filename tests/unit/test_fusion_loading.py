@@ -146,8 +146,8 @@ def test_consolidated_model_holds_the_state_tensors_and_merges_lora(init_dir):
 @pytest.mark.parametrize("accelerator,dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
 def test_fusion_loop_loads_in_the_engine_dtype(init_dir, monkeypatch, accelerator, dtype):
     from pipeline.config import load_config
-    from pipeline.train.fuse import FusionPaths
-    from pipeline.train.fusion_loop import FusionLoop
+    from pipeline.train.fusion.stage import FusionPaths
+    from pipeline.train.fusion.loop import FusionLoop
 
     raw = dse.load_ds_config(dse.find_ds_config("ds_configs/zero2_fusion_ep.json"), None)
     ds = dse.resolve_ds_config(raw, dse.DsTrainSettings(1, 1, 1.0, 1e-3, 0.0, 1), accelerator)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.train.fusion_metrics import (CollapseDetector, accuracy_by_name, routed_load,
+from pipeline.train.fusion.metrics import (CollapseDetector, accuracy_by_name, routed_load,
                                            routing_entropy, top1_load,
                                            top1_routing_hits)
 

@@ -129,7 +129,7 @@ def test_run_with_megablocks_on_a_machine_without_cuda_fails_before_any_stage(
 
 def test_fuse_with_megablocks_on_a_machine_without_cuda_fails_first(monkeypatch, tmp_path):
     from pipeline.layout import RunLayout
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
 
     fake_cuda(monkeypatch, built_for=None)
     cfg = load_config("tiny", ["fusion.moe_backend=megablocks"])

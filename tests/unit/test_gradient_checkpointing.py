@@ -14,10 +14,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from pipeline import losses
+from pipeline.train.fusion import losses
 from pipeline.config import load_config
 from pipeline.model import H3FusionConfig, H3FusionForCausalLM, set_trainable
-from pipeline.train.expert import mark_ffn_trainable
+from pipeline.train.expert.stage import mark_ffn_trainable
 from pipeline.train.grad_checkpointing import checkpointed_layers, prepare_for_training
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -117,7 +117,7 @@ def _tiny_cfg(section: str, on: bool):
 @pytest.mark.parametrize("on", [True, False])
 def test_stage1_model_builder_reads_expert_train_key(tmp_path, monkeypatch, on):
     from pipeline.backends import deepspeed_engine
-    from pipeline.train.expert import ExpertJob, build_model
+    from pipeline.train.expert.stage import ExpertJob, build_model
 
     _dense().save_pretrained(tmp_path / "base")
     # no ZeRO-3 partitioning in one process without deepspeed: the builder's own logic only
@@ -131,7 +131,7 @@ def test_stage1_model_builder_reads_expert_train_key(tmp_path, monkeypatch, on):
 @pytest.mark.parametrize("on", [True, False])
 def test_stage2_model_builder_reads_fusion_train_key(monkeypatch, on):
     from pipeline.backends import deepspeed_engine
-    from pipeline.train import fusion_loop
+    from pipeline.train.fusion import loop as fusion_loop
 
     cfg = _tiny_cfg("fusion", on)
     loop = object.__new__(fusion_loop.FusionLoop)   # the builder alone: no signals, no engine
@@ -146,7 +146,7 @@ def test_stage2_model_builder_reads_fusion_train_key(monkeypatch, on):
 def test_baselines_take_the_key_of_the_train_section_they_run_with():
     """multitask trains with expert.train, extra_steps with fusion.train (docs/baselines.md):
     the stage-1 job they build carries that section's switch."""
-    from pipeline.train.multitask import _baseline_config
+    from pipeline.train.baselines.stage import _baseline_config
 
     cfg = _tiny_cfg("fusion", True)
     assert not _baseline_config(cfg, cfg.expert.train).expert.train.gradient_checkpointing

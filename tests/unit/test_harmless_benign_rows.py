@@ -3,7 +3,7 @@ helpful training rows past the cap (no row shared between the experts), never an
 import pytest
 
 from pipeline.config import ConfigError, RealDataConfig, load_config
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
+from pipeline.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
 from pipeline.data.overlap import normalise
 from pipeline.data.real import REAL_REFUSALS, build_real
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from pipeline.config import ConfigError, RealDataConfig
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
+from pipeline.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
 from pipeline.data.overlap import STOP_WORDS, jaccard, near_duplicates, normalise, split_overlap
 from pipeline.data.real import REAL_REFUSALS, build_real
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.hub import HubUnavailableError, resolve_model
+from pipeline.checkpoint.hub import HubUnavailableError, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -68,9 +68,9 @@ def test_cached_id_resolves_to_its_snapshot_by_branch_and_by_commit(hub_cache, t
 
 
 def test_uncached_id_offline_is_one_error_before_any_output(hub_cache, tmp_path):
-    from pipeline.base import run_base_stage
+    from pipeline.train.base.stage import run_base_stage
     from pipeline.config import BaseConfig, TokenizerConfig
-    from pipeline.tokenizer import run_tokenizer_stage
+    from pipeline.tokenizer.stage import run_tokenizer_stage
     run = tmp_path / "run"
     with pytest.raises(HubUnavailableError) as err:
         run_base_stage(BaseConfig(path="hf:org/missing"), run)
@@ -130,9 +130,9 @@ def test_refusals_of_the_hub_are_one_error_each(name, says, hub_cache, monkeypat
 
 def test_base_and_tokenizer_stages_from_a_hub_id(hub_cache, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
-    from pipeline.base import run_base_stage
+    from pipeline.train.base.stage import run_base_stage
     from pipeline.config import BaseConfig, TokenizerConfig
-    from pipeline.tokenizer import run_tokenizer_stage
+    from pipeline.tokenizer.stage import run_tokenizer_stage
     snap = add_to_cache(hub_cache, "org/tiny", tiny_model_dir)
     run = tmp_path / "run"
     manifest = run_base_stage(BaseConfig(path="hf:org/tiny"), run)
@@ -193,7 +193,7 @@ def test_hub_dataset_offline_and_not_cached_is_one_error(tmp_path, monkeypatch):
 
 
 def test_config_checks_hub_spec_syntax_and_hints_at_the_prefix(tmp_path):
-    from pipeline.base import run_base_stage
+    from pipeline.train.base.stage import run_base_stage
     from pipeline.config import BaseConfig, ConfigError, load_config
     cfg = load_config("llama2-7b")
     assert (cfg.base.path, cfg.data.real.beavertails) == ("hf:meta-llama/Llama-2-7b-hf",

@@ -1,7 +1,9 @@
 """The package's import structure, read with `ast` (nothing is imported):
 
 - no import cycle between modules of `pipeline` (function-level imports included: a lazy import
-  still ties the two modules together);
+  still ties the two modules together), and none between its folders either (every
+  `pipeline.X.*` folded into `pipeline.X`; a root module is its own node);
+- the root of `pipeline/` holds only the ground floor, which imports no folder above it;
 - only `pipeline/commands` (the command layer) imports `pipeline.commands` or parses arguments
   (imports argparse);
 - only `pipeline/backends` imports deepspeed or megablocks;
@@ -121,6 +123,25 @@ def _cycle_in(graph: dict[str, set[str]], scc: list[str]) -> list[str]:
     raise AssertionError(f"no cycle in component {scc}")
 
 
+def folder_of(name: str, packages: set[str]) -> str:
+    """`pipeline.X` for any module inside the sub-package `pipeline.X`, else the module itself."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if len(parts) >= 2 and ".".join(parts[:2]) in packages else name
+
+
+def folder_graph(graph: dict[str, set[str]], modules: dict[str, tuple[bool, str]]) -> dict[str, set[str]]:
+    """The module graph with every sub-package of the top package folded into one node."""
+    top = {n.split(".")[0] for n in modules}
+    packages = {n for n, (is_pkg, _) in modules.items() if is_pkg and n not in top}
+    folded: dict[str, set[str]] = {}
+    for name, deps in graph.items():
+        node = folder_of(name, packages)
+        folded.setdefault(node, set()).update(folder_of(d, packages) for d in deps)
+    for node, deps in folded.items():
+        deps.discard(node)
+    return folded
+
+
 def _is_within(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
@@ -171,6 +192,30 @@ def test_no_import_cycles():
     assert not cycles, "import cycles in pipeline/:\n" + "\n".join("  " + " -> ".join(c) for c in cycles)
 
 
+def test_no_folder_cycles():
+    cycles = find_cycles(folder_graph(import_graph(package_modules()), package_modules()))
+    assert not cycles, "import cycles between folders of pipeline/:\n" + "\n".join(
+        "  " + " -> ".join(c) for c in cycles)
+
+
+# the root of pipeline/: the package itself and the ground floor (stages.py reads the stage
+# graph off the config and registries); everything else lives in a folder
+GROUND_FLOOR = {"config", "config_ranges", "config_schema", "dimensions", "env", "io_utils", "layout",
+                "precision", "registry", "run_lock"}
+ROOT_MODULES = GROUND_FLOOR | {"__init__", "stages"}
+BELOW_GROUND = {"checkpoint"}   # the checkpoint floor may be read by config (Hub ids)
+
+
+def test_root_holds_only_the_ground_floor():
+    root = {p.stem for p in (REPO / PACKAGE).glob("*.py")}
+    assert root == ROOT_MODULES, f"root modules besides the ground floor: {sorted(root - ROOT_MODULES)}"
+    modules = package_modules()
+    graph = folder_graph(import_graph(modules), modules)
+    bad = [(f"{PACKAGE}.{m}", d) for m in sorted(GROUND_FLOOR) for d in sorted(graph[f"{PACKAGE}.{m}"])
+           if d.split(".")[1] not in GROUND_FLOOR | BELOW_GROUND]
+    assert not bad, f"ground-floor modules importing folders above them: {bad}"
+
+
 def test_layers_are_respected():
     bad = layer_violations(package_modules())
     assert not bad, "import rule broken:\n" + "\n".join("  " + b for b in bad)
@@ -209,8 +254,20 @@ def test_cycle_finder_reports_the_cycle():
     assert find_cycles({"x": {"y"}, "y": {"x"}, "z": {"x"}}) == [["x", "y", "x"]]
 
 
+def test_folder_graph_folds_sub_packages():
+    modules = {**SYNTHETIC, "pkg.top": (False, "from .sub import c\n")}
+    folded = folder_graph(import_graph(modules), modules)
+    assert folded["pkg.sub"] == {"pkg.a"} and folded["pkg.top"] == {"pkg.sub"}
+    # a cycle between folders that no two modules form: pkg.x.m -> pkg.y.n, pkg.y.k -> pkg.x.j
+    split = {"pkg": (True, ""), "pkg.x": (True, ""), "pkg.y": (True, ""),
+             "pkg.x.m": (False, "from ..y import n\n"), "pkg.x.j": (False, ""),
+             "pkg.y.n": (False, ""), "pkg.y.k": (False, "from ..x import j\n")}
+    assert find_cycles(import_graph(split)) == []
+    assert find_cycles(folder_graph(import_graph(split), split)) == [["pkg.x", "pkg.y", "pkg.x"]]
+
+
 def test_layer_and_tool_checks_catch_violations():
-    modules = {"pipeline.train.expert": (False, "def f():\n    from ..commands import base\n"),
+    modules = {"pipeline.train.loop": (False, "def f():\n    from ..commands import base\n"),
                "pipeline.model.moe": (False, "import megablocks.layers\n"),
                "pipeline.backends.megablocks_moe": (False, "import megablocks\n"),
                "pipeline.commands.base": (False, "import argparse\nfrom . import add_config_arguments\n"),
@@ -219,10 +276,10 @@ def test_layer_and_tool_checks_catch_violations():
     assert len(bad) == 3
     assert bad[0].startswith("pipeline.model.moe imports megablocks.layers")
     assert bad[1].startswith("pipeline.surgery.build_moe imports argparse")
-    assert bad[2].startswith("pipeline.train.expert imports pipeline.commands")
+    assert bad[2].startswith("pipeline.train.loop imports pipeline.commands")
     assert tool_violations("t.py", "from pipeline.commands.run import main\n")
     assert tool_violations("t.py", "from pipeline.train.common import _helper\n")
-    assert not tool_violations("t.py", "from pipeline.profiling import profile_model_dir\nimport torch\n")
+    assert not tool_violations("t.py", "from pipeline.profiling.stage import profile_model_dir\nimport torch\n")
 
 
 @pytest.mark.parametrize("path, expected", [("pipeline/__init__.py", ("pipeline", True)),

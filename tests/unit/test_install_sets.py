@@ -174,7 +174,7 @@ def test_fusion_refuses_megablocks_without_its_ops_before_reading_any_weights(mo
                                                                              tmp_path):
     from pipeline import stages
     from pipeline.config import load_config
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
     _megablocks_build(monkeypatch, ops=False)
     monkeypatch.setattr(stages, "require_cuda_for", lambda cfg, names=None: None)  # "a GPU node"
     cfg = load_config("tiny", ["fusion.moe_backend=megablocks"])

@@ -17,7 +17,7 @@ from pipeline.train import common
 from pipeline.train.common import (BatchSchedule, max_over_ranks, reduce_over_ranks,
                                    sum_over_ranks, warmup_cosine)
 from pipeline.train.loop import LoopSettings, NonFiniteLossError, TorchEngine, TrainLoop
-from pipeline.train.pretrain import lr_at, pretrain
+from pipeline.train.base.pretrain import lr_at, pretrain
 
 TRAIN_DIR = Path(__file__).resolve().parents[2] / "pipeline" / "train"
 
@@ -25,7 +25,7 @@ TRAIN_DIR = Path(__file__).resolve().parents[2] / "pipeline" / "train"
 # ----------------------------------------------------------------------------- LR schedule
 
 def _old_base_lr(step: int, total: int, train: TrainConfig) -> float:
-    """pipeline/base.py's lr_at before the shared loop (HEAD b7e9bc8), verbatim."""
+    """pipeline/train/base/stage.py's lr_at before the shared loop (HEAD b7e9bc8), verbatim."""
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     progress = (step - train.warmup_steps) / max(1, total - train.warmup_steps)
@@ -73,7 +73,7 @@ def _tiny_llama(seed: int = 0):
 
 
 def _old_pretrain_loop(model, train_blocks, train: TrainConfig, total: int) -> float:
-    """The training part of pipeline/base.py's pretrain before the shared loop, verbatim."""
+    """The training part of pipeline/train/base/stage.py's pretrain before the shared loop, verbatim."""
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(train.seed)
     order, cursor, train_loss = torch.randperm(len(train_blocks), generator=gen), 0, float("nan")
@@ -129,7 +129,7 @@ class _MemoryCheckpoints:
 
 def _expert_task(world: int = 1):
     from pipeline.data.collate import SFTCollator
-    from pipeline.train.expert import ExpertTask
+    from pipeline.train.expert.stage import ExpertTask
 
     gen = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(1, 40, (10,), generator=gen).tolist(),

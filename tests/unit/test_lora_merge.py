@@ -1,4 +1,4 @@
-"""LoRA merge (pipeline.surgery.lora) against PEFT's own merge_and_unload."""
+"""LoRA merge (pipeline.checkpoint.lora) against PEFT's own merge_and_unload."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.io_utils import read_json
-from pipeline.surgery.lora import lora_scale, merge_lora_state_dict, read_adapter, split_peft_state_dict
-from pipeline.surgery.merge_lora import merge_lora_dir
-from pipeline.surgery.zero_to_hf import load_hf_state_dict
+from pipeline.checkpoint.lora import lora_scale, merge_lora_state_dict, read_adapter, split_peft_state_dict
+from pipeline.checkpoint.merge_lora import merge_lora_dir
+from pipeline.checkpoint.hf_model import load_hf_state_dict
 
 TARGETS = ["gate_proj", "up_proj", "down_proj"]
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import (drift_penalty, expert_drift, expert_param_triples, gating_loss,
+from pipeline.train.fusion.losses import (drift_penalty, expert_drift, expert_param_triples, gating_loss,
                              load_balance_loss, move_snapshot, router_z_loss,
                              sample_routing_probs, snapshot_expert_params)
 from pipeline.model import H3FusionConfig, H3FusionForCausalLM
@@ -133,7 +133,7 @@ def test_router_z_loss_hand_computed():
 
 
 def test_gate_token_mask_selects_positions_that_predict_the_response():
-    from pipeline.losses import gate_token_mask
+    from pipeline.train.fusion.losses import gate_token_mask
     # row 0: prompt p p, response 7 then EOS 8, one pad; logits at t predict labels[t+1], so the
     # last prompt position (1) is in and the EOS position (3) is out
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
@@ -147,7 +147,7 @@ def test_gate_token_mask_selects_positions_that_predict_the_response():
 
 
 def test_gating_loss_on_response_tokens_ignores_prompt_routing():
-    from pipeline.losses import gate_token_mask
+    from pipeline.train.fusion.losses import gate_token_mask
     # positions that predict the response (1 and 2: labels[2], labels[3]) routed to expert 2 (the
     # label); the first prompt position and the last (EOS) position to expert 0
     e0, e2 = [0.98, 0.01, 0.01], [0.01, 0.01, 0.98]
@@ -161,7 +161,7 @@ def test_gating_loss_on_response_tokens_ignores_prompt_routing():
 
 
 def test_response_span_masks_match_the_label_shift():
-    from pipeline.losses import first_response_mask, predicts_response_mask, response_span_masks
+    from pipeline.train.fusion.losses import first_response_mask, predicts_response_mask, response_span_masks
     # two sequences: prompt of 3 / 2 tokens, real lengths 6 / 4, padded to 7
     starts, lengths = torch.tensor([3, 2]), torch.tensor([6, 4])
     span, first = response_span_masks(starts, lengths, 7)

@@ -147,7 +147,7 @@ def test_activation_formula_matches_what_autograd_keeps(stage, setting):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     from pipeline.model import H3FusionConfig, H3FusionForCausalLM, set_trainable
-    from pipeline.train.expert import mark_ffn_trainable
+    from pipeline.train.expert.stage import mark_ffn_trainable
     extra = ["expert.method=lora", "fusion.trainable=router+lora"] if "dropout" in setting else []
     cfg = load_config("tiny", ["base.tiny.num_key_value_heads=2", "base.tiny.num_hidden_layers=3",
                                *extra, setting])
@@ -201,7 +201,7 @@ def _write_gguf(path, tied: bool) -> None:
 
 
 def test_gguf_header_reads_what_ggufs_own_reader_reads(tmp_path):
-    from pipeline.surgery.gguf_header import GGUFArray, gguf_llama_config, read_gguf_header
+    from pipeline.checkpoint.gguf_header import GGUFArray, gguf_llama_config, read_gguf_header
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "m.gguf"
     _write_gguf(path, tied=True)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pipeline import merging
+from pipeline.surgery import merging
 from pipeline.commands import main as cli_main
 from surgery_fixtures import TASK_NAMES, dense_state, make_family, save_tiny_llama, tiny_llama_config
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipeline.losses import gating_loss
+from pipeline.train.fusion.losses import gating_loss
 from pipeline.model import H3FusionConfig, H3FusionForCausalLM, moe_layers, set_trainable
 from pipeline.model.trainable import trainable_parameter_names
 

@@ -14,18 +14,18 @@ TINY = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_atten
 
 
 def test_registry_names_lookup_and_errors():
-    reg = Registry("widget", {"a": "pipeline.merging:average"})
+    reg = Registry("widget", {"a": "pipeline.surgery.merging:average"})
     assert reg.names() == ("a",) and "a" in reg and list(reg) == ["a"]
-    from pipeline.merging import average
+    from pipeline.surgery.merging import average
     assert reg.get("a", "x") is average
     with pytest.raises(ValueError, match=r"^widgets\.kind: unknown widget 'b' \(known: a\)$"):
         reg.get("b", "widgets.kind")
-    reg.register("b", "pipeline.merging:ties")
+    reg.register("b", "pipeline.surgery.merging:ties")
     assert reg.names() == ("a", "b")
     with pytest.raises(ValueError, match="already registered"):
-        reg.register("a", "pipeline.merging:ties")
+        reg.register("a", "pipeline.surgery.merging:ties")
     with pytest.raises(ValueError, match="module:attr"):
-        reg.register("c", "pipeline.merging.ties")
+        reg.register("c", "pipeline.surgery.merging.ties")
 
 
 @pytest.mark.parametrize("reg", [MERGE_METHODS, ROUTER_INITS, TIES_TRIM_SCOPES], ids=lambda r: r.kind)
@@ -103,7 +103,7 @@ def test_torch_backend_output_is_bit_identical_to_the_dropless_primitive():
 
 
 def test_unknown_router_init_and_merge_method_are_clear_errors(tmp_path):
-    from pipeline.merging import merge_tensor
+    from pipeline.surgery.merging import merge_tensor
     from pipeline.surgery.router_init import make_router_weights
     cfg = {"num_hidden_layers": 2, "hidden_size": 8}
     with pytest.raises(ValueError, match=r"unknown router init 'ortho' \(known: zeros, normal, "

@@ -77,7 +77,7 @@ def test_legacy_and_new_name_must_agree():
     assert H3FusionConfig(**TINY, top_k=3, num_experts_per_tok=3).num_experts_per_tok == 3
     with pytest.raises(ValueError, match="legacy top_k=2 contradicts num_experts_per_tok=1"):
         H3FusionConfig(**TINY, top_k=2, num_experts_per_tok=1)
-    with pytest.raises(ValueError, match="num_experts_per_tok must be in"):
+    with pytest.raises(ValueError, match="num_experts_per_tok must be <= the number of experts, 3, got 4"):
         H3FusionConfig(**TINY, num_experts_per_tok=4)
 
 

@@ -1,7 +1,7 @@
 """The [0, 1] score-metric registry (pipeline/eval/score_metrics.py) on hand-made per-item data."""
 import pytest
 
-from pipeline.data.dimensions import get_dimension, registered
+from pipeline.dimensions import get_dimension, registered
 from pipeline.eval.score_metrics import (
     ALL, check_score_metric_names, get_score_metric, score_metric_names,
 )

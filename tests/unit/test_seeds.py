@@ -58,7 +58,8 @@ def seeded():
 def test_every_training_stage_reads_its_seed_from_the_config(seeded, tmp_path, monkeypatch):
     from pipeline.ensemble import stage as ensemble_stage
     from pipeline.stages import pipeline_stages
-    from pipeline.train import fusion_data, multitask
+    from pipeline.train.baselines import stage as multitask
+    from pipeline.train.fusion import data as fusion_data
     from pipeline.train.step_plan import StepPlan
 
     run = RunLayout.at(tmp_path)
@@ -75,7 +76,7 @@ def test_every_training_stage_reads_its_seed_from_the_config(seeded, tmp_path, m
                         "count_saved_rows": lambda *a: 8,
                         "checked_job": lambda cfg, *a, **kw: jobs.append((cfg, kw))}.items():
         monkeypatch.setattr(multitask, name, value)
-    monkeypatch.setattr("pipeline.surgery.gguf.check_llama_dir", lambda *a: {})
+    monkeypatch.setattr("pipeline.checkpoint.gguf.check_llama_dir", lambda *a: {})
     multitask.prepare_multitask_job(seeded, tmp_path, "data_matched")
     run.expert("helpful").mkdir(parents=True)
     multitask.prepare_extra_steps_job(seeded, tmp_path, "helpful")

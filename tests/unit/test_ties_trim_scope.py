@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from pipeline import merging
+from pipeline.surgery import merging
 from pipeline.commands import main as cli_main
 from pipeline.config import ConfigError, load_config
 from surgery_fixtures import make_family

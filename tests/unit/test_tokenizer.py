@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 from pipeline.config import TokenizerConfig
 from pipeline.data.template import format_prompt
 from pipeline.eval import harness
-from pipeline.tokenizer import ROUND_TRIP_PROBE, run_tokenizer_stage
+from pipeline.tokenizer.stage import ROUND_TRIP_PROBE, run_tokenizer_stage
 
 
 def test_trained_tokenizer_loads_with_specials(tiny_run):

@@ -100,7 +100,7 @@ def test_deepspeed_engine_forward_runs_under_the_stages_autocast():
 
 def test_fusion_moe_under_cpu_bf16_keeps_router_and_loss_terms_fp32(monkeypatch):
     from pipeline.model import H3FusionConfig, H3FusionForCausalLM, routing, set_trainable
-    from pipeline.train.fusion_loop import FusionTask
+    from pipeline.train.fusion.loop import FusionTask
 
     expert_inputs: set = set()
     glu = routing.GroupedGLU
@@ -176,10 +176,10 @@ def no_cpu_bf16(monkeypatch):
 
 def test_bf16_on_a_cpu_without_it_is_one_error_before_any_stage_writes(tmp_path, no_cpu_bf16,
                                                                        monkeypatch):
-    from pipeline.base import run_base_stage
+    from pipeline.train.base.stage import run_base_stage
     from pipeline.layout import RunLayout
-    from pipeline.train.expert import checked_job
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.expert.stage import checked_job
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
 
     monkeypatch.setenv("H3F_DEVICE", "cpu")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")   # accelerator_kind() sets it: restored after

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Stage 2 (fusion) smoke run: a SmolLM2-135M-SHAPED H3Fusion MoE, RANDOMLY INITIALISED (not the
 real SmolLM2 weights: its 98 MB GGUF is too large to carry to the GPU machine), trained for
-`--steps` optimizer steps by the real `pipeline.train.fuse.train_fusion` (DeepSpeed ZeRO-2 from
+`--steps` optimizer steps by the real `pipeline.train.fusion.stage.train_fusion` (DeepSpeed ZeRO-2 from
 ds_configs/zero2_fusion_ep.json: bf16 on a GPU, fp32 on the CPU) on synthetic pre-tokenized rows
 (each task's tokens come from its own id range, so routing can separate the tasks; no `datasets`
 needed). One process. Passes when every loss is finite and the mean total loss of the last 5
@@ -131,7 +131,7 @@ def train(args, work: Path) -> dict:
     """Build the model, run fusion, return the report (without the verdict's pass/fail)."""
     import torch
     from pipeline.layout import RunLayout
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
 
     t0 = time.time()
     init = work / "fused_init"

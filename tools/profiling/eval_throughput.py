@@ -85,7 +85,7 @@ def load_mc_items(path: Path, limit: int) -> list[tuple[str, list[str]]]:
 
 def _convert(spec: str, cache: Path) -> Path:
     """Convert the GGUF into `cache` once (the library's conversion, atomically)."""
-    from pipeline.surgery.gguf import convert_gguf, resolve_gguf
+    from pipeline.checkpoint.gguf import convert_gguf, resolve_gguf
     if not (cache / "config.json").is_file():
         with atomic_dir(cache) as tmp:
             convert_gguf(resolve_gguf(spec), Path(tmp))

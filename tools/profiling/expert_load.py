@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.config import ProfileConfig
-    from pipeline.profiling import profile_model_dir
+    from pipeline.profiling.stage import profile_model_dir
 
     cfg = ProfileConfig(max_items_per_task=args.max_items, batch_size=args.batch_size, split=args.split,
                         max_seq_len=args.max_seq_len, collapse_threshold=args.collapse_threshold)

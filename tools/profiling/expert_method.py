@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data.dimensions import DEFAULT_DIMENSIONS  # noqa: E402
+from pipeline.dimensions import DEFAULT_DIMENSIONS  # noqa: E402
 from pipeline.io_utils import atomic_dir, write_json  # noqa: E402
 from pipeline.layout import RunLayout  # noqa: E402
 

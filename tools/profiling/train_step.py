@@ -90,7 +90,7 @@ def build_expert_model(shape: dict, ds: dict | None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.backends.deepspeed_engine import zero3_init_context
-    from pipeline.train.expert import mark_ffn_trainable
+    from pipeline.train.expert.stage import mark_ffn_trainable
     torch.manual_seed(0)
     with zero3_init_context(ds) if ds is not None else nullcontext():
         model = LlamaForCausalLM(LlamaConfig(**shape))
@@ -264,9 +264,9 @@ def fusion_engines(cfg, args, shape, precision, loss_fns: dict) -> dict:
     """engine name -> engine of stage 2 in `precision`; each engine's `FusionTask.loss` goes
     into `loss_fns` (by engine id)."""
     from pipeline.backends import deepspeed_engine as dse
-    from pipeline.losses import move_snapshot, snapshot_expert_params
+    from pipeline.train.fusion.losses import move_snapshot, snapshot_expert_params
     from pipeline.model.trainable import trainable_param_groups
-    from pipeline.train.fusion_loop import FusionTask
+    from pipeline.train.fusion.loop import FusionTask
     fcfg, num_experts = cfg.fusion, len(cfg.dimensions)
     micro, _ = _train_settings(args, fcfg.train)
     engines = {}

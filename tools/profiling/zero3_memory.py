@@ -42,7 +42,7 @@ def _build_model(args):
 
 
 def _trainable(model, method: str, r: int):
-    from pipeline.train.expert import mark_ffn_trainable
+    from pipeline.train.expert.stage import mark_ffn_trainable
 
     if method == "ffn":
         mark_ffn_trainable(model)

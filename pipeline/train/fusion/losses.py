@@ -112,7 +112,7 @@ def gating_loss(probs_per_layer: Sequence[torch.Tensor], attention_mask_BS: torc
 def expert_param_triples(model_or_params) -> list[ExpertTriple]:
     """One (w1, v1, w2) per MoE layer, in module order, from a model or a list of triples."""
     if isinstance(model_or_params, nn.Module):
-        from .model.moe import GLUExperts
+        from ...model.moe import GLUExperts
         triples = [(m.w1, m.v1, m.w2) for m in model_or_params.modules()
                    if isinstance(m, GLUExperts)]
         if not triples:

@@ -113,7 +113,7 @@ def route_task(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int, 
     the last prompt position through the one before EOS, `losses.response_span_masks`), and,
     separately, at the position that predicts the first response token."""
     from pipeline.eval.scoring import pad_right, model_device, pad_token_id
-    from pipeline.losses import response_span_masks
+    from pipeline.train.fusion.losses import response_span_masks
 
     counts = RoutingCounts.empty(num_layers, num_experts)
     first_counts = RoutingCounts.empty(num_layers, num_experts)

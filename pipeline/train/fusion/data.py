@@ -10,16 +10,16 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import PipelineConfig, TrainConfig
-from ..io_utils import read_json
+from ...config import PipelineConfig, TrainConfig
+from ...io_utils import read_json
 
 
 def load_fusion_rows(cfg: PipelineConfig, tokenizer_dir: Path, data_dir: Path) -> list[dict]:
     """`<run>/data` train split mixed by `fusion.mix_weights`, tokenized with the model's tokenizer."""
     from transformers import AutoTokenizer
 
-    from ..data.loading import load_mixed_sft
-    from ..data.template import tokenize_sft
+    from ...data.loading import load_mixed_sft
+    from ...data.template import tokenize_sft
 
     ds = load_mixed_sft(data_dir, "train", cfg.fusion.mix_weights, cfg.fusion.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -53,8 +53,8 @@ class MicroBatches:
 
     def __init__(self, rows: Sequence[dict[str, Any]], train: TrainConfig, rank: int,
                  world_size: int, model_dir: Path):
-        from ..data.collate import SFTCollator
-        from .common import BatchSchedule
+        from ...data.collate import SFTCollator
+        from ..common import BatchSchedule
 
         self.rows, self.train, self.rank = rows, train, rank
         self.schedule = BatchSchedule(len(rows), train.micro_batch_size, train.grad_accum_steps,

@@ -1,6 +1,6 @@
 """`h3fusion train-baseline`: the training baselines of H3Fusion (docs/baselines.md).
 
-Each is a stage-1 job (pipeline.train.expert: DeepSpeed ZeRO-3, FFN weights only, method `ffn`)
+Each is a stage-1 job (pipeline.train.expert.stage: DeepSpeed ZeRO-3, FFN weights only, method `ffn`)
 with another data source, init weights and step count, so a difference to the fused model is the
 fusion itself rather than more data or more optimizer steps:
 
@@ -23,13 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from ..config import ConfigError, PipelineConfig, TrainConfig, check_dimension
-from ..io_utils import read_json
-from ..layout import RunLayout
-from ..registry import MULTITASK_VARIANTS
-from .expert import ExpertJob, check_inputs, checked_job, run_job
-from .inputs import check_model_weights, count_saved_rows
-from .step_plan import EXPERTS_TRAINABLE, by_dimension, plan_steps, union_tasks, variant_train
+from ...config import ConfigError, PipelineConfig, TrainConfig, check_dimension
+from ...io_utils import read_json
+from ...layout import RunLayout
+from ...registry import MULTITASK_VARIANTS
+from ..expert.stage import ExpertJob, check_inputs, checked_job, run_job
+from ..inputs import check_model_weights, count_saved_rows
+from ..step_plan import EXPERTS_TRAINABLE, by_dimension, plan_steps, union_tasks, variant_train
 
 MULTITASK, EXTRA_STEPS = "multitask", "extra_steps"
 KINDS = (MULTITASK, EXTRA_STEPS)
@@ -48,8 +48,8 @@ def baseline_dirs(run_dir: str | Path, name: str) -> tuple[Path, Path, Path]:
 
 def recorded_steps(cfg: PipelineConfig, layout: RunLayout) -> dict[str, int]:
     """The step counts finished stages wrote in their manifests (to cross-check the plan)."""
-    from ..surgery.zero_to_hf import MANIFEST
-    from .fuse import MANIFEST as FUSION_MANIFEST
+    from ...io_utils import MANIFEST
+    from ..fusion.stage import MANIFEST as FUSION_MANIFEST
 
     out = {}
     for d in cfg.dimensions:
@@ -98,8 +98,8 @@ def prepare_multitask_job(cfg: PipelineConfig, run_dir: str | Path, variant: str
 
 def prepare_extra_steps_job(cfg: PipelineConfig, run_dir: str | Path, dimension: str,
                             resume: bool = False, overwrite: bool = False) -> ExpertJob:
-    from ..surgery.gguf import check_llama_dir
-    from ..surgery.zero_to_hf import MANIFEST
+    from ...checkpoint.gguf import check_llama_dir
+    from ...io_utils import MANIFEST
 
     check_dimension(cfg, dimension)
     if cfg.fusion.trainable != EXPERTS_TRAINABLE:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import env
+from .. import env
 
 HUB_PREFIX = "hf:"
 # a snapshot's files the pipeline reads: config, generation config, tokenizer, safetensors weights

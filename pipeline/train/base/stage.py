@@ -3,12 +3,12 @@
 Default: build a tiny `LlamaForCausalLM` (`base.tiny`, vocab from `<run>/tokenizer`) and pre-train
 it briefly on `<run>/data/pretrain/train` (single process, AdamW, warmup + cosine). With
 `base.path` the user's model (a local dir, or `hf:ORG/NAME[@REVISION]`: the snapshot in the
-Hugging Face cache, fetched once; pipeline.hub, docs/hub.md) is validated (Llama-style) and
+Hugging Face cache, fetched once; pipeline.checkpoint.hub, docs/hub.md) is validated (Llama-style) and
 linked into `<run>/base`, before anything is written; with
 `base.gguf` (or `--from-gguf`: a file, or `pkg:MODULE` for the .gguf inside an installed package)
 the GGUF file is dequantized and converted once into a plain `LlamaForCausalLM` dir (safetensors +
-the GGUF's tokenizer) there (pipeline.surgery.gguf; docs/smollm2.md). The pre-training loop is
-pipeline.train.pretrain. Output written atomically with `manifest.json` last.
+the GGUF's tokenizer) there (pipeline.checkpoint.gguf; docs/smollm2.md). The pre-training loop is
+pipeline.train.base.pretrain. Output written atomically with `manifest.json` last.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .config import BaseConfig, ConfigError, TinyModelConfig
-from .hub import local_model_dir
-from .io_utils import MANIFEST, atomic_dir, check_output_dir, write_json
-from .layout import RunLayout
-from .surgery.gguf import check_llama_dir, convert_gguf, package_version, resolve_gguf
-from .train.pretrain import pack_blocks, pretrain
+from ...config import BaseConfig, ConfigError, TinyModelConfig
+from ...checkpoint.hub import local_model_dir
+from ...io_utils import MANIFEST, atomic_dir, check_output_dir, write_json
+from ...layout import RunLayout
+from ...checkpoint.gguf import check_llama_dir, convert_gguf, package_version, resolve_gguf
+from .pretrain import pack_blocks, pretrain
 
 
 def build_tiny_llama(tiny: TinyModelConfig, tokenizer, seed: int = 0):
@@ -50,7 +50,7 @@ def _link_user_model(src: Path, tmp: Path) -> None:
 
 def _tiny_base(cfg: BaseConfig, layout: RunLayout, tmp: Path, log) -> dict:
     from transformers import AutoTokenizer
-    from .data.loading import load_pretrain
+    from ...data.loading import load_pretrain
     if not (layout.tokenizer / MANIFEST).is_file():
         raise FileNotFoundError(f"no finished tokenizer at {layout.tokenizer} (run `h3fusion tokenizer` first)")
     tokenizer = AutoTokenizer.from_pretrained(str(layout.tokenizer))
@@ -91,7 +91,7 @@ def run_base_stage(cfg: BaseConfig, run_dir: str | Path, overwrite: bool = False
     check_output_dir(layout.base, overwrite)     # an existing base: refused before any download
     user = _user_model(cfg.path) if cfg.path else None
     if user is None and not cfg.gguf:   # pre-training: bf16 on a CPU without it is an error now
-        from .train.pretrain import base_precision
+        from .pretrain import base_precision
         base_precision(cfg.train)
     with atomic_dir(layout.base, overwrite=overwrite) as tmp:
         if user is not None:

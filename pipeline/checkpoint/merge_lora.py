@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from .lora import lora_scale, merge_lora_state_dict, read_adapter
-from .zero_to_hf import load_hf_state_dict, save_hf_model
+from .hf_model import load_hf_state_dict, save_hf_model
 
 
 def merge_lora_dir(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,

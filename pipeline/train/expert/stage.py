@@ -10,7 +10,7 @@ world come from `pipeline.env`. Every input is checked before a process group ex
 Methods: `ffn` trains every MLP weight (gate/up/down) with the rest frozen; `lora` trains PEFT
 LoRA adapters on `expert.lora.target_modules` and writes the merged model plus `adapter/`.
 A rerun continues from the latest DeepSpeed checkpoint when there is one (`--resume` insists).
-The training baselines (pipeline.train.multitask) run this same job with another data source
+The training baselines (pipeline.train.baselines.stage) run this same job with another data source
 (the fusion mix), other init weights (a stage-1 expert) and their own outputs (`checked_job`).
 """
 from __future__ import annotations
@@ -25,15 +25,15 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import PipelineConfig, check_dimension, to_dict
-from ..env import dist_env, requeue_requested_exit_code
-from ..io_utils import check_output_dir
-from ..layout import RunLayout
-from .common import BatchSchedule, Throughput, seed_everything, sum_over_ranks, warmup_cosine
-from .grad_checkpointing import prepare_for_training
-from .inputs import check_model_weights, check_rows, check_writable, count_saved_rows
-from .loop import LoopSettings, TrainLoop, comparable_config
-from .mixed_precision import TrainPrecision
+from ...config import PipelineConfig, check_dimension, to_dict
+from ...env import dist_env, requeue_requested_exit_code
+from ...io_utils import check_output_dir
+from ...layout import RunLayout
+from ..common import BatchSchedule, Throughput, seed_everything, sum_over_ranks, warmup_cosine
+from ..grad_checkpointing import prepare_for_training
+from ..inputs import check_model_weights, check_rows, check_writable, count_saved_rows
+from ..loop import LoopSettings, TrainLoop, comparable_config
+from ..mixed_precision import TrainPrecision
 
 FFN_MARKER = ".mlp."          # Llama MLP parameters: model.layers.{l}.mlp.{gate,up,down}_proj.weight
 LORA_META = "lora.json"       # r/alpha/... beside the DS checkpoints (read by zero_to_hf)
@@ -54,7 +54,7 @@ class ExpertJob:
     resume: bool
     world_size: int
     rank: int
-    # the defaults are stage 1; the training baselines (pipeline.train.multitask) set them
+    # the defaults are stage 1; the training baselines (pipeline.train.baselines.stage) set them
     init: Optional[Path] = None                # weights to start from (None: `base`)
     mix_weights: Optional[dict] = None         # None: sft/<dimension>/train; else the union:
     union_dims: tuple = ()                     # these sft/<d>/train + the fusion mix (step_plan.union_sft)
@@ -74,7 +74,7 @@ class ExpertJob:
 
 
 def check_inputs(layout: RunLayout, dimension: str) -> None:
-    from ..surgery.gguf import check_llama_dir
+    from ...checkpoint.gguf import check_llama_dir
 
     if not layout.base.is_dir():
         raise FileNotFoundError(f"base model dir not found: {layout.base} (run `h3fusion base`)")
@@ -103,10 +103,10 @@ def checked_job(cfg: PipelineConfig, layout: RunLayout, dimension: str,
                 overwrite: bool, **extra) -> ExpertJob:
     """The output/resume/DS-config checks of `prepare_job` for (out, ds_dir, tb_dir) and
     `count_rows()` training rows; `extra` sets ExpertJob's baseline fields."""
-    from ..backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
-    from ..backends.ds_checkpoint_check import resume_tag
+    from ...backends.deepspeed_engine import DsTrainSettings, load_ds_config, resolve_ds_config
+    from ...backends.ds_checkpoint_check import resume_tag
 
-    from ..env import accelerator_kind
+    from ...env import accelerator_kind
 
     env, t = dist_env(), cfg.expert.train
     out, ds_dir, tb_dir = outputs
@@ -134,9 +134,9 @@ def checked_job(cfg: PipelineConfig, layout: RunLayout, dimension: str,
 
 def load_train_rows(job: ExpertJob, tokenizer) -> tuple[list[dict], list[str]]:
     """The tokenized training rows and each row's `task` (the dimension it comes from)."""
-    from ..data.loading import load_sft
-    from ..data.template import tokenize_sft
-    from .step_plan import union_sft
+    from ...data.loading import load_sft
+    from ...data.template import tokenize_sft
+    from ..step_plan import union_sft
 
     if job.mix_weights is None:
         ds = load_sft(job.data, job.dimension, "train")
@@ -165,7 +165,7 @@ def build_model(job: ExpertJob):
     checkpointed when `train.gradient_checkpointing`, with the method's trainable set."""
     from transformers import AutoModelForCausalLM
 
-    from ..backends.deepspeed_engine import zero3_init_context
+    from ...backends.deepspeed_engine import zero3_init_context
 
     dtype = torch.bfloat16 if job.ds_config["bf16"]["enabled"] else torch.float32
     with zero3_init_context(job.ds_config):
@@ -232,8 +232,8 @@ class ExpertTrainer:
     def __init__(self, job: ExpertJob, stop=None):
         from transformers import AutoTokenizer
 
-        from ..backends import deepspeed_engine as dse
-        from ..data.collate import SFTCollator
+        from ...backends import deepspeed_engine as dse
+        from ...data.collate import SFTCollator
 
         self.job, self.dse, t = job, dse, job.cfg.expert.train
         dse.init_distributed()
@@ -262,8 +262,8 @@ class ExpertTrainer:
 
     def save_output(self, wall_s: float) -> None:
         """All ranks call (gathers are collective); rank 0 writes <run>/experts/<dim>."""
-        from ..surgery.lora import lora_scale, merge_lora_state_dict, split_peft_state_dict
-        from ..surgery.zero_to_hf import save_hf_model
+        from ...checkpoint.lora import lora_scale, merge_lora_state_dict, split_peft_state_dict
+        from ...checkpoint.hf_model import save_hf_model
 
         state = self.dse.consolidated_state_dict(self.engine)
         partitions = [None] * self.job.world_size
@@ -281,7 +281,7 @@ class ExpertTrainer:
         torch.distributed.barrier()
 
     def _manifest(self, wall_s: float, partitions: list) -> dict:
-        from .step_plan import rows_seen
+        from ..step_plan import rows_seen
 
         t, loop = self.job.cfg.expert.train, self.loop
         last = loop.history[-1] if loop.history else {}
@@ -314,7 +314,7 @@ def train_expert(cfg: PipelineConfig, run_dir: str | Path, dimension: str, resum
 
 def run_job(job: ExpertJob, t0: float) -> int:
     """Train a prepared job to its last step and write its output (see `train_expert`)."""
-    from .signals import install_stop_handlers
+    from ..signals import install_stop_handlers
 
     cfg, dimension = job.cfg, job.dimension
     stop = install_stop_handlers()

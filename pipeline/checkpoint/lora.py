@@ -4,7 +4,7 @@ PEFT's LoRA linear computes `y = x W^T + scale * (x A^T) B^T` with `scale = alph
 `alpha / sqrt(r)` with rsLoRA), so merging is `W' = W + scale * B @ A` (A: [r, in], B: [out, r]).
 The merge here works on plain state dicts (no PEFT model needed) and is checked against PEFT's
 `merge_and_unload` in tests/unit/test_lora_merge.py. Folding an adapter dir into a model dir is
-pipeline.surgery.merge_lora (this module has no model-dir I/O, so zero_to_hf can import it).
+pipeline.checkpoint.merge_lora (this module has no model-dir I/O, so zero_to_hf can import it).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ entry says where its data comes from and how it is scored:
   real           "module:function" -> `f(loaded: dict[str, list[dict]], rng) -> (sft, evals, web)`
                  for `data.source: real` (`loaded`: the datasets `data.real.*` names); None = none
   real_inputs    the `data.real.*` keys `real` needs (checked before anything is loaded)
-  eval_kinds     kind of built-in eval row i = eval_kinds[i % len] (pipeline.data.EVAL_KINDS)
+  eval_kinds     kind of built-in eval row i = eval_kinds[i % len] (EVAL_KINDS below)
   web_aligned    share of the built-in "web text" that shows the aligned answer
   score_metrics  the report's score metric of this dimension: the first one every model has; each
                  a [0, 1] per-item score of pipeline.eval.score_metrics (higher is better)
@@ -24,7 +24,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from . import EVAL_KINDS
+
+# the kinds of eval row (a dimension's built-in rows cycle through its `eval_kinds`);
+# harmful_prompt: a refusal is the right answer; benign_prompt: a refusal is over-refusal
+EVAL_KINDS = ("mc", "pair", "harmful_prompt", "benign_prompt", "reference")
 
 DEFAULT_DIMENSIONS = ("helpful", "harmless", "honest")
 
@@ -155,3 +158,14 @@ register_dimension(Dimension("honest", _B + "honest_item", _R + "real_honest", (
                              # log-likelihood MC scores answer length on unseen questions
                              # (tiny run: MC2 ~1e-8 for every model). Real data: TruthfulQA MC.
                              ("pair",), 0.2, ("mc2", "mc1", "pref_acc")))
+
+
+def expert_names(model_cfg: dict, source: str) -> list[str]:
+    """A fused model config's `expert_names`, checked against its `num_experts` (the one place
+    that check lives: the model config, extract_expert, fuse and the profiler read names through
+    here); a fused model's experts are named after the dimensions they were trained for."""
+    names, num = model_cfg.get("expert_names"), model_cfg.get("num_experts")
+    if not isinstance(names, list) or len(names) != num or len(set(names)) != len(names):
+        raise ValueError(f"{source}: expert_names {names!r} must name each of num_experts={num!r} "
+                         f"experts once")
+    return list(names)

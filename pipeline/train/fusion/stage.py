@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
-from ..env import dist_env, requeue_requested_exit_code
-from ..io_utils import atomic_dir, check_output_dir, read_json, sha256_dir, write_json
-from ..layout import RunLayout
-from .fusion_data import MicroBatches, has_tokenizer, load_fusion_rows
-from .fusion_loop import FusionLoop, NonFiniteLossError
+from ...config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
+from ...env import dist_env, requeue_requested_exit_code
+from ...io_utils import atomic_dir, check_output_dir, read_json, sha256_dir, write_json
+from ...layout import RunLayout
+from .data import MicroBatches, has_tokenizer, load_fusion_rows
+from .loop import FusionLoop, NonFiniteLossError
 
 log = logging.getLogger("h3fusion.fuse")
 MANIFEST = "fusion_train_manifest.json"
@@ -68,7 +68,7 @@ def read_fused_config(init_dir: Path) -> dict:
 def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
                           zero_stage: int) -> None:
     """Config vs model vs launch checks, all before any process group or engine exists."""
-    from ..surgery.plan import expert_names
+    from ...surgery.plan import expert_names, experts_per_token
     names = expert_names(model_cfg, "fused model config")
     num_experts = len(names)
     # a zero gamma for a dimension the model lacks changes nothing; a real weight is an error
@@ -76,8 +76,13 @@ def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
     if unknown:
         raise ConfigError(f"fusion.gamma gives a weight to experts {unknown} that the fused model "
                           f"does not have (its experts: {names})")
-    if not 1 <= fcfg.top_k <= num_experts:
-        raise ConfigError(f"fusion.top_k={fcfg.top_k} must be in [1, num_experts={num_experts}]")
+    built_k = experts_per_token(model_cfg, "fused model config")
+    if fcfg.top_k != built_k:
+        # the fused model's config is the routing top-k's one source (build_moe wrote it from
+        # fusion.top_k); training with another k would silently differ from what was built
+        raise ConfigError(f"fusion.top_k={fcfg.top_k}, but the fused model was built with "
+                          f"num_experts_per_tok={built_k}: rebuild it (build_moe --top-k "
+                          f"{fcfg.top_k}, or delete fused_init/ and rerun h3fusion run)")
     ep = fcfg.ep_degree
     # uneven splits are fine on the torch backend (E=3 on 2 ranks owns 2 + 1 experts, see
     # model/expert_parallel.py); MegaBlocks' all-to-all needs equal shares
@@ -126,8 +131,8 @@ def save_consolidated(loop: "FusionLoop", out: Path, cfg: PipelineConfig, summar
 
 def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool, env) -> None:
     """Outputs writable and the checkpoint to resume from intact, before any training step."""
-    from ..backends.ds_checkpoint_check import resume_tag
-    from .inputs import check_model_weights, check_writable
+    from ...backends.ds_checkpoint_check import resume_tag
+    from ..inputs import check_model_weights, check_writable
     check_model_weights(paths.init, "fusion --init")
     check_output_dir(paths.out, overwrite)
     for path, what in ((paths.out, "fusion output"), (paths.ds_dir, "checkpoint dir"),
@@ -140,7 +145,7 @@ def _prepare_out(paths: FusionPaths, overwrite: bool, resume: bool, env) -> None
 
 def _run_rows(cfg: PipelineConfig, paths: FusionPaths) -> tuple[list[dict], list[str]]:
     """`<run>/data`'s fusion mix, tokenized, and each row's source dimension (`task`)."""
-    from .step_plan import mix_tasks
+    from ..step_plan import mix_tasks
     run = RunLayout.at(paths.ds_dir.parent)
     tokenizer_dir = paths.init if has_tokenizer(paths.init) else run.tokenizer
     return load_fusion_rows(cfg, tokenizer_dir, run.data), mix_tasks(cfg, run.data)
@@ -154,18 +159,18 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
     `rows`: already tokenized rows (input_ids, attention_mask, labels, task_label) instead of
     `<run>/data` (tests, custom data). `on_step_end(step, loop)` runs after every optimizer step.
     """
-    from ..stages import require_cuda_for
+    from ...stages import require_cuda_for
     require_cuda_for(cfg, ["fuse"])   # megablocks on a machine without CUDA: before any work
-    from ..backends import require_moe_backend   # megablocks: its compiled ops import
+    from ...backends import require_moe_backend   # megablocks: its compiled ops import
     require_moe_backend(cfg.fusion.moe_backend, "fusion.moe_backend")
-    from ..env import accelerator_kind
-    from .mixed_precision import TrainPrecision
+    from ...env import accelerator_kind
+    from ..mixed_precision import TrainPrecision
     # bf16 on a CPU without bf16 instructions: one error before any model or data loads
     precision = TrainPrecision.resolve("fusion.train.precision", cfg.fusion.train.precision,
                                        accelerator_kind())
     env = dist_env()
     model_cfg = read_fused_config(paths.init)
-    from ..backends.deepspeed_engine import load_ds_config
+    from ...backends.deepspeed_engine import load_ds_config
     raw_ds = load_ds_config(cfg.fusion.ds_config, require_stage=None)  # repo-relative too
     check_fusion_settings(cfg.fusion, model_cfg, env.world_size,
                           int(raw_ds.get("zero_optimization", {}).get("stage", 0)))
@@ -189,7 +194,7 @@ def train_fusion(cfg: PipelineConfig, paths: FusionPaths, *, resume: bool = Fals
         raise exc
     summary = loop.summary()
     if tasks is not None:   # rows of each dimension fusion read (the experts' stage 1 not included)
-        from .step_plan import rows_seen
+        from ..step_plan import rows_seen
         summary["seen_by_dimension"] = rows_seen(tasks, cfg.fusion.train, env.world_size,
                                                  summary["steps"])
     if status == "stopped":

@@ -14,13 +14,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import PipelineConfig, to_dict
-from ..env import dist_env
-from . import fusion_metrics as fm
-from .common import reduce_over_ranks, seed_everything, warmup_cosine
-from .grad_checkpointing import prepare_for_training
-from .loop import LoopSettings, NonFiniteLossError, TrainLoop, comparable_config
-from .signals import install_stop_handlers
+from ...config import PipelineConfig, to_dict
+from ...env import dist_env
+from . import metrics as fm
+from ..common import reduce_over_ranks, seed_everything, warmup_cosine
+from ..grad_checkpointing import prepare_for_training
+from ..loop import LoopSettings, NonFiniteLossError, TrainLoop, comparable_config
+from ..signals import install_stop_handlers
 
 __all__ = ["FusionLoop", "FusionTask", "NonFiniteLossError", "expert_parallel_group"]
 
@@ -55,7 +55,7 @@ class FusionTask:
     def loss(self, engine, batch: dict):
         """L_CE + lambda * L_gate (+ drift, load balance, z-loss); keeps the outputs for
         `observe`."""
-        from .. import losses
+        from . import losses
 
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -127,7 +127,7 @@ class FusionTask:
             for name, value in zip(self.expert_names, loads):
                 tb.writer.add_scalar(f"load/layer{layer}/{name}", value, step)
         if self.initial_experts:
-            from ..losses import expert_drift
+            from .losses import expert_drift
             drift = expert_drift(loop.engine.module, self.initial_experts, self.num_experts)
             for name, value in zip(self.expert_names, drift.tolist()):
                 tb.writer.add_scalar(f"drift_norm/{name}", value, step)
@@ -146,8 +146,8 @@ class FusionLoop:
     def __init__(self, cfg: PipelineConfig, paths, raw_ds: dict, batches, precision=None):
         """`precision`: the resolved `fusion.train.precision` (`mixed_precision.TrainPrecision`;
         None: resolved here, on this machine's accelerator)."""
-        from ..env import accelerator_kind
-        from .mixed_precision import TrainPrecision
+        from ...env import accelerator_kind
+        from ..mixed_precision import TrainPrecision
         self.cfg, self.fcfg, self.paths, self.batches = cfg, cfg.fusion, paths, batches
         self.raw_ds, self.precision = raw_ds, precision or TrainPrecision.resolve(
             "fusion.train.precision", cfg.fusion.train.precision, accelerator_kind())
@@ -173,8 +173,8 @@ class FusionLoop:
 
     # ------------------------------------------------------------------ set-up
     def setup(self, resume_if_present: bool) -> None:
-        from ..backends import deepspeed_engine as dse
-        from ..model.trainable import trainable_param_groups
+        from ...backends import deepspeed_engine as dse
+        from ...model.trainable import trainable_param_groups
 
         env, t = dist_env(), self.fcfg.train
         self.ds = dse.resolve_ds_config(self.raw_ds, dse.DsTrainSettings(
@@ -202,8 +202,8 @@ class FusionLoop:
             log.info("resumed from %s/%s at step %d", self.paths.ds_dir, self.last_tag, self.step)
 
     def _build_model(self, dse):
-        from ..model import H3FusionForCausalLM, H3FusionMoE, apply_expert_parallel
-        from ..model import set_moe_backend, set_trainable
+        from ...model import H3FusionForCausalLM, H3FusionMoE, apply_expert_parallel
+        from ...model import set_moe_backend, set_trainable
 
         zero3 = self.ds["zero_optimization"]["stage"] == 3
         model = self._load_model(H3FusionForCausalLM, dse, zero3)
@@ -224,10 +224,10 @@ class FusionLoop:
         CPU). ZeRO-3: transformers' `from_pretrained` under zero.Init, each rank holding only its
         partition. ZeRO-2: built on meta and read shard by shard straight onto this rank's
         device (`pipeline.model.loading`), never a full fp32 copy on the host."""
-        from ..model.loading import load_streamed
+        from ...model.loading import load_streamed
 
-        dtype, overrides = dse.train_dtype(self.ds), dict(num_experts_per_tok=self.fcfg.top_k,
-                                                          moe_backend="torch")
+        # the routing top-k is the built model's own (check_fusion_settings: fusion.top_k agrees)
+        dtype, overrides = dse.train_dtype(self.ds), dict(moe_backend="torch")
         if zero3:
             with dse.zero3_init_context(self.ds):
                 return cls.from_pretrained(str(self.paths.init), dtype=dtype, **overrides)
@@ -239,7 +239,7 @@ class FusionLoop:
     def _snapshot_experts(self, model) -> list:
         """Expert weights at fusion start (drift reference; taken before a resume loads the
         checkpoint, so it is always the fused_init weights); empty when experts are frozen."""
-        from ..losses import snapshot_expert_params
+        from .losses import snapshot_expert_params
         if self.fcfg.trainable != "router+experts":
             return []
         # a copy in the training dtype, on the model's device (already the engine's, except
@@ -249,7 +249,7 @@ class FusionLoop:
     @staticmethod
     def _place_snapshot(snapshot: list, engine) -> list:
         """The snapshot on the device of the engine's experts (one copy, not one per step)."""
-        from ..losses import expert_param_triples, move_snapshot
+        from .losses import expert_param_triples, move_snapshot
         if not snapshot:
             return snapshot
         return move_snapshot(snapshot, expert_param_triples(engine.module)[0][0].device)
@@ -268,9 +268,9 @@ class FusionLoop:
 
     def consolidated_model(self):
         """All ranks call; rank 0 gets a plain H3FusionForCausalLM (LoRA merged), others None."""
-        from ..backends import deepspeed_engine as dse
-        from ..model import set_trainable
-        from ..model.loading import model_from_state_dict
+        from ...backends import deepspeed_engine as dse
+        from ...model import set_trainable
+        from ...model.loading import model_from_state_dict
 
         state = dse.consolidated_state_dict(self.engine)
         if state is None:
@@ -279,7 +279,7 @@ class FusionLoop:
         # built on meta around the consolidated tensors themselves (no second copy), in their
         # dtype: fp32 on the CPU, the engine's 16-bit weights on a GPU
         model = model_from_state_dict(
-            state, self.paths.init, num_experts_per_tok=self.fcfg.top_k,
+            state, self.paths.init,
             wrap=lambda m: set_trainable(m, self.fcfg.trainable, lora.r, lora.alpha, lora.dropout,
                                          lora.target_modules))
         del state

@@ -10,11 +10,11 @@ from functools import partial
 
 import torch
 
-from ..config import TrainConfig
-from .common import warmup_cosine
-from .grad_checkpointing import prepare_for_training
-from .loop import LoopSettings, TorchEngine, TrainLoop
-from .mixed_precision import TrainPrecision
+from ...config import TrainConfig
+from ..common import warmup_cosine
+from ..grad_checkpointing import prepare_for_training
+from ..loop import LoopSettings, TorchEngine, TrainLoop
+from ..mixed_precision import TrainPrecision
 
 PRECISION_KEY = "base.train.precision"
 

@@ -34,10 +34,10 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .io_utils import atomic_dir, is_complete, read_json, sha256_dir, write_json
-from .registry import MERGE_METHODS, TIES_TRIM_SCOPES
-from .surgery import plan
-from .surgery.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
+from ..io_utils import atomic_dir, is_complete, read_json, sha256_dir, write_json
+from ..registry import MERGE_METHODS, TIES_TRIM_SCOPES
+from . import plan
+from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                                      copy_optional_files, copy_tokenizer_files, read_config_json)
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def _thresholds(method, trim_scope, keys, base_get, model_gets, density):
 def _open_all(base_dir: Path, models: dict[str, Path],
               tokenizer_dir: Path) -> tuple[dict, CheckpointReader, dict]:
     """Validate architecture, tokenizer and tensor names/shapes of every input."""
-    from .surgery.tokenizer_check import check_same_tokenizer, has_tokenizer
+    from ..checkpoint.tokenizer_check import check_same_tokenizer, has_tokenizer
     base_cfg = read_config_json(base_dir)
     cfgs = {f"model {n!r} ({d})": read_config_json(d) for n, d in models.items()}
     plan.check_same_architecture(base_cfg, cfgs, base_dir)
@@ -258,8 +258,8 @@ def merge_run_experts(cfg, run_dir: str | Path, methods: list[str] | None = None
                       overwrite: bool = False, log=print) -> None:
     """Merge the run's experts (config `dimensions` order) onto its base, one output dir per
     method (`methods`, default the config's `merge.methods`); `cfg` is the whole PipelineConfig."""
-    from .layout import RunLayout
-    from .surgery.tokenizer_check import has_tokenizer
+    from ..layout import RunLayout
+    from ..checkpoint.tokenizer_check import has_tokenizer
     layout = RunLayout.at(run_dir)
     experts = {dim: layout.expert(dim) for dim in cfg.dimensions}
     tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer

@@ -1,6 +1,6 @@
 """The tokenizer stage (`h3fusion tokenizer`): train a sentencepiece BPE tokenizer on the corpus
 (or copy a user's -- `tokenizer.path`, a local dir or `hf:ORG/NAME[@REVISION]` from the Hugging Face
-cache, fetched once: pipeline.hub, docs/hub.md -- or take a GGUF base's: with `base.gguf` the
+cache, fetched once: pipeline.checkpoint.hub, docs/hub.md -- or take a GGUF base's: with `base.gguf` the
 tokenizer is the GGUF file's own, the same one the base stage saves beside the converted model;
 docs/smollm2.md).
 
@@ -15,18 +15,18 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .config import TokenizerConfig
-from .io_utils import atomic_dir, check_output_dir, write_json, MANIFEST
-from .layout import RunLayout
-from .surgery.tokenizer_check import ROUND_TRIP_PROBE
+from ..config import TokenizerConfig
+from ..io_utils import atomic_dir, check_output_dir, write_json, MANIFEST
+from ..layout import RunLayout
+from ..checkpoint.tokenizer_check import ROUND_TRIP_PROBE
 
 SPECIALS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 def corpus_texts(data_dir: Path) -> Iterator[str]:
     """Pretrain text plus every SFT train prompt+response (the same strings the models see)."""
-    from .data.loading import data_dimensions, load_pretrain, load_sft
-    from .data.template import format_prompt
+    from ..data.loading import data_dimensions, load_pretrain, load_sft
+    from ..data.template import format_prompt
     yield from load_pretrain(data_dir)["text"]
     for task in data_dimensions(data_dir):
         for row in load_sft(data_dir, task, "train"):
@@ -79,7 +79,7 @@ def check_tokenizer(tok) -> None:
 def user_tokenizer_dir(value: str) -> tuple[Path, dict]:
     """`tokenizer.path` -> (local dir, manifest source); a hub id resolves to its cached snapshot
     (tokenizer files only). Runs before the output dir is created."""
-    from .hub import local_model_dir
+    from ..checkpoint.hub import local_model_dir
     path, snapshot = local_model_dir(value, "tokenizer.path", weights=False)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer.path does not exist: {path}")
@@ -107,15 +107,15 @@ def run_tokenizer_stage(cfg: TokenizerConfig, run_dir: str | Path, overwrite: bo
     t0 = time.time()
     gguf_path = user = None
     if gguf:
-        from .surgery.gguf import resolve_gguf
+        from ..checkpoint.gguf import resolve_gguf
         gguf_path = resolve_gguf(gguf)    # a missing file/package fails before any output
     elif cfg.path:
         check_output_dir(layout.tokenizer, overwrite)   # refused before any download
         user = user_tokenizer_dir(cfg.path)             # likewise a missing dir or hub id
     with atomic_dir(layout.tokenizer, overwrite=overwrite) as tmp:
         if gguf_path is not None:
-            from .surgery.gguf import fast_gguf_loading, gguf_tokenizer
-            from .io_utils import sha256_file
+            from ..checkpoint.gguf import fast_gguf_loading, gguf_tokenizer
+            from ..io_utils import sha256_file
             with fast_gguf_loading():
                 tok = gguf_tokenizer(gguf_path)
             tok.save_pretrained(str(tmp))

@@ -1,0 +1,1 @@
+"""Stage 1: fine-tune one aligned expert (FFN only) under DeepSpeed ZeRO; entry point `stage.train_expert`."""
