@@ -4,13 +4,13 @@ On-disk layout and column schema: docs/contracts.md ("Datasets on disk"); design
 """
 from typing import Sequence
 
+from .dimensions import EVAL_KINDS  # noqa: F401  (an eval row's kinds: defined with the dimensions)
+
 SFT_COLUMNS = ("instruction", "input", "response", "task", "task_label")
 # `group`: the underlying question/prompt an eval row renders (rows of one group are phrasings of
 # one question); splits are made by group, and intervals resample groups, never rendered text.
 EVAL_COLUMNS = ("instruction", "input", "chosen", "rejected", "reference", "answer", "kind", "task",
                 "group")
-# harmful_prompt: a refusal is the right answer; benign_prompt: a refusal is over-refusal
-EVAL_KINDS = ("mc", "pair", "harmful_prompt", "benign_prompt", "reference")
 SFT_SPLITS = ("train", "dev", "test")
 EVAL_SPLITS = ("dev", "test")
 
