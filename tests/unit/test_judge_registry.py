@@ -54,7 +54,10 @@ def test_a_toy_judge_runs_on_the_dimensions_that_name_it(toy_run, tmp_path):
                              judges={"toy": "s1"})
     assert report["toy_judge"] == {"base": {"tasks": [TOY_DIM], "setting": "s1", "records": 3}}
     metrics = report["metrics"]["base"]
-    assert metrics[TOY_DIM]["toy_chars"] > 0 and "toy_chars" not in metrics["helpful"]
+    gens = json.loads((tmp_path / "ev" / "generations" / "base.json").read_text())
+    assert len(gens) == 6   # a judge on: every item of both dimensions generated
+    assert metrics[TOY_DIM]["toy_chars"] == sum(len(g["output"]) for g in gens if g["task"] == TOY_DIM)
+    assert "toy_chars" not in metrics["helpful"]
     saved = json.loads((tmp_path / "ev" / "report.json").read_text())
     keys = list(saved)   # a reporting judge's key sits where alpaca_eval's always did
     assert keys.index("generation_judge") + 1 == keys.index("alpaca_eval") == keys.index("toy_judge") - 1
