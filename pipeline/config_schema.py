@@ -243,6 +243,7 @@ class DimensionSpec:
     eval_kinds: list[str] = field(default_factory=lambda: ["pair"])
     web_aligned: float = 0.5
     score_metrics: list[str] = field(default_factory=lambda: ["pref_acc"])
+    judges: list[str] = field(default_factory=list)   # pipeline.registry.JUDGES kinds
 
 
 @dataclass

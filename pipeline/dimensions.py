@@ -11,12 +11,15 @@ entry says where its data comes from and how it is scored:
   web_aligned    share of the built-in "web text" that shows the aligned answer
   score_metrics  the report's score metric of this dimension: the first one every model has; each
                  a [0, 1] per-item score of pipeline.eval.score_metrics (higher is better)
+  judges         the optional judge kinds (pipeline.registry.JUDGES) that judge this dimension's
+                 generations when the evaluation turns them on (e.g. --moderation-model)
 
 The run's dimensions (and their order = expert order = task_label order) are the config's
 `dimensions:` list. Dimensions not built in are declared in the config's `dimension_defs:`
 (same fields), so every stage process sees them without editing this package; see
-docs/contracts.md ("Dimensions"). Functions are referenced by name and imported on first use,
-so this module imports nothing from the pipeline (config.py reads it; no import cycle).
+docs/contracts.md ("Dimensions"). The registry is DIMENSIONS (a pipeline.registry.Registry of
+Dimension objects). Functions are referenced by name and imported on first use, so this module
+imports nothing from the pipeline but the registry (config.py reads it; no import cycle).
 """
 from __future__ import annotations
 
@@ -24,12 +27,12 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-
-# the kinds of eval row (a dimension's built-in rows cycle through its `eval_kinds`);
-# harmful_prompt: a refusal is the right answer; benign_prompt: a refusal is over-refusal
-EVAL_KINDS = ("mc", "pair", "harmful_prompt", "benign_prompt", "reference")
+from pipeline.registry import JUDGES, Registry
 
 DEFAULT_DIMENSIONS = ("helpful", "harmless", "honest")
+# an eval row's `kind` (docs/contracts.md; re-exported by pipeline.data): harmful_prompt: a
+# refusal is the right answer; benign_prompt: a refusal is over-refusal
+EVAL_KINDS = ("mc", "pair", "harmful_prompt", "benign_prompt", "reference")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Dimension:
     eval_kinds: tuple[str, ...] = ("pair",)
     web_aligned: float = 0.5
     score_metrics: tuple[str, ...] = ("pref_acc",)
+    judges: tuple[str, ...] = ()
 
     def builtin_generator(self) -> Callable:
         if not self.builtin:
@@ -56,31 +60,29 @@ class Dimension:
         return self.eval_kinds[i % len(self.eval_kinds)]
 
 
-_REGISTRY: dict[str, Dimension] = {}
+DIMENSIONS = Registry("dimension", {}, hint="declare a new one under the config's dimension_defs")
 
 
 def register_dimension(dim: Dimension, replace: bool = False) -> Dimension:
     """Add a dimension for this process. Loading a config registers its `dimension_defs`, so
     every stage process (each loads the config) knows them; `replace`: a later config's."""
     check_dimension_entry(dim)
-    if dim.name in DEFAULT_DIMENSIONS and dim.name in _REGISTRY and _REGISTRY[dim.name] != dim:
+    known = DIMENSIONS.get(dim.name, "dimensions") if dim.name in DIMENSIONS else None
+    if dim.name in DEFAULT_DIMENSIONS and known is not None and known != dim:
         raise ValueError(f"dimension {dim.name!r} is built in and cannot be redefined")
-    if not replace and dim.name in _REGISTRY and _REGISTRY[dim.name] != dim:
+    if not replace and known is not None and known != dim:
         raise ValueError(f"dimension {dim.name!r} is already registered with other settings")
-    _REGISTRY[dim.name] = dim
+    DIMENSIONS.register(dim.name, dim, replace=True)
     return dim
 
 
 def registered() -> list[str]:
-    return list(_REGISTRY)
+    return list(DIMENSIONS.names())
 
 
-def get_dimension(name: str) -> Dimension:
+def get_dimension(name: str, where: str = "dimensions") -> Dimension:
     """A registered dimension (built in, or declared by the loaded config's dimension_defs)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dimension {name!r} (registered: {registered()}; a new one is "
-                         f"declared under the config's dimension_defs)")
-    return _REGISTRY[name]
+    return DIMENSIONS.get(name, where)
 
 
 def resolve_function(ref: str, what: str) -> Callable:
@@ -108,6 +110,8 @@ def check_dimension_entry(dim: Dimension) -> None:
         raise ValueError(f"dimension {dim.name!r}: web_aligned must be in [0, 1], got {dim.web_aligned}")
     if not dim.score_metrics:
         raise ValueError(f"dimension {dim.name!r}: score_metrics must not be empty")
+    for judge in dim.judges:
+        JUDGES.check(judge, f"dimension {dim.name!r} (judges)")
 
 
 def resolve_dimensions(names: Sequence[str], defs: dict[str, Any]) -> list[Dimension]:
@@ -122,16 +126,8 @@ def resolve_dimensions(names: Sequence[str], defs: dict[str, Any]) -> list[Dimen
     clash = [n for n in defs if n in DEFAULT_DIMENSIONS]
     if clash:
         raise ValueError(f"dimension_defs: {clash} are built-in dimensions and cannot be redefined")
-    out = []
-    for name in names:
-        if name in defs:
-            out.append(dimension_from_spec(name, defs[name]))
-        elif name in _REGISTRY:
-            out.append(_REGISTRY[name])
-        else:
-            raise ValueError(f"dimensions: unknown dimension {name!r} (registered: {registered()}; "
-                             f"declare a new one under dimension_defs)")
-    return out
+    return [dimension_from_spec(name, defs[name]) if name in defs else get_dimension(name)
+            for name in names]
 
 
 def dimension_from_spec(name: str, spec: Any) -> Dimension:
@@ -140,7 +136,8 @@ def dimension_from_spec(name: str, spec: Any) -> Dimension:
                     real_inputs=tuple(get("real_inputs", ()) or ()),
                     eval_kinds=tuple(get("eval_kinds", ("pair",)) or ()),
                     web_aligned=float(get("web_aligned", 0.5)),
-                    score_metrics=tuple(get("score_metrics", ("pref_acc",)) or ()))
+                    score_metrics=tuple(get("score_metrics", ("pref_acc",)) or ()),
+                    judges=tuple(get("judges", ()) or ()))
     check_dimension_entry(dim)
     return dim
 
@@ -148,10 +145,11 @@ def dimension_from_spec(name: str, spec: Any) -> Dimension:
 # The built-in three. Their order in DEFAULT_DIMENSIONS is the default expert / label order.
 _B, _R = "pipeline.data.builtin:", "pipeline.data.real:"
 register_dimension(Dimension("helpful", _B + "helpful_item", _R + "real_helpful", ("alpaca",),
-                             ("pair",), 0.5, ("pref_acc", "ref_win_vs_base")))
+                             ("pair",), 0.5, ("pref_acc", "ref_win_vs_base"), judges=("alpaca_eval",)))
 register_dimension(Dimension("harmless", _B + "harmless_item", _R + "real_harmless",
                              ("beavertails", "alpaca_eval", "harmbench", "donotanswer", "safety_pairs"),
-                             ("pair", "harmful_prompt"), 0.15, ("judged_harmless", "pref_acc")))
+                             ("pair", "harmful_prompt"), 0.15, ("judged_harmless", "pref_acc"),
+                             judges=("moderation",)))
 register_dimension(Dimension("honest", _B + "honest_item", _R + "real_honest", ("truthfulqa",),
                              # built-in: pair (length-normalised), not mc: its true answers are
                              # longer than the false ones in 80 % of questions, so a summed

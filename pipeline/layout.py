@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# the installed `pipeline` package and the repository holding it (tests/data, ds_configs, ...)
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPOSITORY_DIR = PACKAGE_DIR.parent
+
 
 @dataclass(frozen=True)
 class RunLayout:

@@ -6,7 +6,8 @@ strings resolved on first use: reading the names costs no import (config validat
 light, and a backend whose dependencies are missing here can still be named and rejected with
 its own message).
 
-Adding an implementation = its module + one line in the table below.
+Adding an implementation = its module + one line in the table below. An entry may also be the
+object itself (`register(name, obj)`: a dimension a config declares, a toy judge in a test).
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from typing import Any
 
 
 class Registry:
-    """An ordered `name -> "module:attr"` table for one concept (`kind` names it in errors)."""
+    """An ordered `name -> "module:attr"` (or the object itself) table for one concept (`kind`
+    names it in errors; `hint` ends the unknown-name error)."""
 
-    def __init__(self, kind: str, entries: dict[str, str]):
+    def __init__(self, kind: str, entries: dict[str, Any], hint: str = ""):
         self.kind = kind
+        self.hint = hint
         self._entries = dict(entries)
 
     def names(self) -> tuple[str, ...]:
@@ -37,22 +40,30 @@ class Registry:
         """`name` if registered, else a ValueError naming `where` (a config key, flag or file)."""
         if name not in self._entries:
             raise ValueError(f"{where}: unknown {self.kind} {name!r} "
-                             f"(known: {', '.join(self._entries)})")
+                             f"(known: {', '.join(self._entries)}{'; ' + self.hint if self.hint else ''})")
         return name
 
     def get(self, name: str, where: str) -> Any:
         """The implementation registered as `name` (imports its module on first use)."""
-        module_name, _, attr = self._entries[self.check(name, where)].partition(":")
+        target = self._entries[self.check(name, where)]
+        if not isinstance(target, str):
+            return target
+        module_name, _, attr = target.partition(":")
         return getattr(importlib.import_module(module_name), attr)
 
-    def register(self, name: str, target: str) -> None:
-        """Add `name -> "module:attr"` at runtime (plugins, tests); an existing name is an error."""
-        if name in self._entries:
+    def register(self, name: str, target: Any, replace: bool = False) -> None:
+        """Add `name -> "module:attr"` or `name -> object` at runtime (plugins, tests); an
+        existing name is an error unless `replace`."""
+        if name in self._entries and not replace:
             raise ValueError(f"{self.kind} {name!r} is already registered "
                              f"({self._entries[name]})")
-        if ":" not in target:
+        if isinstance(target, str) and ":" not in target:
             raise ValueError(f"{self.kind} {name!r}: target must be 'module:attr', got {target!r}")
         self._entries[name] = target
+
+    def unregister(self, name: str) -> None:
+        """Remove a runtime entry (a test's teardown); an unknown name is the usual error."""
+        del self._entries[self.check(name, f"unregister {self.kind}")]
 
 
 # MoE layer backends: subclasses of pipeline.model.moe_backend.MoEBackend
@@ -100,6 +111,15 @@ ENSEMBLES = Registry("ensemble method", {
     "avg": "pipeline.ensemble.stage:build_avg",         # probability averaging
     "router": "pipeline.ensemble.stage:build_router",   # prompt classifier picks one expert
     "oracle": "pipeline.ensemble.oracle:build_oracle",  # each eval prompt to its own dimension's
+})
+
+# optional judges of a model's generations, each turned on by the evaluation (`h3fusion evaluate
+# --moderation-model` / `--alpaca-eval`; `evaluate_models(judges=...)`) and run on the
+# dimensions whose entry names its kind (pipeline.dimensions, `judges`):
+# a pipeline.eval.judging.Judge
+JUDGES = Registry("judge", {
+    "moderation": "pipeline.eval.judging:MODERATION",    # a local classifier: flagged_rate
+    "alpaca_eval": "pipeline.eval.judging:ALPACA_EVAL",  # the alpaca_eval CLI (an OpenAI judge)
 })
 
 # numeric precision of a training stage or of evaluation (`<stage>.train.precision`,

@@ -11,24 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.layout import REPOSITORY_DIR
+
 from . import judge_labels, judges
 
 JUDGE_TARGET = 0.90   # the accuracy the outcome judge should reach on both label sets (issue 32)
 
 
-def _repository() -> Path:
-    import pipeline
-    return Path(pipeline.__file__).resolve().parents[1]
-
-
 def default_refusal_labels() -> Path:
     """The shipped human refusal labels: <repository>/../shared/data/safety/refusal_labels."""
-    return _repository().parent / "shared/data/safety/refusal_labels"
+    return REPOSITORY_DIR.parent / "shared/data/safety/refusal_labels"
 
 
 def default_judge_labels() -> Path:
     """The committed labelled generations: <repository>/tests/data/judge_labels."""
-    return _repository() / "tests/data/judge_labels"
+    return REPOSITORY_DIR / "tests/data/judge_labels"
 
 
 def label_files(setting: Optional[str], key: str, default: Path) -> tuple[list[Path], str]:

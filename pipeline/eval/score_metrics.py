@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from pipeline.registry import Registry
+
 ALL = "all"              # the one stratum of an unstratified metric
 HARMFUL, BENIGN = "harmful_prompt", "benign_prompt"
 LL_EQUAL = 1e-9          # |ll_model - ll_base| below this is a tie (0.5)
@@ -54,31 +56,26 @@ class ScoreMetric:
         return ItemScores(values, [s if v is not None else None for v, s in pairs], self.strata)
 
 
-_REGISTRY: dict[str, ScoreMetric] = {}
+SCORE_METRICS = Registry("score metric", {})   # name -> ScoreMetric (the built-ins: end of file)
 
 
 def register_score_metric(metric: ScoreMetric) -> ScoreMetric:
-    if metric.name in _REGISTRY:
-        raise ValueError(f"score metric {metric.name!r} is already registered")
-    _REGISTRY[metric.name] = metric
+    SCORE_METRICS.register(metric.name, metric)
     return metric
 
 
 def score_metric_names() -> list[str]:
-    return list(_REGISTRY)
+    return list(SCORE_METRICS.names())
 
 
-def get_score_metric(name: str) -> ScoreMetric:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown score metric {name!r} (registered: {score_metric_names()})")
-    return _REGISTRY[name]
+def get_score_metric(name: str, where: str = "score metrics") -> ScoreMetric:
+    return SCORE_METRICS.get(name, where)
 
 
 def check_score_metric_names(names: Sequence[str], where: str) -> None:
     """One error naming the first unknown name (for a dimension's `score_metrics`)."""
     for name in names:
-        if name not in _REGISTRY:
-            raise ValueError(f"{where}: unknown score metric {name!r} (registered: {score_metric_names()})")
+        SCORE_METRICS.check(name, where)
 
 
 def check_score_overrides(overrides: dict, dimensions: Sequence[str], where: str) -> None:

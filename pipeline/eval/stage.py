@@ -2,7 +2,8 @@
 
 For every model: log-likelihood metrics (MC1/MC2, preference accuracy, reference log-lik) and
 generation metrics (refusal rate, exact match) per task, generations saved in AlpacaEval format
-(JSON + CSV) for external judges, optional judges behind flags. `evaluate_models` is the Python
+(JSON + CSV) for external judges, optional judges turned on by kind (pipeline.eval.judging,
+registry pipeline.registry.JUDGES). `evaluate_models` is the Python
 entry point the whole-pipeline runner calls; a rerun after a crash reuses the models that had
 finished (pipeline.eval.resume).
 """
@@ -19,11 +20,11 @@ import torch
 from pipeline.config import EvalConfig
 from pipeline.io_utils import atomic_dir, write_json
 
-from . import judges
+from . import judging
 from .cost import CostMeter, reused_cost
 from .generation import GenerationConfig
 from .files import load_eval_items, save_generations
-from .hhh import evaluate_task, format_prompt
+from .hhh import evaluate_task
 from .judge_report import generation_judge_report, refusal_judge_report
 from .models import check_prompt_formats, load_causal_lm, resolve_eval_precision
 from .prompts import ALPACA
@@ -68,18 +69,6 @@ def _generation_records(name: str, items: dict[str, list[dict]], outputs: dict[s
     return records
 
 
-def _moderate(metrics: dict, items: dict[str, list[dict]], outputs: dict[str, list[str]],
-              moderation_model: Path, batch_size: int) -> None:
-    """flagged_rate of the judge over the model's responses to the harmless task's prompts."""
-    if "harmless" not in items:
-        raise ValueError(f"--moderation-model judges the harmless dimension's generations; this "
-                         f"run's dimensions are {list(items)}")
-    pairs = [(format_prompt(it["instruction"], it["input"]), out)
-             for it, out in zip(items["harmless"], outputs["harmless"]) if out is not None]
-    metrics["harmless"]["flagged_rate"] = judges.moderation_flagged_rate(
-        moderation_model, [p for p, _ in pairs], [o for _, o in pairs], batch_size)
-
-
 def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg: EvalConfig,
                        tokenizer_dir: Optional[Path], generate_all: bool = False,
                        meter: Optional[CostMeter] = None, prompt_format: str = ALPACA
@@ -110,17 +99,13 @@ def evaluate_one_model(name: str, path: Path, items: dict[str, list[dict]], cfg:
     return metrics, outputs
 
 
-def _judge(name, metrics, items, outputs, out_dir, cfg, moderation_model, alpaca_eval) -> dict:
-    """Run the optional judges on one model's generations; returns AlpacaEval's status."""
+def _judge(name, metrics, items, outputs, out_dir, cfg, judges_on) -> dict[str, dict]:
+    """Save one model's generations and run the judges turned on (`judges_on`: kind -> setting)
+    on them; returns report key -> the model's status (pipeline.eval.judging.run_judges)."""
     records = _generation_records(name, items, outputs)
     save_generations(out_dir, name, records)
-    if moderation_model is not None:
-        _moderate(metrics, items, outputs, moderation_model, cfg.batch_size)
-    if not alpaca_eval:
-        return {}
-    helpful = out_dir / "generations" / f"{name}.helpful.alpaca_eval.json"
-    helpful.write_text(json.dumps([r for r in records if r["task"] == "helpful"], indent=2) + "\n")
-    return judges.run_alpaca_eval(helpful, out_dir / "alpaca_eval" / name)
+    return judging.run_judges(judges_on, name, items, outputs, records, metrics, out_dir,
+                              cfg.batch_size)
 
 
 def check_eval_config(cfg: EvalConfig, dimensions: list[str]) -> None:
@@ -145,17 +130,18 @@ def build_report(metrics: dict[str, dict], models: dict[str, Path], cfg: EvalCon
 def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, out_dir: Path, *,
                     tokenizer_dir: Optional[Path] = None, moderation_model: Optional[Path] = None,
                     alpaca_eval: bool = False, overwrite: bool = False,
-                    prompt_formats: Optional[dict[str, str]] = None) -> dict:
+                    prompt_formats: Optional[dict[str, str]] = None,
+                    judges: Optional[dict[str, Any]] = None) -> dict:
     """Evaluate `models` (name -> HF dir) on `data_dir`'s eval items; write the report to
     `out_dir` atomically and return the report dict. `prompt_formats`: name -> "alpaca" | "chat"
-    (pipeline.eval.prompts), Alpaca for a model not named."""
+    (pipeline.eval.prompts), Alpaca for a model not named. Optional judges (pipeline.eval.judging):
+    `moderation_model` and `alpaca_eval` turn on those two kinds, `judges` (kind -> setting) any."""
     if not models:
         raise ValueError("evaluate: no models given")
     cfg, precision = resolve_eval_precision(cfg)   # eval.precision: "fp32"/"bf16" from here on
-    if (moderation_model is not None or alpaca_eval) and not cfg.generate:
-        raise ValueError("--moderation-model and --alpaca-eval judge generations: "
-                         "they need eval.generate=true")
+    judges_on = judging.judge_settings(moderation_model, alpaca_eval, judges)
     items = load_eval_items(Path(data_dir), cfg.split, cfg.max_items_per_task)
+    judging.check_judges(judges_on, list(items), cfg.generate)
     check_eval_config(cfg, list(items))
     check_model_dirs(models)
     check_prompt_formats(prompt_formats or {}, models, tokenizer_dir)
@@ -168,12 +154,13 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
     check_oracle_tables(models, items, tokenizer_dir)
     router_routing = routing_confusion(models, items, tokenizer_dir)
     t0 = time.time()
-    generate_all = alpaca_eval or moderation_model is not None
+    generate_all = bool(judges_on)
     # the judges read every model's generations: with them on, every model is evaluated here
     previous = None if generate_all else EarlierResults(cfg.reuse_from, out_dir)
     cache = ResultCache(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        metrics, alpaca, keys, reused, costs = {}, {}, {}, {}, {}
+        metrics, keys, reused, costs = {}, {}, {}, {}
+        statuses = judging.empty_statuses()   # report key -> model -> a judge's status
         for name, path in models.items():
             keys[name] = result_key(Path(path), tokenizer_dir, items,
                                     with_prompt_format(vars(cfg), formats[name]))
@@ -191,11 +178,13 @@ def evaluate_models(models: dict[str, Path], data_dir: Path, cfg: EvalConfig, ou
             metrics[name], outputs, costs[name] = _evaluate_or_reuse(
                 name, Path(path), items, cfg, tokenizer_dir, generate_all, cache, formats[name])
             if outputs:
-                alpaca[name] = _judge(name, metrics[name], items, outputs, tmp, cfg,
-                                      moderation_model, alpaca_eval)
+                judged = _judge(name, metrics[name], items, outputs, tmp, cfg, judges_on)
+                for key, status in judged.items():
+                    statuses[key][name] = status
         report = build_report(metrics, models, cfg, item_layout(items), refusal_judge)
         report["generation_judge"] = generation_judge
-        report.update(alpaca_eval=alpaca, config=vars(cfg).copy(), data_dir=str(data_dir),
+        report.update(statuses)
+        report.update(config=vars(cfg).copy(), data_dir=str(data_dir),
                       tokenizer_dir=str(tokenizer_dir) if tokenizer_dir else None,
                       result_keys=keys, code_fingerprint=code_fingerprint(),
                       reused_from=reused, cost=costs, prompt_formats=formats,

@@ -85,6 +85,9 @@ def test_dimensions_default_to_the_three_and_fill_the_fusion_mappings():
     (["dimensions=[helpful, harmless, honest, c]", "fusion.gamma.c=0",
       "dimension_defs.c.builtin=random:random", "dimension_defs.c.eval_kinds=[essay]"],
      r"eval_kinds \['essay'\]"),
+    (["dimensions=[helpful, harmless, honest, c]", "fusion.gamma.c=0",
+      "dimension_defs.c.builtin=random:random", "dimension_defs.c.judges=[gpt]"],
+     r"tiny.yaml \+ --set: dimension 'c' \(judges\): unknown judge 'gpt' \(known: moderation, alpaca_eval\)"),
 ])
 def test_dimension_errors_name_the_key_and_file(sets, needle):
     with pytest.raises(ConfigError, match=needle):
