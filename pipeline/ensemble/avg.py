@@ -16,7 +16,7 @@ class Average(MixingMethod):
     def build(self, build: EnsembleBuild) -> dict:
         return {}
 
-    def mix(self, member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    def mix(self, model, member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
         """log(mean_i softmax(l_i)) in float32, accumulated one member at a time (memory: two
         [B, T, V] tensors) as logsumexp_i log_softmax(l_i) - log(n)."""
         total, n = None, 0
@@ -29,7 +29,7 @@ class Average(MixingMethod):
             raise ValueError("avg ensemble: no member logits to average")
         return total - math.log(n)
 
-    def mix_target_ll(self, member_ll: Sequence[torch.Tensor]) -> torch.Tensor:
+    def mix_target_ll(self, model, member_ll: Sequence[torch.Tensor]) -> torch.Tensor:
         """log mean_i p_i(target) per token = logsumexp_i log p_i(target) - log n, which is the
         averaged distribution's log-prob (each member's softmax is normalised alone)."""
         return torch.logsumexp(torch.stack(list(member_ll)), dim=0) - math.log(len(member_ll))

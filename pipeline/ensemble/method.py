@@ -68,12 +68,13 @@ class EnsembleMethod:
 class MixingMethod(EnsembleMethod):
     """Every member on every token; the mixture's next-token log-probs."""
 
-    def mix(self, member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    def mix(self, model, member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
         """float32 log-probs [..., V] of the mixture from each member's logits [..., V], consumed
-        one member at a time (the ensemble's forward and the greedy decoder pass a generator)."""
+        one member at a time (the ensemble's forward and the greedy decoder pass a generator);
+        `model`: the ensemble, with the state `attach` kept on it."""
         raise NotImplementedError(f"{type(self).__name__} does not define mix()")
 
-    def mix_target_ll(self, member_ll: Sequence[torch.Tensor]) -> torch.Tensor:
+    def mix_target_ll(self, model, member_ll: Sequence[torch.Tensor]) -> torch.Tensor:
         """The mixture's log-prob of each target token [N] from each member's log-prob of it [N]
         (packed scoring runs the LM head on the scored positions only)."""
         raise NotImplementedError(f"{type(self).__name__} does not define mix_target_ll()")

@@ -129,11 +129,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def mix(self, member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
         """A mixing method's float32 next-token log-probs from the members' logits (its `mix`)."""
-        return self.ensemble_method.mix(member_logits)
+        return self.ensemble_method.mix(self, member_logits)
 
     def mix_target_ll(self, member_ll: Sequence[torch.Tensor]) -> torch.Tensor:
         """A mixing method's log-prob of each target from the members' (its `mix_target_ll`)."""
-        return self.ensemble_method.mix_target_ll(member_ll)
+        return self.ensemble_method.mix_target_ll(self, member_ll)
 
     def choose_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] member index per sequence from its prompt tokens only (per-prompt methods)."""
