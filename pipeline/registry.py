@@ -105,12 +105,12 @@ MULTITASK_VARIANTS = Registry("multi-task baseline variant", {
 })
 
 # LLM-ensemble baselines of the experts, built by `h3fusion ensemble` into <run>/ensembles/<name>
-# (reported as ensemble_<name>): fn(pipeline.ensemble.stage.EnsembleBuild) -> manifest entries
-# (+ "marker": the response marker's token ids, for the methods that pick a member per prompt)
+# (reported as ensemble_<name>): a pipeline.ensemble.method.EnsembleMethod (its build hook, and
+# mix or choose: what the ensemble model and the evaluation call), one module per method
 ENSEMBLES = Registry("ensemble method", {
-    "avg": "pipeline.ensemble.stage:build_avg",         # probability averaging
-    "router": "pipeline.ensemble.stage:build_router",   # prompt classifier picks one expert
-    "oracle": "pipeline.ensemble.oracle:build_oracle",  # each eval prompt to its own dimension's
+    "avg": "pipeline.ensemble.avg:AVG",           # probability averaging
+    "router": "pipeline.ensemble.router:ROUTER",  # prompt classifier picks one expert
+    "oracle": "pipeline.ensemble.oracle:ORACLE",  # each eval prompt to its own dimension's
 })
 
 # optional judges of a model's generations, each turned on by the evaluation (`h3fusion evaluate

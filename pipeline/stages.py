@@ -14,9 +14,6 @@ from .config import PipelineConfig
 from .layout import RunLayout
 from .registry import ENSEMBLES
 
-# the ensembles `h3fusion ensemble` builds: every registered method (pipeline.registry.ENSEMBLES,
-# names only, so that listing the stages imports no model code)
-ENSEMBLE_STAGE_METHODS = ENSEMBLES.names()
 
 
 @dataclass(frozen=True)
@@ -83,8 +80,9 @@ def pipeline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
         *baselines,
         Stage("merge", ("merge",), 1, tuple(run.merge(m) for m in cfg.merge.methods),
               "stage3_eval.sh", experts),
-        # LLM-ensemble baselines: configs pointing at the experts (+ the router's classifier)
-        Stage("ensemble", ("ensemble",), 1, tuple(run.ensemble(m) for m in ENSEMBLE_STAGE_METHODS),
+        # LLM-ensemble baselines: configs pointing at the experts (+ the router's classifier);
+        # every registered method, read now (names only: listing the stages imports no model code)
+        Stage("ensemble", ("ensemble",), 1, tuple(run.ensemble(m) for m in ENSEMBLES.names()),
               "stage3_eval.sh", experts),
         Stage("evaluate", ("evaluate",), 1, (run.eval / "report.json",), "stage3_eval.sh",
               ("fuse", "merge", "ensemble", *(b.name for b in baselines))),

@@ -74,6 +74,21 @@ def prompt_tokens(ids: Sequence[int], marker: Sequence[int], window: int = PROMP
     return list(ids[max(0, end - window): end])
 
 
+# encode a prompt without truncation: the window is the prompt's end either way
+NO_LIMIT = 1 << 30
+
+
+def item_prompt_window(tokenizer, marker: Sequence[int], item: dict,
+                       window: int = PROMPT_WINDOW) -> list[int]:
+    """The window a per-prompt ensemble sees of an eval item's Alpaca prompt (as the evaluation
+    encodes it: bos + prompt; the window is its end, whatever truncation keeps of its left)."""
+    from pipeline.data.template import encode_prompt_response, format_prompt
+
+    ids = encode_prompt_response(tokenizer, format_prompt(item["instruction"], item["input"]),
+                                 None, NO_LIMIT)[0]
+    return prompt_tokens(ids, marker, window)
+
+
 class PromptClassifier:
     """Logistic regression over bag-of-token-ids; `weight` [vocab, C], `bias` [C] (float32)."""
 

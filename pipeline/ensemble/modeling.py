@@ -1,17 +1,15 @@
 """LLM-ensemble baselines as one Hugging Face causal LM: `EnsembleForCausalLM` (model_type
 "h3fusion_ensemble") over member model directories.
 
-- method "avg": at every position the next-token distribution is the mean of the members'
-  probabilities; `logits` = log of that mean (log-softmax normalised), so log-likelihood scoring
-  and greedy / sampled generation are exactly those of the averaged distribution.
-- method "router": each sequence is run by ONE member, chosen from its prompt by the prompt
-  classifier (pipeline.ensemble.classifier); `logits` = that member's logits.
-- method "oracle": as "router", but the member is looked up: each eval prompt's own dimension
-  (pipeline.ensemble.oracle); a prompt not in the table is an error.
+The method (`config.method`, an entry of pipeline.registry.ENSEMBLES: pipeline.ensemble.method)
+decides what the members' outputs become: a mixing method ("avg": pipeline.ensemble.avg) combines
+every member's next-token distribution at every position (`mix`); a per-prompt method ("router",
+"oracle") runs each sequence on ONE member chosen from its prompt window (`choose`), and `logits`
+are that member's logits.
 
 An ensemble dir holds config.json (members by path, relative to the dir or absolute), the
-tokenizer, and for the router `router_classifier.safetensors` (the oracle: `oracle_routes.json`);
-member weights stay in the members' own dirs. `from_pretrained` loads the members, so
+tokenizer, and the method's own files (the router's classifier, the oracle's table: its `load`
+hook reads them); member weights stay in the members' own dirs. `from_pretrained` loads the members, so
 `AutoModelForCausalLM.from_pretrained(dir)` (and pipeline.eval.models.load_causal_lm) work once
 this package is imported.
 
@@ -22,8 +20,8 @@ alone. `generation_config.use_cache=False` recomputes the whole sequence at ever
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -32,34 +30,27 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..registry import ENSEMBLES
-from .classifier import PROMPT_WINDOW, PromptClassifier, prompt_tokens
-from .oracle import OracleRoutes, load_oracle
-
-ENSEMBLE_METHODS = ENSEMBLES.names()
-# methods that run one member per sequence, chosen from its prompt (the others average)
-PER_PROMPT_METHODS = ("router", "oracle")
-CLASSIFIER_FILE = "router_classifier.safetensors"
+from .classifier import PROMPT_WINDOW, prompt_tokens
 
 
 @strict
 class EnsembleConfig(PretrainedConfig):
     model_type = "h3fusion_ensemble"
 
-    method: str = "avg"                         # one of ENSEMBLE_METHODS (pipeline.registry.ENSEMBLES)
+    method: str = "avg"                         # a pipeline.registry.ENSEMBLES name
     members: list[str] | None = None            # member model dirs (relative to the ensemble dir or absolute)
     member_names: list[str] | None = None       # one name per member (the router's class names)
-    response_marker_ids: list[int] | None = None  # router/oracle: the prompt/response boundary (token ids)
-    prompt_window: int = PROMPT_WINDOW          # router/oracle: prompt tokens the choice reads
+    response_marker_ids: list[int] | None = None  # per-prompt methods: prompt/response boundary
+    prompt_window: int = PROMPT_WINDOW          # per-prompt methods: prompt tokens the choice reads
     vocab_size: int = 0
 
     def check_ensemble(self, where: str = "ensemble config") -> None:
-        if self.method not in ENSEMBLE_METHODS:
-            raise ValueError(f"{where}: method must be one of {ENSEMBLE_METHODS}, got {self.method!r}")
+        method = ENSEMBLES.get(self.method, f"{where}: method")
         if not self.members or len(self.members) < 2:
             raise ValueError(f"{where}: members must list at least two model dirs, got {self.members}")
         if self.member_names is None or len(self.member_names) != len(self.members):
             raise ValueError(f"{where}: member_names must name each of the {len(self.members)} members")
-        if self.method in PER_PROMPT_METHODS and not self.response_marker_ids:
+        if method.per_prompt and not self.response_marker_ids:
             raise ValueError(f"{where}: a {self.method} ensemble needs response_marker_ids")
 
 
@@ -73,15 +64,6 @@ def _load_member(path: Path, dtype):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"ensemble member is not a model dir (no config.json): {path}")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-
-
-def load_classifier(root: Path) -> PromptClassifier:
-    from safetensors.torch import load_file
-    path = root / CLASSIFIER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"router ensemble without its classifier: {path}")
-    state = load_file(str(path))
-    return PromptClassifier(state["weight"], state["bias"])
 
 
 class EnsembleCache:
@@ -102,22 +84,16 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "ensemble"
     main_input_name = "input_ids"
 
-    def __init__(self, config: EnsembleConfig, members: list | None = None,
-                 classifier: PromptClassifier | None = None, oracle: OracleRoutes | None = None):
+    def __init__(self, config: EnsembleConfig, members: list | None = None, state: Any = None):
+        """`state`: what the method's `load` hook reads from the dir (the router's classifier,
+        the oracle's table; None for "avg")."""
         super().__init__(config)
         config.check_ensemble()
         if members is None or len(members) != len(config.members):
             raise ValueError("EnsembleForCausalLM needs its loaded members (use from_pretrained)")
         self.members = nn.ModuleList(members)
-        if config.method == "router":
-            if classifier is None or classifier.num_classes != len(members):
-                raise ValueError(f"router ensemble: a classifier over {len(members)} members is needed")
-            # buffers: they follow the model to its device
-            self.register_buffer("router_weight", classifier.weight.clone(), persistent=False)
-            self.register_buffer("router_bias", classifier.bias.clone(), persistent=False)
-        self.oracle = oracle
-        if config.method == "oracle":
-            _check_oracle(oracle, config)
+        self.ensemble_method = ENSEMBLES.get(config.method, "ensemble config: method")
+        self.ensemble_method.attach(self, state)
         config.use_cache = False   # plain forward calls (scoring) keep no cache
         self.generation_config = GenerationConfig(
             use_cache=True, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -143,17 +119,24 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         if missing:   # every missing member in one error, before loading any
             raise FileNotFoundError(f"{root}: ensemble member dir(s) missing (no config.json): {missing}")
         members = [_load_member(p, dtype) for p in paths]
-        classifier = load_classifier(root) if config.method == "router" else None
-        oracle = load_oracle(root) if config.method == "oracle" else None
-        return cls(config, members, classifier, oracle).eval()
+        state = ENSEMBLES.get(config.method, str(root / "config.json")).load(root, config)
+        return cls(config, members, state).eval()
 
     @property
     def routes_per_prompt(self) -> bool:
         """True when each sequence runs on one member chosen from its prompt (router, oracle)."""
-        return self.config.method in PER_PROMPT_METHODS
+        return self.ensemble_method.per_prompt
+
+    def mix(self, member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
+        """A mixing method's float32 next-token log-probs from the members' logits (its `mix`)."""
+        return self.ensemble_method.mix(self, member_logits)
+
+    def mix_target_ll(self, member_ll: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A mixing method's log-prob of each target from the members' (its `mix_target_ll`)."""
+        return self.ensemble_method.mix_target_ll(self, member_ll)
 
     def choose_members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B] member index per sequence from its prompt tokens only (router)."""
+        """[B] member index per sequence from its prompt tokens only (per-prompt methods)."""
         seqs = [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
         return torch.tensor(self.choose_for_sequences(seqs), dtype=torch.long, device=input_ids.device)
 
@@ -164,17 +147,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"choose_for_sequences: a {self.config.method!r} ensemble chooses no member")
         marker = list(self.config.response_marker_ids)
         windows = [prompt_tokens(s, marker, self.config.prompt_window) for s in seqs]
-        if self.config.method == "oracle":
-            return self.oracle.choose(windows, self._decode)
-        return PromptClassifier(self.router_weight.cpu(), self.router_bias.cpu()).predict(windows)
-
-    def _decode(self, ids: list[int]) -> str:
-        """Token ids as text with the tokenizer beside the oracle's table (for its error message)."""
-        from transformers import AutoTokenizer
-        try:
-            return AutoTokenizer.from_pretrained(str(Path(self.oracle.source).parent)).decode(ids)
-        except (OSError, ValueError):   # no tokenizer there: the ids themselves
-            return f"token ids {ids}"
+        return self.ensemble_method.choose(self, windows)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,
@@ -196,10 +169,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids.shape[-1] != input_ids.shape[-1]:   # cached steps: the new tokens' positions
             position_ids = position_ids[..., -input_ids.shape[-1]:]
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if self.config.method == "avg":
-            logits = self._average(inputs, logits_to_keep, cache)
-        else:
+        if self.routes_per_prompt:
             logits = self._route(inputs, logits_to_keep, cache)
+        else:   # a generator: the method mixes one member's logits at a time
+            logits = self.mix(self._run(m, inputs, logits_to_keep, cache)
+                              for m in range(len(self.members)))
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def _run(self, m: int, inputs: dict, logits_to_keep: int, cache: EnsembleCache | None):
@@ -209,16 +183,6 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                               logits_to_keep=logits_to_keep)
         cache.caches[m] = out.past_key_values
         return out.logits
-
-    def _average(self, inputs: dict, logits_to_keep: int, cache: EnsembleCache | None) -> torch.Tensor:
-        """log(mean_i softmax(l_i)) in float32, accumulated one member at a time (memory: two
-        [B, T, V] tensors) as logsumexp_i log_softmax(l_i) - log(n)."""
-        total = None
-        for m in range(len(self.members)):
-            logp = torch.log_softmax(self._run(m, inputs, logits_to_keep, cache).float(), dim=-1)
-            total = logp if total is None else torch.logaddexp(total, logp)
-            del logp
-        return total - math.log(len(self.members))
 
     def _route(self, inputs: dict, logits_to_keep: int, cache: EnsembleCache | None) -> torch.Tensor:
         """Each row's logits from its chosen member; members run only on their rows (with a
@@ -239,14 +203,3 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             logits[rows] = out
         return logits
 
-
-def _check_oracle(oracle: OracleRoutes | None, config: EnsembleConfig) -> None:
-    """The oracle's table must route over the members, with the config's window and marker."""
-    if oracle is None:
-        raise ValueError("oracle ensemble: its routing table is needed (use from_pretrained)")
-    if oracle.names != list(config.member_names):
-        raise ValueError(f"oracle ensemble {oracle.source}: its dimensions {oracle.names} are not "
-                         f"the members {config.member_names}")
-    if oracle.window != config.prompt_window or oracle.marker != list(config.response_marker_ids):
-        raise ValueError(f"oracle ensemble {oracle.source}: prompt window / response marker "
-                         f"differ from config.json's")

@@ -1,5 +1,6 @@
-"""The oracle router: each eval prompt goes to the expert of its own dimension (the ceiling of
-per-prompt expert selection; docs/baselines.md).
+"""Ensemble method "oracle" (pipeline.registry.ENSEMBLES), the oracle router: each eval prompt
+goes to the expert of its own dimension (the ceiling of per-prompt expert selection;
+docs/baselines.md). A per-prompt method like the router, but the member is looked up.
 
 `h3fusion ensemble` (method "oracle") builds a table from the data stage's eval files, every split
 and every dimension: prompt -> the dimension whose expert answers it (`pipeline.data.eval_route`:
@@ -19,26 +20,23 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..data import BENIGN_ROUTE, eval_route
-from .classifier import PROMPT_WINDOW, prompt_tokens
+from .classifier import NO_LIMIT, PROMPT_WINDOW, item_prompt_window, prompt_tokens
+from .method import EnsembleBuild, RoutingMethod
 
 ORACLE_FILE = "oracle_routes.json"
-_NO_LIMIT = 1 << 30   # encode without truncation: the window is the prompt's end either way
 
 
 def item_windows(tokenizer, marker: list[int], item: dict,
                  window: int = PROMPT_WINDOW) -> Iterator[tuple[int, ...]]:
     """The windows the evaluation's requests of `item` show the router: its Alpaca prompt, and
     for an mc item the harness context of each option."""
-    from pipeline.data.template import encode_prompt_response, format_prompt
     from pipeline.eval.harness import encode_harness, harness_context
 
-    ids = encode_prompt_response(tokenizer, format_prompt(item["instruction"], item["input"]),
-                                 None, _NO_LIMIT)[0]
-    yield tuple(prompt_tokens(ids, marker, window))
+    yield tuple(item_prompt_window(tokenizer, marker, item, window))
     if item["kind"] == "mc":
         context = harness_context(item)
         for answer in dict.fromkeys(item["chosen"] + item["rejected"]):
-            seq, n_cont = encode_harness(tokenizer, context, answer, _NO_LIMIT)
+            seq, n_cont = encode_harness(tokenizer, context, answer, NO_LIMIT)
             yield tuple(prompt_tokens(seq[:len(seq) - n_cont], marker, window))
 
 
@@ -113,9 +111,59 @@ def load_oracle(root: Path) -> OracleRoutes:
     return OracleRoutes(table, names, str(path), data["prompt_window"], data["response_marker_ids"])
 
 
-def build_oracle(build) -> dict:
-    """`h3fusion ensemble` method "oracle" (pipeline.registry.ENSEMBLES): the table from every
-    eval split of the run's data, saved in the ensemble dir; returns its manifest entries."""
+class Oracle(RoutingMethod):
+    ceiling = True   # it reads each eval prompt's dimension: a ceiling, not a baseline (eval.claims)
+
+    def build(self, build: EnsembleBuild) -> dict:
+        return build_oracle(build)
+
+    def load(self, root: Path, config) -> OracleRoutes:
+        return load_oracle(root)
+
+    def attach(self, model, state: OracleRoutes | None) -> None:
+        """The table must route over the members, with the config's window and marker."""
+        config = model.config
+        if not isinstance(state, OracleRoutes):
+            raise ValueError("oracle ensemble: its routing table is needed (use from_pretrained)")
+        if state.names != list(config.member_names):
+            raise ValueError(f"oracle ensemble {state.source}: its dimensions {state.names} are not "
+                             f"the members {config.member_names}")
+        if state.window != config.prompt_window or state.marker != list(config.response_marker_ids):
+            raise ValueError(f"oracle ensemble {state.source}: prompt window / response marker "
+                             f"differ from config.json's")
+        model.oracle = state
+
+    def choose(self, model, windows: Sequence[Sequence[int]]) -> list[int]:
+        return model.oracle.choose(windows, lambda ids: _decode(model.oracle, ids))
+
+    def check_items(self, root: Path, items: dict[str, list[dict]], tokenizer_dir: Path | None) -> None:
+        """Every prompt the evaluation will show the oracle (the items' Alpaca prompts and harness
+        contexts) is in its table; else the oracle's error naming the first missing one (e.g.
+        `--data` is not the data the oracle was built from)."""
+        from ..eval.models import load_tokenizer
+
+        oracle = load_oracle(root)
+        tokenizer = load_tokenizer(root, tokenizer_dir)
+        windows = [w for rows in items.values() for it in rows
+                   for w in item_windows(tokenizer, oracle.marker, it, oracle.window)]
+        oracle.choose(windows, tokenizer.decode)
+
+
+ORACLE = Oracle()
+
+
+def _decode(oracle: OracleRoutes, ids: list[int]) -> str:
+    """Token ids as text with the tokenizer beside the oracle's table (for its error message)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(oracle.source).parent)).decode(ids)
+    except (OSError, ValueError):   # no tokenizer there: the ids themselves
+        return f"token ids {ids}"
+
+
+def build_oracle(build: EnsembleBuild) -> dict:
+    """The table from every eval split of the run's data, saved in the ensemble dir; returns its
+    manifest entries (+ the marker)."""
     from transformers import AutoTokenizer
 
     from ..data import EVAL_SPLITS

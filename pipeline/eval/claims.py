@@ -6,9 +6,10 @@
     every dimension: passes on "holds" or "tie" (the interval contains 0: no evidence it is
     worse, which is NOT evidence it is as good), fails when the interval is wholly below 0;
 (c) the fused model's mean score beats every merge baseline's (and every ensemble's and the
-    multi-task model's, when the run built them): verdict "holds" on the mean. Not the oracle
-    router (`ensemble_oracle`): it reads each test prompt's dimension, a ceiling of per-prompt
-    selection rather than a baseline (docs/baselines.md); its comparison stays in the report;
+    multi-task model's, when the run built them): verdict "holds" on the mean. Not an ensemble
+    whose method is a `ceiling` (pipeline.registry.ENSEMBLES): the oracle router reads each test
+    prompt's dimension, a ceiling of per-prompt selection rather than a baseline
+    (docs/baselines.md); its comparison stays in the report;
 (d) each task's tokens route top-1 to the task's own expert at least `routing_target` of the time
     (the expert-load profile, averaged over layers). A task's rows are those whose routing label
     is the task (docs/data.md "Routing labels"): a benign request in the harmless set is the
@@ -25,13 +26,20 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from ..layout import RunLayout
+from ..registry import ENSEMBLES
 
 MERGE_PREFIX = "merge_"
+ENSEMBLE_PREFIX = "ensemble_"
 # the other baselines claim (c) compares with when present: ensembles, the dense multi-task
 # models (`multitask_data_matched`, `multitask_compute_matched`)
-BASELINE_PREFIXES = ("ensemble_", "multitask_")
-# reported, never a claim-(c) baseline: the oracle router knows each test prompt's dimension
-CEILINGS = ("ensemble_oracle",)
+BASELINE_PREFIXES = (ENSEMBLE_PREFIX, "multitask_")
+
+
+def is_ceiling(model: str) -> bool:
+    """Reported, never a claim-(c) baseline: an ensemble whose method is a `ceiling` (the oracle
+    router knows each test prompt's dimension)."""
+    method = model[len(ENSEMBLE_PREFIX):] if model.startswith(ENSEMBLE_PREFIX) else None
+    return method in ENSEMBLES and ENSEMBLES.get(method, f"report model {model!r}").ceiling
 
 
 @dataclass
@@ -81,7 +89,7 @@ def _claim_c(report: dict, fused: str) -> list[Claim]:
     merges = [m for m in report["scores"] if m.startswith(MERGE_PREFIX)]
     if not merges:
         raise ValueError("report.json has no merge_* models: run the merge stage first")
-    others = sorted(m for m in report["scores"] if m.startswith(BASELINE_PREFIXES) and m not in CEILINGS)
+    others = sorted(m for m in report["scores"] if m.startswith(BASELINE_PREFIXES) and not is_ceiling(m))
     return [_from_comparison(f"c:{m}", report["comparisons"][m]["mean"],
                              report["comparisons"][m]["mean"]["verdict"] == "holds",
                              f"{fused} vs {m} on the mean score (passes only if it holds)")

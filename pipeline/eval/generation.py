@@ -6,14 +6,14 @@ Greedy generation (eval.do_sample false, what the evaluation uses) runs its own 
 the model's KV cache (`_greedy_batch`): a row that emitted eos leaves the batch
 (`DynamicCache.batch_select_indices`), so finished rows stop costing compute, where HF
 `generate()` keeps every row until the last one ends. Same tokens as `generate()` greedy
-(tests/unit/test_generation_rows.py); ensembles decode member by member ("avg": every member's
-cache in lockstep, the argmax of the averaged distribution; "router"/"oracle": each row on the
-member its prompt chooses). Sampled generation, and models whose generation_config asks for
-logits processing the loop does not do, use `generate()`.
+(tests/unit/test_generation_rows.py); ensembles decode member by member (a mixing method such
+as "avg": every member's cache in lockstep, the argmax of the mixed distribution, the method's
+`mix`; a per-prompt one such as "router"/"oracle": each row on the member its prompt chooses).
+Sampled generation, and models whose generation_config asks for logits processing the loop does
+not do, use `generate()`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -70,18 +70,15 @@ class _CachedModel:
         self.cache.batch_select_indices(rows)
 
 
-class _AveragedMembers:
-    """An "avg" ensemble: log of the members' mean probability, as EnsembleForCausalLM._average."""
+class _MixedMembers:
+    """A mixing ensemble: its method's `mix` of the members' next-token logits, as its forward."""
 
-    def __init__(self, members):
-        self.members = [_CachedModel(m) for m in members]
+    def __init__(self, ensemble):
+        self.mix = ensemble.mix
+        self.members = [_CachedModel(m) for m in ensemble.members]
 
     def step(self, ids, mask, pos) -> torch.Tensor:
-        total = None
-        for member in self.members:
-            logp = torch.log_softmax(member.step(ids, mask, pos), dim=-1)
-            total = logp if total is None else torch.logaddexp(total, logp)
-        return total - math.log(len(self.members))
+        return self.mix(member.step(ids, mask, pos) for member in self.members)
 
     def keep(self, rows: torch.Tensor) -> None:
         for member in self.members:
@@ -121,8 +118,8 @@ def _greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new: int,
     if not _is_ensemble(model):
         return _greedy_rows(_CachedModel(model), ids, mask, max_new, eos)
     if not model.routes_per_prompt:
-        return _greedy_rows(_AveragedMembers(model.members), ids, mask, max_new, eos)
-    choice = model.choose_members(ids, mask)    # router / oracle: from each row's prompt
+        return _greedy_rows(_MixedMembers(model), ids, mask, max_new, eos)
+    choice = model.choose_members(ids, mask)    # per-prompt methods: from each row's prompt
     out: list[list[int]] = [[] for _ in range(ids.shape[0])]
     for m in choice.unique().tolist():
         rows = (choice == m).nonzero(as_tuple=True)[0]

@@ -1,40 +1,49 @@
-"""The prompt router's routing on the evaluated items: routing dimension x chosen expert counts.
+"""The ensembles' checks before any model loads, and the prompt router's routing on the
+evaluated items: routing dimension x chosen expert counts.
 
-For every router ensemble among the evaluated models (`model_type` h3fusion_ensemble, method
-"router"), its classifier (in the ensemble dir) is run on the prompt of every item the report
-scores, as the router itself chooses: the item's Alpaca prompt, tokenized with the ensemble's
-tokenizer, the classifier's window up to the response marker (pipeline.ensemble.classifier). Rows
-are the item's routing dimension (`pipeline.data.eval_route`: its own dimension, a
-`benign_prompt` -> helpful), columns the expert chosen. An item counts once per dimension whose
-eval set holds it, as the report scores it.
+An evaluated model dir is an ensemble when its config.json has `model_type` h3fusion_ensemble;
+its `method` is looked up in pipeline.registry.ENSEMBLES (the evaluation reaches the ensemble
+code only through that registry and the loaded model) and its hooks say what to check or report.
+
+For every ensemble whose method reports its routing (`reports_routing`: the router), its choice
+(from the ensemble dir, without loading the members) is made on the prompt of every item the
+report scores, as the ensemble itself chooses: the item's Alpaca prompt, tokenized with the
+ensemble's tokenizer, the window up to the response marker. Rows are the item's routing dimension
+(`pipeline.data.eval_route`: its own dimension, a `benign_prompt` -> helpful), columns the expert
+chosen. An item counts once per dimension whose eval set holds it, as the report scores it.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
-ROUTER_METHOD = "router"
-_NO_LIMIT = 1 << 30   # the window is the prompt's end, whatever truncation keeps of its left
+from ..registry import ENSEMBLES
+from .scoring import ENSEMBLE_MODEL_TYPE
 
 
-def per_prompt_ensembles(models: dict[str, Path]) -> dict[str, str]:
-    """name -> method of the evaluated ensembles that pick one expert per prompt (router, oracle)."""
-    import json
-
-    from pipeline.ensemble.modeling import PER_PROMPT_METHODS
-
+def ensemble_methods(models: dict[str, Path]) -> dict[str, tuple[str, Any]]:
+    """name -> (method name, its pipeline.registry.ENSEMBLES entry) of the evaluated ensembles;
+    an unknown method is the registry's error naming the config file."""
     out = {}
     for name, path in models.items():
         config = Path(path) / "config.json"
         data = json.loads(config.read_text()) if config.is_file() else {}
-        if data.get("model_type") == "h3fusion_ensemble" and data.get("method") in PER_PROMPT_METHODS:
-            out[name] = data["method"]
+        if data.get("model_type") == ENSEMBLE_MODEL_TYPE:
+            method = data.get("method")
+            out[name] = (method, ENSEMBLES.get(method, f"{config}: method"))
     return out
 
 
+def per_prompt_ensembles(models: dict[str, Path]) -> dict[str, str]:
+    """name -> method of the evaluated ensembles that pick one expert per prompt (router, oracle)."""
+    return {n: m for n, (m, method) in ensemble_methods(models).items() if method.per_prompt}
+
+
 def router_dirs(models: dict[str, Path]) -> dict[str, Path]:
-    """The evaluated models that are prompt-router ensembles."""
-    return {n: Path(models[n]) for n, m in per_prompt_ensembles(models).items() if m == ROUTER_METHOD}
+    """The evaluated ensembles whose routing the report shows (`reports_routing`: the router)."""
+    return {n: Path(models[n]) for n, (_, method) in ensemble_methods(models).items()
+            if method.reports_routing}
 
 
 def check_routed_formats(models: dict[str, Path], formats: dict[str, str], alpaca: str) -> None:
@@ -49,22 +58,13 @@ def check_routed_formats(models: dict[str, Path], formats: dict[str, str], alpac
 
 def check_oracle_tables(models: dict[str, Path], items: dict[str, list[dict]],
                         tokenizer_dir: Optional[Path] = None) -> None:
-    """Before any model loads: every oracle ensemble's table holds every prompt the evaluation
-    will show it (the items' Alpaca prompts and harness contexts); else the oracle's error
-    naming the first missing prompt (e.g. `--data` is not the data the oracle was built from)."""
-    from pipeline.ensemble.oracle import item_windows, load_oracle
-
-    from .models import load_tokenizer
-
-    for name, method in per_prompt_ensembles(models).items():
-        if method != "oracle":
-            continue
-        oracle = load_oracle(Path(models[name]))
-        tokenizer = load_tokenizer(Path(models[name]), tokenizer_dir)
-        windows = [w for rows in items.values() for it in rows
-                   for w in item_windows(tokenizer, oracle.marker, it, oracle.window)]
+    """Before any model loads: every ensemble's method checks the items (`check_items`; the
+    oracle: its table holds every prompt the evaluation will show it, the items' Alpaca prompts
+    and harness contexts, else its error naming the first missing prompt, e.g. `--data` is not
+    the data the oracle was built from)."""
+    for name, (_, method) in ensemble_methods(models).items():
         try:
-            oracle.choose(windows, tokenizer.decode)
+            method.check_items(Path(models[name]), items, tokenizer_dir)
         except ValueError as exc:
             raise ValueError(f"model {name!r}: {exc}") from None
 
@@ -84,27 +84,22 @@ def confusion_table(routes: list[str], chosen: list[str], dims: list[str],
 
 def router_confusion(ensemble_dir: Path, items: dict[str, list[dict]],
                      tokenizer_dir: Optional[Path] = None) -> dict[str, Any]:
-    """`confusion_table` of the router in `ensemble_dir` over `items` (dimension -> eval items)."""
+    """`confusion_table` of the router in `ensemble_dir` over `items` (dimension -> eval items):
+    its method's `route_items` hook chooses."""
     from pipeline.data import eval_route
-    from pipeline.data.template import encode_prompt_response, format_prompt
-    from pipeline.ensemble.classifier import prompt_tokens
-    from pipeline.ensemble.modeling import EnsembleConfig, load_classifier
 
     from .models import load_tokenizer
 
-    config = EnsembleConfig.from_pretrained(ensemble_dir)
-    clf = load_classifier(ensemble_dir)
+    config_file = Path(ensemble_dir) / "config.json"
+    config = json.loads(config_file.read_text())
+    method = ENSEMBLES.get(config.get("method"), f"{config_file}: method")
     tokenizer = load_tokenizer(ensemble_dir, tokenizer_dir)
-    dims, marker = list(items), list(config.response_marker_ids)
-    windows, routes = [], []
-    for rows in items.values():
-        for it in rows:
-            ids = encode_prompt_response(tokenizer, format_prompt(it["instruction"], it["input"]),
-                                         None, _NO_LIMIT)[0]
-            windows.append(prompt_tokens(ids, marker, config.prompt_window))
-            routes.append(eval_route(it, dims))
-    names = list(config.member_names)
-    table = confusion_table(routes, [names[i] for i in clf.predict(windows)], dims, names)
+    dims = list(items)
+    flat = [it for rows in items.values() for it in rows]
+    routes = [eval_route(it, dims) for it in flat]
+    names = list(config["member_names"])
+    chosen = method.route_items(Path(ensemble_dir), tokenizer, flat)
+    table = confusion_table(routes, [names[i] for i in chosen], dims, names)
     return {"rows": "routing dimension (own; benign_prompt -> helpful)",
             "columns": "expert the router's classifier chooses from the prompt", **table}
 

@@ -5,7 +5,8 @@ interface, `model(input_ids=, attention_mask=).logits`, so dense Llama models, m
 H3Fusion MoE and the ensembles are scored by the same code. `score_continuations_packed` gives
 the same scores several times faster (each prompt once, its answers packed after it) for the
 Llama-layout models (dense and H3Fusion) and for ensembles of them (member by member, combined
-per token for "avg", per request for "router" / "oracle"); `score_pairs` / `score_encoded`, what the
+per token by a mixing method such as "avg", per request by a per-prompt one such as "router"
+/ "oracle": pipeline.ensemble.method); `score_pairs` / `score_encoded`, what the
 evaluation calls, pack when the model allows and fall back to one sequence per answer otherwise.
 Prompts use the Alpaca template the models were trained with, or a model's own chat template
 (pipeline.eval.prompts: `add_bos=False`, the rendered template carries its special tokens).
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
-
-import math
 
 import torch
 from tqdm.auto import tqdm
@@ -245,6 +244,8 @@ PACKED_ATTENTION = ("sdpa", "eager")
 PACKED_MODEL_TYPES = ("llama", "h3fusion")
 
 
+# an ensemble (pipeline.ensemble, reached through the loaded model only): `members`, and its
+# method's hooks: `routes_per_prompt` -> `choose_for_sequences`, else `mix_target_ll`
 ENSEMBLE_MODEL_TYPE = "h3fusion_ensemble"
 
 
@@ -317,12 +318,11 @@ def _packed_token_ll(model, rows: list[PackedRow], pad_id: int) -> tuple[torch.T
 @torch.no_grad()
 def _score_packed_batch(model, rows: list[PackedRow], pad_id: int) -> dict[int, float]:
     if _is_ensemble(model):
-        # "avg": log mean_i p_i(target) per token = logsumexp_i log p_i(target) - log n, which
-        # is the averaged distribution's log-prob (each member's softmax is normalised alone)
+        # a mixing ensemble: its method mixes the members' log-probs of the targets (every
+        # member's softmax is normalised alone)
         per_member = [_packed_token_ll(m, rows, pad_id) for m in model.members]
         req = per_member[0][1]
-        token_ll = torch.logsumexp(torch.stack([ll for ll, _ in per_member]), dim=0)
-        token_ll = token_ll - math.log(len(per_member))
+        token_ll = model.mix_target_ll([ll for ll, _ in per_member])
     else:
         token_ll, req = _packed_token_ll(model, rows, pad_id)
     totals = torch.zeros(int(req.max()) + 1, dtype=torch.float64, device=token_ll.device)
@@ -389,7 +389,7 @@ def _score_packed(model, encoded: list[tuple[list[int], int]], pad_id: int, batc
 
 def _score_packed_routed(model, encoded: list[tuple[list[int], int]], pad_id: int,
                          batch_size: int, max_len: int, desc: str) -> list[ContinuationScore]:
-    """A router or oracle ensemble: each request goes to the member its prompt chooses, each
+    """A per-prompt ensemble (router, oracle): each request goes to the member its prompt chooses, each
     member scores its requests packed. The choice reads the request's prompt part (its tokens
     before the continuation): for an Alpaca prompt the same window as its forward finds on the
     whole sequence (the prompt ends with the response marker); for an lm-eval harness request,

@@ -12,7 +12,8 @@ import torch
 import pipeline.ensemble  # noqa: F401  (registers the model type)
 from pipeline.ensemble.classifier import (PROMPT_WINDOW, PromptClassifier, prompt_end,
                                           prompt_tokens, response_marker_ids, train_classifier)
-from pipeline.ensemble.modeling import CLASSIFIER_FILE, EnsembleConfig
+from pipeline.ensemble.modeling import EnsembleConfig
+from pipeline.ensemble.router import CLASSIFIER_FILE
 from pipeline.ensemble.stage import MANIFEST, build_run_ensembles
 from pipeline.data.template import encode_prompt_response, format_prompt
 from pipeline.eval.models import load_causal_lm
@@ -288,7 +289,7 @@ def test_stage_builds_every_ensemble_atomically(run_dir):
 
 def test_a_failed_build_leaves_no_directory(run_dir, monkeypatch):
     from pipeline.config import load_config
-    from pipeline.ensemble import stage
+    from pipeline.ensemble import router as stage
 
     def boom(*args, **kwargs):
         raise RuntimeError("classifier failed")

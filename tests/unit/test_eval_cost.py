@@ -80,7 +80,7 @@ def _ensemble(method: str):
     if method == "oracle":
         from pipeline.ensemble.oracle import OracleRoutes
         oracle = OracleRoutes({(5, 1, 2): 0}, ["a", "b"], "routes.json", config.prompt_window, [1, 2])
-    return EnsembleForCausalLM(config, [tiny_llama(), tiny_llama()], clf, oracle)
+    return EnsembleForCausalLM(config, [tiny_llama(), tiny_llama()], clf or oracle)
 
 
 def test_avg_ensemble_runs_every_member_router_and_oracle_one():

@@ -56,7 +56,7 @@ def seeded():
 
 
 def test_every_training_stage_reads_its_seed_from_the_config(seeded, tmp_path, monkeypatch):
-    from pipeline.ensemble import stage as ensemble_stage
+    from pipeline.ensemble import router as ensemble_stage
     from pipeline.stages import pipeline_stages
     from pipeline.train.baselines import stage as multitask
     from pipeline.train.fusion import data as fusion_data
