@@ -54,6 +54,10 @@ class Registry:
             raise ValueError(f"{self.kind} {name!r}: target must be 'module:attr', got {target!r}")
         self._entries[name] = target
 
+    def unregister(self, name: str) -> None:
+        """Remove a name added by `register` (a test's teardown); an unknown name is an error."""
+        del self._entries[self.check(name, f"unregister {self.kind}")]
+
 
 # MoE layer backends: subclasses of pipeline.model.moe_backend.MoEBackend
 # (`H3FusionConfig.moe_backend`, `fusion.moe_backend`)
@@ -62,12 +66,13 @@ MOE_BACKENDS = Registry("MoE backend", {
     "megablocks": "pipeline.backends.megablocks_moe:MegaBlocksBackend",
 })
 
-# merging baselines: fn(base, tensors, scale, density, thresholds) -> tensor
-# (`merge.methods`, pipeline.merging; `thresholds` comes from TIES_TRIM_SCOPES, None otherwise)
+# merging baselines: pipeline.merging.MergeMethod objects, each with its per-tensor maths and
+# the settings it reads (their types, ranges, defaults and `merge.*` config keys)
+# (`merge.methods`, `h3fusion merge`, `h3fusion surgery merge`)
 MERGE_METHODS = Registry("merge method", {
-    "average": "pipeline.merging:merge_average",
-    "task_arithmetic": "pipeline.merging:merge_task_arithmetic",
-    "ties": "pipeline.merging:merge_ties",
+    "average": "pipeline.merging:AVERAGE",
+    "task_arithmetic": "pipeline.merging:TASK_ARITHMETIC",
+    "ties": "pipeline.merging:TIES",
 })
 
 # TIES trimming: fn(keys, base_get, model_gets, density) -> per-model magnitude thresholds, or
@@ -83,6 +88,14 @@ ROUTER_INITS = Registry("router init", {
     "zeros": "pipeline.surgery.router_init:zeros_init",
     "normal": "pipeline.surgery.router_init:normal_init",
     "prompts": "pipeline.surgery.router_init:prompts_init",
+})
+
+# what stage 2 trains of the fused MoE: pipeline.model.trainable.TrainableSet objects (which
+# parameters train, whether the experts move) (`fusion.trainable`)
+TRAINABLE_SETS = Registry("trainable set", {
+    "router": "pipeline.model.trainable:ROUTER",
+    "router+experts": "pipeline.model.trainable:ROUTER_EXPERTS",
+    "router+lora": "pipeline.model.trainable:ROUTER_LORA",
 })
 
 # multi-task baselines (`baselines.multitask_variants`, docs/baselines.md): fn(expert.train,
