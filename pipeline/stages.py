@@ -108,8 +108,9 @@ def cuda_needs(cfg: PipelineConfig, stage_names=None) -> list[str]:
     """The config settings that run only on CUDA GPUs, each naming its stage, for the stages in
     `stage_names` (None: all). Empty: everything can run on CPU."""
     backend = cfg.fusion.moe_backend
+    cuda_only = MOE_BACKENDS.get(backend, "fusion.moe_backend").needs_cuda
     needs = {"fuse": [f"fusion.moe_backend={backend} (stage fuse; use fusion.moe_backend=torch "
-                      "on CPU)"] if MOE_BACKENDS.get(backend, "fusion.moe_backend").needs_cuda else []}
+                      "on CPU)"] if cuda_only else []}
     return [need for stage, settings in needs.items()
             if stage_names is None or stage in stage_names for need in settings]
 

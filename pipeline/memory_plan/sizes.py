@@ -217,13 +217,12 @@ def dense_stage(stage: str, fields: dict, method: str, lora=None) -> StageModel:
 def fusion_stage(cfg: PipelineConfig, fields: dict, zero_stage: int) -> StageModel:
     """Stage 2: the fused MoE with `fusion.trainable`; under ZeRO-3 every MoE block is a leaf
     module and the inputs require grad (pipeline.train.fusion_loop)."""
-    from ..model import H3FusionMoE, set_trainable
+    from ..model import H3FusionMoE
     from ..model.trainable import trainable_set
     f = cfg.fusion
     trained = trainable_set(f.trainable)
     model = moe_model(fields, len(cfg.dimensions), f.top_k, list(cfg.dimensions))
-    model = set_trainable(model, f.trainable, f.lora.r, f.lora.alpha, f.lora.dropout,
-                          f.lora.target_modules)
+    model = trained.apply(model, f.lora.r, f.lora.alpha, f.lora.dropout, f.lora.target_modules)
     what = f.trainable + (f" (r={f.lora.r} q/k/v/o)" if trained.lora else "")
     stage = _stage_model("fusion", "moe", model, what, (H3FusionMoE,) if zero_stage == 3 else (),
                          input_grads=zero_stage == 3)

@@ -22,7 +22,6 @@ from ..registry import MULTITASK_VARIANTS, TRAINABLE_SETS
 from .common import BatchSchedule
 
 
-
 def training_steps(num_rows: int, train: TrainConfig, world_size: int, where: str) -> int:
     """Optimizer steps a trainer runs on `num_rows` rows: `train.max_steps` when > 0, else
     max(1, ceil(epochs * floor(num_rows / (micro_batch_size * grad_accum_steps * world_size)))).
@@ -157,7 +156,8 @@ def plan_steps(cfg: PipelineConfig, data_dir: str | Path) -> StepPlan:
               for d, n in _stage1_rows(cfg, data).items()}
     fusion = training_steps(len(mix_tasks(cfg, data)), f.train, f.num_procs,
                             f"{data}/sft/*/train mixed by fusion.mix_weights {f.mix_weights}")
-    plan = StepPlan(stage1, fusion, TRAINABLE_SETS.get(f.trainable, "fusion.trainable").trains_experts)
+    experts_train = TRAINABLE_SETS.get(f.trainable, "fusion.trainable").trains_experts
+    plan = StepPlan(stage1, fusion, experts_train)
     union = len(union_tasks(cfg, data))
     where = f"{data}: the multi-task union (sft/*/train + the fusion mix)"
     return replace(plan, multitask={

@@ -15,10 +15,11 @@ from pipeline.commands import main as cli_main
 from pipeline.config import ConfigError, MergeConfig, load_config
 from pipeline.layout import RunLayout
 from pipeline.merging import MergeMethod, Setting
-from pipeline.model import H3FusionConfig, H3FusionForCausalLM, set_trainable
+from pipeline.model import H3FusionConfig, H3FusionForCausalLM, TorchBackend, set_trainable
 from pipeline.model.trainable import TrainableSet, sets_training_experts
-from pipeline.registry import MERGE_METHODS, TRAINABLE_SETS
-from pipeline.stages import baseline_stages
+from pipeline.registry import MERGE_METHODS, MOE_BACKENDS, ROUTER_INITS, TRAINABLE_SETS
+from pipeline.stages import baseline_stages, cuda_needs, pipeline_stages
+from pipeline.surgery.router_init import RouterInit, zeros_init
 from surgery_fixtures import dense_state, make_family
 
 
@@ -33,6 +34,11 @@ TOY_MERGE = MergeMethod("toy_lerp", _toy_lerp, settings=(
     Setting("weight", float, 0.5, "share of the models' mean", ok=lambda v: 0 <= v <= 1,
             words="in [0, 1]"),))
 TOY_SET = TrainableSet("toy_experts", trains_experts=True)
+TOY_INIT = RouterInit(zeros_init.make, needs_prompts=True)
+
+
+class ToyGpuBackend(TorchBackend):
+    needs_cuda = True
 
 
 @pytest.fixture
@@ -160,3 +166,19 @@ def test_trainable_sets_are_read_by_their_properties(toy_set, tmp_path):
         assert grads == {n for n, _ in model.named_parameters() if trained.trains(n)}
         assert any(".mlp.experts." in n for n in grads) == trained.trains_experts
         assert any(".mlp.router." in n for n in grads)
+
+
+def test_router_init_and_backend_needs_are_read_from_their_entries(tmp_path):
+    run = RunLayout.at(tmp_path)
+    ROUTER_INITS.register("toy_prompted", f"{__name__}:TOY_INIT")
+    MOE_BACKENDS.register("toy_gpu", f"{__name__}:ToyGpuBackend")
+    try:
+        for init in ROUTER_INITS.names():
+            cfg = load_config("tiny", [f"fusion.router_init={init}"])
+            argv = next(s.argv for s in pipeline_stages(cfg, run) if s.name == "build_moe")
+            assert ("--prompts-data" in argv) == (init in ("prompts", "toy_prompted")), init
+        assert cuda_needs(load_config("tiny", ["fusion.moe_backend=toy_gpu"])) == [
+            "fusion.moe_backend=toy_gpu (stage fuse; use fusion.moe_backend=torch on CPU)"]
+    finally:
+        ROUTER_INITS.unregister("toy_prompted")
+        MOE_BACKENDS.unregister("toy_gpu")
