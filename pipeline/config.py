@@ -24,7 +24,7 @@ from .config_schema import (
     PipelineConfig,
 )
 from .dimensions import register_dimension, resolve_dimensions
-from .registry import (PRECISIONS, MERGE_METHODS, MOE_BACKENDS, MULTITASK_VARIANTS, ROUTER_INITS, TIES_TRIM_SCOPES,
+from .registry import (PRECISIONS, MERGE_METHODS, MOE_BACKENDS, MULTITASK_VARIANTS, ROUTER_INITS, TRAINABLE_SETS,
                        Registry)
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -218,8 +218,7 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
            f"data.real.max_train_per_task ({real.max_train_per_task}, which must then be set): "
            "the benign rows share the harmless training cap with the refusal rows")
     f = cfg.fusion
-    _check(f.trainable in ("router", "router+lora", "router+experts"),
-           f"fusion.trainable must be router|router+lora|router+experts, got {f.trainable!r}")
+    _check_registered(TRAINABLE_SETS, f.trainable, "fusion.trainable", source)
     bad_targets = [t for t in f.lora.target_modules if t not in FUSION_LORA_TARGETS]
     _check(f.lora.target_modules and not bad_targets,
            f"fusion.lora.target_modules {f.lora.target_modules}: fusion's LoRA wraps only the "
@@ -231,9 +230,7 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
            f"fusion.gate_tokens must be {'|'.join(GATE_TOKENS)}, got {f.gate_tokens!r}")
     _check(cfg.profile.tokens in ("response", "all"),
            f"profile.tokens must be response|all, got {cfg.profile.tokens!r}")
-    for i, m in enumerate(cfg.merge.methods):
-        _check_registered(MERGE_METHODS, m, f"merge.methods[{i}]", source)
-    _check_registered(TIES_TRIM_SCOPES, cfg.merge.ties_trim_scope, "merge.ties_trim_scope", source)
+    _check_merge(cfg, source)
     _check_multitask_variants(cfg, source)
     _check_precisions(cfg, source)
     _check_hub_specs(cfg)
@@ -244,6 +241,19 @@ def _validate(cfg: PipelineConfig, source: str) -> None:
            f"eval.max_new_tokens ({cfg.eval.max_new_tokens}) must be below eval.max_seq_len "
            f"({cfg.eval.max_seq_len}): a generation prompt keeps only its last max_seq_len - "
            f"max_new_tokens tokens; raise eval.max_seq_len")
+
+
+def _check_merge(cfg: PipelineConfig, source: str) -> None:
+    """Registered method names, and every registered method's settings as the `merge.*` keys
+    give them (also the methods not in merge.methods: a bad value is not kept for later), by
+    the method's own checks (pipeline.surgery.merging.MergeMethod)."""
+    for i, m in enumerate(cfg.merge.methods):
+        _check_registered(MERGE_METHODS, m, f"merge.methods[{i}]", source)
+    for name in MERGE_METHODS.names():
+        try:
+            MERGE_METHODS.get(name, "merge method").config_settings(cfg.merge)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 def _check_multitask_variants(cfg: PipelineConfig, source: str) -> None:

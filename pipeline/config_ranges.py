@@ -1,7 +1,8 @@
 """Numeric ranges of the config keys (used by `pipeline.config.validate`).
 
 One row per numeric key: its dotted name, a predicate and the range in words, so the message
-names the key and the accepted range; `pipeline.config` adds the file.
+names the key and the accepted range; `pipeline.config` adds the file. The `merge.*` keys are
+checked by the merge method that reads them (pipeline.surgery.merging.MergeMethod.config_settings).
 """
 from __future__ import annotations
 
@@ -73,9 +74,6 @@ _SECTION_RANGES = (
     ("fusion.lora.r", lambda v: v >= 1, ">= 1"),
     ("fusion.lora.alpha", lambda v: v > 0, "> 0"),
     ("fusion.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("merge.task_arithmetic_scale", lambda v: True, "a finite number"),
-    ("merge.ties_density", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("merge.ties_scale", lambda v: True, "a finite number"),
     ("eval.max_items_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),

@@ -132,7 +132,7 @@ class FusionConfig:
     # experts per token; the fused model stores it as `num_experts_per_tok` (Mixtral's name)
     top_k: int = 2
     router_init: str = "zeros"        # pipeline.registry.ROUTER_INITS: zeros | normal | prompts
-    trainable: str = "router"         # router | router+lora | router+experts
+    trainable: str = "router"         # pipeline.registry.TRAINABLE_SETS: router | router+experts | router+lora
     lora: LoraConfig = field(default_factory=_fusion_lora)   # targets: FUSION_LORA_TARGETS
     lambda_gate: float = 0.01
     # tokens the gating loss averages over: "all" non-padding tokens (the paper) or "response"
@@ -157,6 +157,8 @@ class FusionConfig:
 
 @dataclass
 class MergeConfig:
+    # each key below is read by one registered merge method's setting (pipeline.surgery.merging: its
+    # `config_key`, which checks the value; the defaults are equal, tests/unit/test_merge_registry.py)
     methods: list[str] = field(default_factory=lambda: ["average", "task_arithmetic", "ties"])
     task_arithmetic_scale: float = 0.5
     ties_density: float = 0.5

@@ -62,7 +62,7 @@ class Registry:
         self._entries[name] = target
 
     def unregister(self, name: str) -> None:
-        """Remove a runtime entry (a test's teardown); an unknown name is the usual error."""
+        """Remove a name added by `register` (a test's teardown); an unknown name is an error."""
         del self._entries[self.check(name, f"unregister {self.kind}")]
 
 
@@ -73,12 +73,13 @@ MOE_BACKENDS = Registry("MoE backend", {
     "megablocks": "pipeline.backends.megablocks_moe:MegaBlocksBackend",
 })
 
-# merging baselines: fn(base, tensors, scale, density, thresholds) -> tensor
-# (`merge.methods`, pipeline.surgery.merging; `thresholds` comes from TIES_TRIM_SCOPES, None otherwise)
+# merging baselines: pipeline.surgery.merging.MergeMethod objects, each with its per-tensor maths
+# and the settings it reads (their types, ranges, defaults and `merge.*` config keys)
+# (`merge.methods`, `h3fusion merge`, `h3fusion surgery merge`)
 MERGE_METHODS = Registry("merge method", {
-    "average": "pipeline.surgery.merging:merge_average",
-    "task_arithmetic": "pipeline.surgery.merging:merge_task_arithmetic",
-    "ties": "pipeline.surgery.merging:merge_ties",
+    "average": "pipeline.surgery.merging:AVERAGE",
+    "task_arithmetic": "pipeline.surgery.merging:TASK_ARITHMETIC",
+    "ties": "pipeline.surgery.merging:TIES",
 })
 
 # TIES trimming: fn(keys, base_get, model_gets, density) -> per-model magnitude thresholds, or
@@ -94,6 +95,14 @@ ROUTER_INITS = Registry("router init", {
     "zeros": "pipeline.surgery.router_init:zeros_init",
     "normal": "pipeline.surgery.router_init:normal_init",
     "prompts": "pipeline.surgery.router_init:prompts_init",
+})
+
+# what stage 2 trains of the fused MoE: pipeline.model.trainable.TrainableSet objects (which
+# parameters train, whether the experts move) (`fusion.trainable`)
+TRAINABLE_SETS = Registry("trainable set", {
+    "router": "pipeline.model.trainable:ROUTER",
+    "router+experts": "pipeline.model.trainable:ROUTER_EXPERTS",
+    "router+lora": "pipeline.model.trainable:ROUTER_LORA",
 })
 
 # multi-task baselines (`baselines.multitask_variants`, docs/baselines.md): fn(expert.train,

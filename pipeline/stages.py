@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .layout import RunLayout
-from .registry import ENSEMBLES
+from .registry import ENSEMBLES, MOE_BACKENDS, ROUTER_INITS, TRAINABLE_SETS
 
 
 
@@ -39,7 +39,7 @@ def _build_moe_argv(cfg: PipelineConfig, run: RunLayout) -> tuple[str, ...]:
             "--router-init", cfg.fusion.router_init, "--overwrite",
             # the router init's draws (`normal`) follow fusion's seed, so `--seed N` reseeds them
             "--seed", str(cfg.fusion.train.seed))
-    if cfg.fusion.router_init == "prompts":
+    if ROUTER_INITS.get(cfg.fusion.router_init, "fusion.router_init").needs_prompts:
         argv += ("--prompts-data", str(run.data))
     return argv
 
@@ -54,7 +54,8 @@ def baseline_stages(cfg: PipelineConfig, run: RunLayout) -> list[Stage]:
                                                    "--variant", v),
                       cfg.expert.num_procs, (run.baseline(f"multitask_{v}"),), "stage2_fusion.sh",
                       ("base",)) for v in cfg.baselines.multitask_variants]
-    if cfg.baselines.extra_steps and cfg.fusion.trainable == "router+experts":
+    if cfg.baselines.extra_steps and \
+            TRAINABLE_SETS.get(cfg.fusion.trainable, "fusion.trainable").trains_experts:
         out += [Stage(f"baseline_extra_steps_{t}",
                       ("train-baseline", "--kind", "extra_steps", "--dimension", t),
                       cfg.fusion.num_procs, (run.baseline(f"extra_steps/{t}"),),
@@ -104,8 +105,10 @@ def is_done(stage: Stage) -> bool:
 def cuda_needs(cfg: PipelineConfig, stage_names=None) -> list[str]:
     """The config settings that run only on CUDA GPUs, each naming its stage, for the stages in
     `stage_names` (None: all). Empty: everything can run on CPU."""
-    needs = {"fuse": ["fusion.moe_backend=megablocks (stage fuse; use fusion.moe_backend=torch "
-                      "on CPU)"] if cfg.fusion.moe_backend == "megablocks" else []}
+    backend = cfg.fusion.moe_backend
+    cuda_only = MOE_BACKENDS.get(backend, "fusion.moe_backend").needs_cuda
+    needs = {"fuse": [f"fusion.moe_backend={backend} (stage fuse; use fusion.moe_backend=torch "
+                      "on CPU)"] if cuda_only else []}
     return [need for stage, settings in needs.items()
             if stage_names is None or stage in stage_names for need in settings]
 

@@ -50,6 +50,8 @@ def _megablocks_arguments(experts, top_k: int, group, ep_size: int):
 class MegaBlocksBackend(MoEBackend):
     """MegaBlocks' dropless experts on our weights; expert parallelism by MegaBlocks' all-to-all
     over the layer's expert-parallel group."""
+    needs_cuda = True           # grouped GEMMs on CUDA tensors only
+    even_expert_split = True    # its all-to-all gives every rank E / ep experts
 
     @classmethod
     def check_available(cls) -> None:

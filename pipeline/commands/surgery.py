@@ -79,31 +79,30 @@ def _export_mixtral(args: argparse.Namespace) -> int:
 
 
 def _add_merge(parser: argparse.ArgumentParser) -> None:
-    from ..registry import MERGE_METHODS, TIES_TRIM_SCOPES
+    from ..surgery.merging import setting_options
+    from ..registry import MERGE_METHODS
     parser.add_argument("--method", required=True, choices=MERGE_METHODS)
     parser.add_argument("--base", required=True, help="base LlamaForCausalLM dir (config, "
                         "tokenizer; the origin of the task vectors)")
     parser.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--scale", type=float, default=None,
-                        help="λ: default 0.5 for task_arithmetic, 1.0 for ties")
-    parser.add_argument("--density", type=float, default=0.5, help="TIES: fraction kept")
-    parser.add_argument("--trim-scope", default="model", choices=TIES_TRIM_SCOPES,
-                        help="TIES: trim over the whole model's task vector (model, the paper) "
-                             "or each tensor on its own (tensor, mergekit)")
+    # one flag per setting name of the registered methods; a method refuses those it does not read
+    for name, (tp, choices, help_text) in setting_options().items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=tp, default=None,
+                            choices=choices, help=help_text)
     parser.add_argument("--tokenizer", help="tokenizer dir (default: the base dir)")
     _add_max_shard_gb(parser)
     parser.add_argument("--overwrite", action="store_true")
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from ..surgery.merging import merge_checkpoints
+    from ..surgery.merging import merge_checkpoints, setting_options
     from ..surgery.plan import parse_named_dirs
-    scale = args.scale if args.scale is not None else (1.0 if args.method == "ties" else 0.5)
+    given = {name: getattr(args, name) for name in setting_options()
+             if getattr(args, name) is not None}
     merge_checkpoints(args.method, args.base, parse_named_dirs(args.models, "--models"),
-                      args.out, scale=scale, density=args.density, overwrite=args.overwrite,
-                      tokenizer=args.tokenizer, max_shard_bytes=_shard_bytes(args),
-                      trim_scope=args.trim_scope)
+                      args.out, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                      max_shard_bytes=_shard_bytes(args), **given)
     return 0
 
 
@@ -148,7 +147,7 @@ TOOLS = {
     "extract_expert": (_add_extract_expert, _extract_expert,
                        "one expert of a MoE back out as a dense LlamaForCausalLM"),
     "export_mixtral": (_add_export_mixtral, _export_mixtral, "H3Fusion MoE -> MixtralForCausalLM checkpoint"),
-    "merge": (_add_merge, _merge, "merging baselines over dense models: average, task_arithmetic, ties"),
+    "merge": (_add_merge, _merge, "merging baselines over dense models (pipeline.registry.MERGE_METHODS)"),
     "zero_to_hf": (_add_zero_to_hf, _zero_to_hf, "DeepSpeed ZeRO checkpoint -> Hugging Face model dir"),
     "merge_lora": (_add_merge_lora, _merge_lora, "fold LoRA adapters into dense weights"),
 }

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Optional
 
 from ..config import PipelineConfig
+from ..registry import TRAINABLE_SETS
 from .sizes import BaseSpec, base_spec, dense_stage, fusion_stage
 from .states import (BF16, DEFAULT_LOAD_PATH, FP16, FP32, GIB, LOAD_PATHS, LoadPath, PlanSettings, Precision,
                      StageRun, ZeroSettings, candidate_shapes, check_fit, model_state_bytes,
@@ -54,7 +55,7 @@ def stage_runs(cfg: PipelineConfig, spec: BaseSpec,
     ez, fz = zero_settings(e.ds_config), zero_settings(f.ds_config)
     expert = dense_stage("expert", spec.fields, e.method, e.lora)
     ffn = expert if e.method == "ffn" else dense_stage("expert", spec.fields, "ffn")
-    extra = b.extra_steps and f.trainable == "router+experts"
+    extra = b.extra_steps and TRAINABLE_SETS.get(f.trainable, "fusion.trainable").trains_experts
     return [
         StageRun(expert, ez, e.train.micro_batch_size, e.train.max_seq_len,
                  gradient_checkpointing=_ckpt(e.train, gradient_checkpointing)),

@@ -217,15 +217,16 @@ def dense_stage(stage: str, fields: dict, method: str, lora=None) -> StageModel:
 def fusion_stage(cfg: PipelineConfig, fields: dict, zero_stage: int) -> StageModel:
     """Stage 2: the fused MoE with `fusion.trainable`; under ZeRO-3 every MoE block is a leaf
     module and the inputs require grad (pipeline.train.fusion.loop)."""
-    from ..model import H3FusionMoE, set_trainable
+    from ..model import H3FusionMoE
+    from ..model.trainable import trainable_set
     f = cfg.fusion
+    trained = trainable_set(f.trainable)
     model = moe_model(fields, len(cfg.dimensions), f.top_k, list(cfg.dimensions))
-    model = set_trainable(model, f.trainable, f.lora.r, f.lora.alpha, f.lora.dropout,
-                          f.lora.target_modules)
-    what = f.trainable + (f" (r={f.lora.r} q/k/v/o)" if f.trainable == "router+lora" else "")
+    model = trained.apply(model, f.lora.r, f.lora.alpha, f.lora.dropout, f.lora.target_modules)
+    what = f.trainable + (f" (r={f.lora.r} q/k/v/o)" if trained.lora else "")
     stage = _stage_model("fusion", "moe", model, what, (H3FusionMoE,) if zero_stage == 3 else (),
                          input_grads=zero_stage == 3)
     # FusionLoop._snapshot_experts: a copy of every expert when they train (ZeRO-3: of the
     # empty partitioned placeholders, so nothing)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    return replace(stage, snapshot_params=experts if f.trainable == "router+experts" and zero_stage < 3 else 0)
+    return replace(stage, snapshot_params=experts if trained.trains_experts and zero_stage < 3 else 0)

@@ -29,7 +29,12 @@ class MoEBackend:
     `experts` and `top_k` give the layer's shapes; `expert_parallel` is the layer's runtime
     expert-parallel state (None: every expert is computed locally). `forward` receives the
     layer's current `GLUExperts` on every call: read weights from it, never cache them.
+    What a backend needs is read from its class, never from its name: `needs_cuda` (runs only on
+    CUDA GPUs: refused before a CPU run starts), `even_expert_split` (expert parallelism needs
+    the experts divisible by fusion.ep_degree).
     """
+    needs_cuda = False
+    even_expert_split = False
 
     @classmethod
     def check_available(cls) -> None:

@@ -179,16 +179,17 @@ def build_moe(base: str | Path, experts: dict[str, Path], out: str | Path, top_k
     out, experts = Path(out), {n: Path(d) for n, d in experts.items()}
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
-    ROUTER_INITS.check(router_init, "--router-init")
+    init = ROUTER_INITS.get(router_init, "--router-init")
     problem = top_k_problem(top_k, len(experts), " given by --experts")
     if problem:
         raise ValueError(f"--top-k {problem}")
     inputs = validate_inputs(base, experts, tokenizer)
     cfg = fusion_config(inputs.base_cfg, list(experts), top_k)
     prompts = None
-    if router_init == "prompts":
+    if init.needs_prompts:
         if not prompts_source:
-            raise ValueError("--router-init prompts needs --prompts-data DIR or --prompts FILE")
+            raise ValueError(f"--router-init {router_init} needs --prompts-data DIR or "
+                             f"--prompts FILE")
         prompts = load_router_prompts(prompts_source, list(experts), prompts_per_expert)
     routers = make_router_weights(router_init, inputs.base_dir, inputs.tokenizer_dir,
                                   inputs.base_cfg, len(experts), seed, prompts)

@@ -4,6 +4,12 @@ Pure tensor functions (`average`, `task_arithmetic`, `ties`) work on one paramet
 fp32 and return the input dtype; `merge_checkpoints` streams them over whole HF Llama dirs one
 tensor at a time; `h3fusion merge` merges a run's three experts into `<run>/merges/<method>`.
 
+Each registered method (`pipeline.registry.MERGE_METHODS`) is one `MergeMethod` object: its
+per-tensor maths, the settings it reads (`Setting`: type, range, default, the `merge.*` config
+key of a run's value) and an optional whole-model pass. Config validation, `h3fusion merge`,
+`h3fusion surgery merge` (one flag per setting name) and the manifests all read the entry, so
+a new method is one `MergeMethod` + one registry line.
+
 - average:          mean_i θ_i
 - task_arithmetic:  θ_base + λ Σ_i (θ_i − θ_base)
 - ties (Yadav et al. 2023): τ_i = θ_i − θ_base, keep the top `density` fraction of |τ_i|,
@@ -29,13 +35,14 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from ..io_utils import atomic_dir, is_complete, read_json, sha256_dir, write_json
-from ..registry import MERGE_METHODS, TIES_TRIM_SCOPES
+from ..registry import MERGE_METHODS, TIES_TRIM_SCOPES, Registry
 from . import plan
 from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
                                      copy_optional_files, copy_tokenizer_files, read_config_json)
@@ -153,41 +160,161 @@ def tensor_trim_thresholds(keys, base_get, model_gets, density) -> None:
     return None
 
 
-# the registered forms: one signature (base, tensors, scale, density, thresholds) for every
-# method; `thresholds` (TIES `model` trim scope) is None otherwise
-def merge_average(base, tensors, scale: float, density: float, thresholds=None) -> torch.Tensor:
+# ----------------------------------------------------------------------------- methods
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting a merge method reads: its name (the `settings` key and the CLI flag
+    `--<name>`), type, default, accepted range and the config key of a run's value."""
+    name: str
+    type: type                              # float, int or str
+    default: Any
+    help: str = ""
+    ok: Optional[Callable[[Any], bool]] = None   # the range (numbers: after being finite)
+    words: str = "a finite number"          # the range in words, for the error
+    choices: Optional[Registry] = None      # the value is a name registered there
+    config_key: Optional[str] = None        # `merge.<config_key>` holds a run's value
+    absent: Any = None                      # assumed when an older manifest lacks the setting
+
+    def value(self, raw: Any, key: str) -> Any:
+        """`raw` checked (an int is a float where a float is wanted); ValueError naming `key`."""
+        if self.type is float and isinstance(raw, int) and not isinstance(raw, bool):
+            raw = float(raw)
+        if type(raw) is not self.type:
+            raise ValueError(f"key '{key}' must be {self.type.__name__}, got "
+                             f"{type(raw).__name__} {raw!r}")
+        if self.choices is not None:
+            return self.choices.check(raw, key)
+        if (self.type in (int, float) and not math.isfinite(raw)) or \
+                (self.ok is not None and not self.ok(raw)):
+            raise ValueError(f"key '{key}' must be {self.words}, got {raw!r}")
+        return raw
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merging method: `merge(base, tensors, settings, context)` merges one floating tensor
+    (fp32 maths, the input dtype back); `prepare(keys, base_get, model_gets, settings)`, if
+    given, is a pass over the whole model first whose result (`context`, a dict) every tensor
+    sees and the manifest records. `settings` are the keys it reads; calling the method merges
+    one tensor (integer buffers come back as the base's)."""
+    name: str
+    merge: Callable[..., torch.Tensor]
+    settings: tuple[Setting, ...] = ()
+    prepare: Optional[Callable[..., dict]] = None
+
+    def __call__(self, base: torch.Tensor, tensors: list[torch.Tensor], settings: dict,
+                 context: Optional[dict] = None) -> torch.Tensor:
+        if not tensors[0].is_floating_point():
+            return base.clone()    # integer buffers are not merged
+        return self.merge(base, tensors, settings, context or {})
+
+    def check(self, settings: Mapping[str, Any], where: str,
+              key: Optional[Callable[[Setting], str]] = None) -> dict:
+        """Every setting of the method: the given value, else its default, each checked; one
+        ValueError naming the key (`key(setting)`, default its name) or the unknown key."""
+        names = [s.name for s in self.settings]
+        prefix = f"{where}: " if where else ""
+        for k in settings:
+            if k not in names:
+                raise ValueError(f"{prefix}unknown setting {k!r} of merge method {self.name!r} "
+                                 f"(its settings: {', '.join(names) or 'none'})")
+        out = {}
+        for s in self.settings:
+            try:
+                out[s.name] = s.value(settings.get(s.name, s.default),
+                                      key(s) if key else s.name)
+            except ValueError as exc:
+                raise ValueError(f"{prefix}{exc}") from None
+        return out
+
+    def config_settings(self, merge_cfg: Any) -> dict:
+        """A run's settings (`MergeConfig`): each from its `merge.<config_key>`, the default
+        where it has none; checked, errors naming the config key."""
+        raw = {}
+        for s in self.settings:
+            if s.config_key is not None and not hasattr(merge_cfg, s.config_key):
+                raise ValueError(f"merge method {self.name!r}: setting {s.name!r} reads "
+                                 f"merge.{s.config_key}, which is no config key")
+            raw[s.name] = getattr(merge_cfg, s.config_key) if s.config_key else s.default
+        return self.check(raw, "", key=lambda s: f"merge.{s.config_key}" if s.config_key
+                          else f"{self.name}.{s.name}")
+
+    def context(self, keys: Sequence[str], base_get: Callable, model_gets: Sequence[Callable],
+                settings: dict) -> dict:
+        return self.prepare(keys, base_get, model_gets, settings) if self.prepare else {}
+
+
+def _average(base, tensors, settings, context) -> torch.Tensor:
     return average(tensors)
 
 
-def merge_task_arithmetic(base, tensors, scale: float, density: float,
-                          thresholds=None) -> torch.Tensor:
-    return task_arithmetic(base, tensors, scale)
+def _task_arithmetic(base, tensors, settings, context) -> torch.Tensor:
+    return task_arithmetic(base, tensors, settings["scale"])
 
 
-def merge_ties(base, tensors, scale: float, density: float, thresholds=None) -> torch.Tensor:
-    return ties(base, tensors, density, scale, thresholds)
+def _ties_trim(keys, base_get, model_gets, settings) -> dict:
+    """TIES's whole-model pass: the trim scope's per-model thresholds (None: per tensor)."""
+    scope = TIES_TRIM_SCOPES.get(settings["trim_scope"], "TIES trim scope")
+    return {"trim_thresholds": scope(keys, base_get, model_gets, settings["density"])}
 
 
-def merge_tensor(method: str, base: torch.Tensor, tensors: list[torch.Tensor], scale: float,
-                 density: float, thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
-    merge = MERGE_METHODS.get(method, "merge method")
-    if not tensors[0].is_floating_point():
-        return base.clone()    # integer buffers are not merged
-    return merge(base, tensors, scale, density, thresholds)
+def _ties(base, tensors, settings, context) -> torch.Tensor:
+    return ties(base, tensors, settings["density"], settings["scale"],
+                context.get("trim_thresholds"))
 
 
-def merge_state_dicts(method: str, base: dict, models: Sequence[dict], scale: float = 0.5,
-                      density: float = 0.5, trim_scope: str = "model") -> dict:
+AVERAGE = MergeMethod("average", _average)
+TASK_ARITHMETIC = MergeMethod("task_arithmetic", _task_arithmetic, settings=(
+    Setting("scale", float, 0.5, "λ, the weight of the summed task vectors",
+            config_key="task_arithmetic_scale"),))
+TIES = MergeMethod("ties", _ties, prepare=_ties_trim, settings=(
+    Setting("scale", float, 1.0, "λ, the weight of the disjoint mean", config_key="ties_scale"),
+    Setting("density", float, 0.5, "fraction of each task vector kept",
+            ok=lambda v: 0 < v <= 1, words="in (0, 1]", config_key="ties_density"),
+    # a manifest from before the option trimmed per tensor
+    Setting("trim_scope", str, "model", "trim over the whole model's task vector (model, the "
+            "paper) or each tensor on its own (tensor, mergekit)", choices=TIES_TRIM_SCOPES,
+            config_key="ties_trim_scope", absent="tensor"),
+))
+
+
+def merge_method(name: str, where: str = "merge method") -> MergeMethod:
+    """The method registered as `name` (pipeline.registry.MERGE_METHODS)."""
+    return MERGE_METHODS.get(name, where)
+
+
+def setting_options() -> dict[str, tuple[type, Optional[Registry], str]]:
+    """Every registered method's settings by name: (type, registry of allowed names or None,
+    help naming each method that reads it and its default), for command-line flags."""
+    out: dict[str, tuple[type, Optional[Registry], str]] = {}
+    for name in MERGE_METHODS.names():
+        for s in merge_method(name).settings:
+            tp, choices, text = out.get(s.name, (s.type, s.choices, ""))
+            if tp is not s.type:
+                raise ValueError(f"merge setting {s.name!r}: {name} reads a {s.type.__name__}, "
+                                 f"another method a {tp.__name__}")
+            text += f"{'; ' if text else ''}{name}: {s.help} (default {s.default})"
+            out[s.name] = (tp, choices, text)
+    return out
+
+
+def merge_tensor(method: str, base: torch.Tensor, tensors: list[torch.Tensor],
+                 settings: Optional[Mapping[str, Any]] = None,
+                 context: Optional[dict] = None) -> torch.Tensor:
+    """One tensor merged by `method` with `settings` (defaults filled in); `context`: the
+    method's whole-model pass, if any (None: none, so TIES trims this tensor on its own)."""
+    merger = merge_method(method)
+    return merger(base, tensors, merger.check(settings or {}, f"merge method {method!r}"), context)
+
+
+def merge_state_dicts(method: str, base: dict, models: Sequence[dict], **settings) -> dict:
     """In-memory form of `merge_checkpoints` (same maths) for state dicts with equal keys."""
-    thresholds = _thresholds(method, trim_scope, list(base), base.__getitem__,
-                             [m.__getitem__ for m in models], density)
-    return {k: merge_tensor(method, v, [m[k] for m in models], scale, density, thresholds)
-            for k, v in base.items()}
-
-
-def _thresholds(method, trim_scope, keys, base_get, model_gets, density):
-    scope = TIES_TRIM_SCOPES.get(trim_scope, "TIES trim scope")
-    return scope(keys, base_get, model_gets, density) if method == "ties" else None
+    merger = merge_method(method)
+    settings = merger.check(settings, f"merge method {method!r}")
+    context = merger.context(list(base), base.__getitem__, [m.__getitem__ for m in models],
+                             settings)
+    return {k: merger(v, [m[k] for m in models], settings, context) for k, v in base.items()}
 
 
 def _open_all(base_dir: Path, models: dict[str, Path],
@@ -214,37 +341,32 @@ def _open_all(base_dir: Path, models: dict[str, Path],
 
 
 def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path],
-                      out: str | Path, scale: float = 0.5, density: float = 0.5,
-                      overwrite: bool = False, tokenizer: str | Path | None = None,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                      trim_scope: str = "model") -> Path:
-    """Merge dense Llama dirs tensor by tensor into `out` (config/tokenizer from the base).
-    `trim_scope` (TIES only): `model` (the paper) or `tensor` (mergekit)."""
+                      out: str | Path, overwrite: bool = False, tokenizer: str | Path | None = None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, **settings) -> Path:
+    """Merge dense Llama dirs tensor by tensor into `out` (config/tokenizer from the base);
+    `settings`: the method's own (e.g. ties: scale, density, trim_scope), the rest default."""
     from transformers import LlamaConfig
     base_dir, out = Path(base_dir), Path(out)
     models = {n: Path(d) for n, d in models.items()}
-    MERGE_METHODS.check(method, "merge method")
-    TIES_TRIM_SCOPES.check(trim_scope, "TIES trim scope")
+    merger = merge_method(method)
+    settings = merger.check(settings, f"merge method {method!r}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (pass --overwrite)")
     tokenizer_dir = Path(tokenizer) if tokenizer else base_dir
     base_cfg, base, readers = _open_all(base_dir, models, tokenizer_dir)
-    thresholds = _thresholds(method, trim_scope, list(base.keys()), base.get_finite,
-                             [r.get_finite for r in readers.values()], density)
+    context = merger.context(list(base.keys()), base.get_finite,
+                             [r.get_finite for r in readers.values()], settings)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
         for key in base.keys():
             tensors = [r.get_finite(key) for r in readers.values()]
-            writer.add(key, merge_tensor(method, base.get_finite(key), tensors, scale, density,
-                                         thresholds))
+            writer.add(key, merger(base.get_finite(key), tensors, settings, context))
         writer.close()
         LlamaConfig.from_pretrained(base_dir).save_pretrained(tmp)
         copy_tokenizer_files(tokenizer_dir, tmp)
         copy_optional_files(base_dir, tmp, ["generation_config.json"])
         write_json(tmp / MANIFEST, {
-            "tool": "merge", "method": method, "scale": scale, "density": density,
-            **({"trim_scope": trim_scope, "trim_thresholds": thresholds}
-               if method == "ties" else {}),
+            "tool": "merge", "method": method, **settings, **context,
             "base": {"path": str(base_dir.resolve()), "sha256": sha256_dir(base_dir)},
             "models": [{"name": n, "path": str(d.resolve()), "sha256": sha256_dir(d)}
                        for n, d in models.items()]})
@@ -257,19 +379,21 @@ def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path]
 def merge_run_experts(cfg, run_dir: str | Path, methods: list[str] | None = None,
                       overwrite: bool = False, log=print) -> None:
     """Merge the run's experts (config `dimensions` order) onto its base, one output dir per
-    method (`methods`, default the config's `merge.methods`); `cfg` is the whole PipelineConfig."""
+    method (`methods`, default the config's `merge.methods`), each with its settings from the
+    config's merge section; `cfg` is the whole PipelineConfig."""
     from ..layout import RunLayout
     from ..checkpoint.tokenizer_check import has_tokenizer
     layout = RunLayout.at(run_dir)
     experts = {dim: layout.expert(dim) for dim in cfg.dimensions}
     tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer
     for method in methods or cfg.merge.methods:
-        want = _run_merge_settings(cfg, method)
+        merger = merge_method(method)
+        want = merger.config_settings(cfg.merge)
         redo = overwrite
         if is_complete(layout.merge(method), MANIFEST) and not overwrite:
             # outputs are atomic, so a dir with its manifest is a finished merge: resume past
             # it, unless it was made with other settings (e.g. before merge.ties_trim_scope)
-            stale = _changed_settings(layout.merge(method) / MANIFEST, want)
+            stale = _changed_settings(layout.merge(method) / MANIFEST, merger, want)
             if not stale:
                 log(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
                     f"(--overwrite to redo)")
@@ -282,22 +406,9 @@ def merge_run_experts(cfg, run_dir: str | Path, methods: list[str] | None = None
         log(f"h3fusion merge: {method} -> {layout.merge(method)}")
 
 
-def _run_merge_settings(cfg, method: str) -> dict:
-    """`merge_checkpoints` keyword settings of `method` from the config's merge section."""
-    scale = {"task_arithmetic": cfg.merge.task_arithmetic_scale,
-             "ties": cfg.merge.ties_scale}.get(method, 1.0)
-    return {"scale": scale, "density": cfg.merge.ties_density,
-            "trim_scope": cfg.merge.ties_trim_scope}
-
-
-# the settings each method's result depends on
-_USED_SETTINGS = {"average": (), "task_arithmetic": ("scale",),
-                  "ties": ("scale", "density", "trim_scope")}
-
-
-def _changed_settings(manifest: Path, want: dict) -> list[str]:
-    """Settings of a finished merge that differ from `want`, among those its method uses (a
-    ties manifest without `trim_scope` predates the option: it trimmed per tensor)."""
+def _changed_settings(manifest: Path, merger: MergeMethod, want: dict) -> list[str]:
+    """The method's settings whose value in a finished merge's manifest differs from `want`
+    (a setting the manifest lacks counts as its `absent` value: a ties manifest without
+    `trim_scope` predates the option and trimmed per tensor)."""
     got = read_json(manifest)
-    used = _USED_SETTINGS.get(got.get("method"), tuple(want))
-    return [k for k in used if got.get(k, "tensor" if k == "trim_scope" else None) != want[k]]
+    return [s.name for s in merger.settings if got.get(s.name, s.absent) != want[s.name]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -97,30 +97,47 @@ class RouterInitInputs:
     base_cfg: dict                                # the base's config.json
     num_experts: int
     seed: int
-    prompts: Optional[dict[str, list[str]]]       # {expert name: prompts}, for "prompts"
+    prompts: Optional[dict[str, list[str]]]       # {expert name: prompts}, if `needs_prompts`
 
     @property
     def layers_hidden(self) -> tuple[int, int]:
         return int(self.base_cfg["num_hidden_layers"]), int(self.base_cfg["hidden_size"])
 
 
-def zeros_init(inp: RouterInitInputs) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class RouterInit:
+    """A registered router init: `make(inputs)` -> one fp32 [E, H] per layer; calling it makes
+    them. `needs_prompts`: it reads prompts per expert (build_moe's --prompts-data / --prompts;
+    the stage graph passes the run's data dir)."""
+    make: Callable[[RouterInitInputs], list[torch.Tensor]]
+    needs_prompts: bool = False
+
+    def __call__(self, inp: RouterInitInputs) -> list[torch.Tensor]:
+        return self.make(inp)
+
+
+def _zeros(inp: RouterInitInputs) -> list[torch.Tensor]:
     layers, hidden = inp.layers_hidden
     return [torch.zeros(inp.num_experts, hidden) for _ in range(layers)]
 
 
-def normal_init(inp: RouterInitInputs) -> list[torch.Tensor]:
+def _normal(inp: RouterInitInputs) -> list[torch.Tensor]:
     layers, hidden = inp.layers_hidden
     std = float(inp.base_cfg.get("initializer_range", 0.02))
     gen = torch.Generator().manual_seed(inp.seed)
     return [torch.randn(inp.num_experts, hidden, generator=gen) * std for _ in range(layers)]
 
 
-def prompts_init(inp: RouterInitInputs) -> list[torch.Tensor]:
+def _prompts(inp: RouterInitInputs) -> list[torch.Tensor]:
     if not inp.prompts:
         raise ValueError("router init 'prompts' needs prompts for every expert")
     means = prompt_hidden_means(inp.base_dir, inp.tokenizer_dir, inp.prompts)
     return [m / m.norm(dim=-1, keepdim=True).clamp_min(1e-6) for m in means]
+
+
+zeros_init = RouterInit(_zeros)
+normal_init = RouterInit(_normal)
+prompts_init = RouterInit(_prompts, needs_prompts=True)
 
 
 def make_router_weights(init: str, base_dir: Path, tokenizer_dir: Path, base_cfg: dict,

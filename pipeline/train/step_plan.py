@@ -18,10 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import PipelineConfig, TrainConfig
-from ..registry import MULTITASK_VARIANTS
+from ..registry import MULTITASK_VARIANTS, TRAINABLE_SETS
 from .common import BatchSchedule
-
-EXPERTS_TRAINABLE = "router+experts"     # the fusion.trainable value that trains the experts
 
 
 def training_steps(num_rows: int, train: TrainConfig, world_size: int, where: str) -> int:
@@ -158,7 +156,8 @@ def plan_steps(cfg: PipelineConfig, data_dir: str | Path) -> StepPlan:
               for d, n in _stage1_rows(cfg, data).items()}
     fusion = training_steps(len(mix_tasks(cfg, data)), f.train, f.num_procs,
                             f"{data}/sft/*/train mixed by fusion.mix_weights {f.mix_weights}")
-    plan = StepPlan(stage1, fusion, f.trainable == EXPERTS_TRAINABLE)
+    experts_train = TRAINABLE_SETS.get(f.trainable, "fusion.trainable").trains_experts
+    plan = StepPlan(stage1, fusion, experts_train)
     union = len(union_tasks(cfg, data))
     where = f"{data}: the multi-task union (sft/*/train + the fusion mix)"
     return replace(plan, multitask={

@@ -58,7 +58,7 @@ def test_dtype_is_preserved_and_math_is_fp32():
     assert merging.average([a, b]).dtype == torch.bfloat16
     assert merging.task_arithmetic(a, [b], 1.0).dtype == torch.bfloat16
     ids = T([1, 2])
-    assert torch.equal(merging.merge_tensor("ties", ids, [ids + 1], 1.0, 0.5), ids)
+    assert torch.equal(merging.merge_tensor("ties", ids, [ids + 1]), ids)
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +71,19 @@ def family(tmp_path_factory):
 def test_streaming_merge_matches_the_pure_functions(family, tmp_path, method, scope):
     from transformers import LlamaForCausalLM
     base, experts = family
-    out = merging.merge_checkpoints(method, base, experts, tmp_path / method, scale=0.7,
-                                    density=0.3, max_shard_bytes=40_000, trim_scope=scope)
+    # each method's own settings (a method refuses one it does not read)
+    settings = {"average": {}, "task_arithmetic": {"scale": 0.7},
+                "ties": {"scale": 0.7, "density": 0.3, "trim_scope": scope}}[method]
+    out = merging.merge_checkpoints(method, base, experts, tmp_path / method,
+                                    max_shard_bytes=40_000, **settings)
     merged, base_sd = dense_state(out), dense_state(base)
     models = [dense_state(d) for d in experts.values()]
-    want = merging.merge_state_dicts(method, base_sd, models, 0.7, 0.3, trim_scope=scope)
+    want = merging.merge_state_dicts(method, base_sd, models, **settings)
     for key, value in base_sd.items():
         assert torch.equal(merged[key], want[key]), key
         if method != "ties" or scope == "tensor":   # per-tensor maths: one tensor at a time
             assert torch.equal(merged[key], merging.merge_tensor(
-                method, value, [m[key] for m in models], 0.7, 0.3)), key
+                method, value, [m[key] for m in models], settings)), key
     attn = "model.layers.0.self_attn.q_proj.weight"   # equal in all inputs: unchanged by any method
     assert torch.equal(merged[attn], base_sd[attn])
     mlp = "model.layers.1.mlp.up_proj.weight"

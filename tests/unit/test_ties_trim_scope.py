@@ -107,7 +107,8 @@ def test_tensor_scope_reproduces_the_per_tensor_ties(density):
         tensors = [m[k] for m in models]
         want = _old_ties(v, tensors, density, 0.6) if v.is_floating_point() else v
         assert torch.equal(got[k], want), k
-        assert torch.equal(got[k], merging.merge_tensor("ties", v, tensors, 0.6, density)), k
+        per_tensor = {"scale": 0.6, "density": density}   # no context: each tensor on its own
+        assert torch.equal(got[k], merging.merge_tensor("ties", v, tensors, per_tensor)), k
 
 
 def test_model_and_tensor_scopes_differ_by_hand():
@@ -128,12 +129,12 @@ def test_threshold_ties_are_all_kept_as_in_the_authors_code():
     assert torch.equal(got["a"], T([1.0, -1.0, 1.0, 0.0]))
 
 
-def test_other_methods_ignore_the_scope_and_unknown_scopes_are_errors():
+def test_other_methods_refuse_the_scope_and_unknown_scopes_are_errors():
     base, models = _family(seed=4)
     for method in ("average", "task_arithmetic"):
-        a = merging.merge_state_dicts(method, base, models, 0.5, 0.5, trim_scope="model")
-        b = merging.merge_state_dicts(method, base, models, 0.5, 0.5, trim_scope="tensor")
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        with pytest.raises(ValueError, match=f"unknown setting 'trim_scope' of merge method "
+                                             f"'{method}'"):
+            merging.merge_state_dicts(method, base, models, trim_scope="model")
     with pytest.raises(ValueError, match="unknown TIES trim scope 'layer' \\(known: model, tensor\\)"):
         merging.merge_state_dicts("ties", base, models, trim_scope="layer")
     with pytest.raises(ValueError, match="density must be in"):

@@ -26,10 +26,11 @@ from typing import Optional
 from ...config import ConfigError, PipelineConfig, TrainConfig, check_dimension
 from ...io_utils import read_json
 from ...layout import RunLayout
+from ...model.trainable import sets_training_experts, trainable_set
 from ...registry import MULTITASK_VARIANTS
 from ..expert.stage import ExpertJob, check_inputs, checked_job, run_job
 from ..inputs import check_model_weights, count_saved_rows
-from ..step_plan import EXPERTS_TRAINABLE, by_dimension, plan_steps, union_tasks, variant_train
+from ..step_plan import by_dimension, plan_steps, union_tasks, variant_train
 
 MULTITASK, EXTRA_STEPS = "multitask", "extra_steps"
 KINDS = (MULTITASK, EXTRA_STEPS)
@@ -102,8 +103,9 @@ def prepare_extra_steps_job(cfg: PipelineConfig, run_dir: str | Path, dimension:
     from ...io_utils import MANIFEST
 
     check_dimension(cfg, dimension)
-    if cfg.fusion.trainable != EXPERTS_TRAINABLE:
-        raise ConfigError(f"the extra-steps control needs fusion.trainable={EXPERTS_TRAINABLE!r} "
+    if not trainable_set(cfg.fusion.trainable).trains_experts:
+        raise ConfigError(f"the extra-steps control needs a fusion.trainable that trains the "
+                          f"experts ({' or '.join(sets_training_experts())}) "
                           f"(got {cfg.fusion.trainable!r}): fusion gives frozen experts no extra "
                           f"steps, so the stage-1 experts are already the control")
     layout = RunLayout.at(run_dir)

@@ -240,7 +240,8 @@ class FusionLoop:
         """Expert weights at fusion start (drift reference; taken before a resume loads the
         checkpoint, so it is always the fused_init weights); empty when experts are frozen."""
         from .losses import snapshot_expert_params
-        if self.fcfg.trainable != "router+experts":
+        from ...model.trainable import trainable_set
+        if not trainable_set(self.fcfg.trainable).trains_experts:
             return []
         # a copy in the training dtype, on the model's device (already the engine's, except
         # under ZeRO-3, where the drift penalty is refused); `_place_snapshot` moves it otherwise

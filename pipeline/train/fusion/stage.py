@@ -26,6 +26,8 @@ from ...config import ConfigError, FusionConfig, PipelineConfig, dump_yaml
 from ...env import dist_env, requeue_requested_exit_code
 from ...io_utils import atomic_dir, check_output_dir, read_json, sha256_dir, write_json
 from ...layout import RunLayout
+from ...model.trainable import trainable_set
+from ...registry import MOE_BACKENDS
 from .data import MicroBatches, has_tokenizer, load_fusion_rows
 from .loop import FusionLoop, NonFiniteLossError
 
@@ -89,10 +91,11 @@ def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
     if ep > num_experts:
         raise ConfigError(f"fusion.ep_degree={ep} exceeds the number of experts {num_experts}: "
                           f"a rank would own none")
-    if num_experts % ep and fcfg.moe_backend == "megablocks":
+    backend = MOE_BACKENDS.get(fcfg.moe_backend, "fusion.moe_backend")
+    if num_experts % ep and backend.even_expert_split:
         raise ConfigError(f"fusion.ep_degree={ep} does not divide the number of experts "
-                          f"{num_experts}, which fusion.moe_backend=megablocks needs (the torch "
-                          f"backend splits unevenly)")
+                          f"{num_experts}, which fusion.moe_backend={fcfg.moe_backend} needs "
+                          f"(the torch backend splits unevenly)")
     if world_size % ep:
         raise ConfigError(f"fusion.ep_degree={ep} does not divide the world size {world_size}")
     if zero_stage not in (2, 3):
@@ -100,7 +103,8 @@ def check_fusion_settings(fcfg: FusionConfig, model_cfg: dict, world_size: int,
     if zero_stage == 3 and ep > 1:
         raise ConfigError(f"{fcfg.ds_config}: ZeRO-3 partitions the experts, so expert parallelism "
                           f"needs ZeRO-2 (ds_configs/zero2_fusion_ep.json); got ep_degree={ep}")
-    if zero_stage == 3 and fcfg.trainable == "router+experts" and any(g > 0 for g in fcfg.gamma.values()):
+    if zero_stage == 3 and trainable_set(fcfg.trainable).trains_experts and \
+            any(g > 0 for g in fcfg.gamma.values()):
         raise ConfigError("the drift penalty (fusion.gamma > 0) reads whole expert weights outside "
                           "the forward pass, which ZeRO-3 partitions: use ZeRO-2")
 
