@@ -165,13 +165,10 @@ def check_inputs(run_dir: Path, stages) -> None:
 
 def launch_argv(s: Setting, dimension: str, config: str, run_dir: str, sets: list[str],
                 port: int, python: str = sys.executable) -> list[str]:
-    """The command `h3fusion run` starts for this stage (pipeline.commands.run.stage_command)."""
-    if s.ranks > 1:
-        launcher = [python, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={s.ranks}", f"--master-port={port}",
-                    "-m", "pipeline.commands"]
-    else:
-        launcher = [python, "-m", "pipeline.commands"]
+    """The command `h3fusion run` starts for this stage (pipeline.stages.stage_command)."""
+    from pipeline.stages import launcher_argv
+
+    launcher = launcher_argv(s.ranks, port, python)
     extra = [a for kv in sets for a in ("--set", kv)]
     return (launcher + stage_argv(s.stage, dimension) + ["--config", config, "--run-dir", run_dir]
             + extra)
