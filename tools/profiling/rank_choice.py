@@ -292,6 +292,7 @@ def scratch_run(src: Path, parent: Path) -> Path:
 
 def run_once(s: Setting, args, cfg, config: str, dimension: str, parent: Path, i: int) -> dict:
     from pipeline.env import free_port
+    from pipeline.timing import load_avg_1m
 
     waited = wait_for_quiet(args.quiet, args.quiet_wait, args.cores) if args.quiet else 0.0
     run, port = scratch_run(Path(args.run_dir), parent), free_port()
@@ -300,9 +301,9 @@ def run_once(s: Setting, args, cfg, config: str, dimension: str, parent: Path, i
         else run / "launch.log"
     rc = None
     try:
-        load_before, busy0, t0 = os.getloadavg()[0], cpu_busy_s(), time.time()
+        load_before, busy0, t0 = load_avg_1m(), cpu_busy_s(), time.time()
         rc, ours, rss = run_measured(cmd, launch_env(s, port, dict(os.environ), args.env), log)
-        t1, load_after = time.time(), os.getloadavg()[0]
+        t1, load_after = time.time(), load_avg_1m()
         if rc != 0:
             raise RuntimeError(f"{s.label}: exit status {rc}; its output: {log}")
         times = tensorboard_step_times(run / "tensorboard")
