@@ -26,66 +26,84 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# (key relative to its section, predicate, the range in words); one row per numeric key
+Range = tuple[Callable[[Any], bool], str]   # (predicate, the range in words)
+
+
+def at_least(bound: int, note: str = "") -> Range:
+    """v >= bound; `note` says what an edge value means (e.g. "0 = all")."""
+    return (lambda v: v >= bound), f">= {bound}" + (f" ({note})" if note else "")
+
+
+def positive(note: str = "") -> Range:
+    return (lambda v: v > 0), "> 0" + (f" ({note})" if note else "")
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1, AT_LEAST_2 = positive(), at_least(0), at_least(1), at_least(2)
+ZERO_MEANS_ALL = at_least(0, "0 = all")
+ABOVE_0_UP_TO_1 = ((lambda v: 0 < v <= 1), "in (0, 1]")
+FROM_0_BELOW_1 = ((lambda v: 0 <= v < 1), "in [0, 1)")
+ANY_NUMBER = ((lambda v: True), "a finite number")
+
+# (key relative to its section, its range); one row per numeric key
 _TRAIN_RANGES = (
-    ("lr", lambda v: v > 0, "> 0"),
-    ("epochs", lambda v: v > 0, "> 0 (fractional epochs are allowed; use max_steps for a step count)"),
-    ("max_steps", lambda v: v == -1 or v >= 1, ">= 1, or -1 to train `epochs` epochs"),
-    ("micro_batch_size", lambda v: v >= 1, ">= 1"),
-    ("grad_accum_steps", lambda v: v >= 1, ">= 1"),
-    ("warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("grad_clip", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
-    ("seed", lambda v: v >= 0, ">= 0"),
-    ("log_every", lambda v: v >= 0, ">= 0 (the base: 0 = no log lines)"),
-    ("save_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
-    ("max_seq_len", lambda v: v >= 2, ">= 2"),
+    ("lr", POSITIVE),
+    ("epochs", positive("fractional epochs are allowed; use max_steps for a step count")),
+    ("max_steps", (lambda v: v == -1 or v >= 1, ">= 1, or -1 to train `epochs` epochs")),
+    ("micro_batch_size", AT_LEAST_1),
+    ("grad_accum_steps", AT_LEAST_1),
+    ("warmup_steps", NON_NEGATIVE),
+    ("weight_decay", NON_NEGATIVE),
+    ("grad_clip", at_least(0, "0 = no clipping")),
+    ("seed", NON_NEGATIVE),
+    ("log_every", at_least(0, "the base: 0 = no log lines")),
+    ("save_every", at_least(0, "0 = only at the end")),
+    ("max_seq_len", AT_LEAST_2),
 )
 _SECTION_RANGES = (
-    ("tokenizer.vocab_size", lambda v: v >= 1, ">= 1"),
-    ("data.builtin.seed", lambda v: v >= 0, ">= 0"),
-    ("data.real.seed", lambda v: v >= 0, ">= 0"),
-    ("base.tiny.hidden_size", lambda v: v >= 1, ">= 1"),
-    ("base.tiny.intermediate_size", lambda v: v >= 1, ">= 1"),
-    ("base.tiny.num_hidden_layers", lambda v: v >= 1, ">= 1"),
-    ("base.tiny.num_attention_heads", lambda v: v >= 1, ">= 1"),
-    ("base.tiny.num_key_value_heads", lambda v: v >= 1, ">= 1"),
-    ("base.tiny.max_position_embeddings", lambda v: v >= 2, ">= 2"),
-    ("expert.lora.r", lambda v: v >= 1, ">= 1"),
-    ("expert.lora.alpha", lambda v: v > 0, "> 0"),
-    ("expert.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("data.builtin.train_per_task", lambda v: v >= 0, ">= 0"),
-    ("data.builtin.dev_per_task", lambda v: v >= 0, ">= 0"),
-    ("data.builtin.test_per_task", lambda v: v >= 0, ">= 0"),
-    ("data.builtin.pretrain_per_task", lambda v: v >= 0, ">= 0"),
-    ("data.real.max_train_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("data.real.max_eval_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("data.real.donotanswer_dev_size", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("data.real.max_benign_per_split", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("data.real.harmless_benign_rows", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("expert.num_procs", lambda v: v >= 1, ">= 1"),
-    ("fusion.ep_degree", lambda v: v >= 1, ">= 1"),
-    ("fusion.num_procs", lambda v: v >= 1, ">= 1"),
-    ("fusion.lambda_gate", lambda v: v >= 0, ">= 0"),
-    ("fusion.load_balance_coef", lambda v: v >= 0, ">= 0"),
-    ("fusion.z_loss_coef", lambda v: v >= 0, ">= 0"),
-    ("fusion.collapse_threshold", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("fusion.collapse_steps", lambda v: v >= 1, ">= 1"),
-    ("fusion.lora.r", lambda v: v >= 1, ">= 1"),
-    ("fusion.lora.alpha", lambda v: v > 0, "> 0"),
-    ("fusion.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("eval.max_items_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
-    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
-    ("eval.n_boot", lambda v: v >= 1, ">= 1"),
-    ("eval.max_seq_len", lambda v: v >= 2, ">= 2"),
-    ("eval.temperature", lambda v: v > 0, "> 0"),
-    ("eval.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("eval.seed", lambda v: v >= 0, ">= 0"),
-    ("profile.max_items_per_task", lambda v: v >= 0, ">= 0 (0 = all)"),
-    ("profile.batch_size", lambda v: v >= 1, ">= 1"),
-    ("profile.max_seq_len", lambda v: v >= 2, ">= 2"),
-    ("profile.collapse_threshold", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("tokenizer.vocab_size", AT_LEAST_1),
+    ("data.builtin.seed", NON_NEGATIVE),
+    ("data.real.seed", NON_NEGATIVE),
+    ("base.tiny.hidden_size", AT_LEAST_1),
+    ("base.tiny.intermediate_size", AT_LEAST_1),
+    ("base.tiny.num_hidden_layers", AT_LEAST_1),
+    ("base.tiny.num_attention_heads", AT_LEAST_1),
+    ("base.tiny.num_key_value_heads", AT_LEAST_1),
+    ("base.tiny.max_position_embeddings", AT_LEAST_2),
+    ("expert.lora.r", AT_LEAST_1),
+    ("expert.lora.alpha", POSITIVE),
+    ("expert.lora.dropout", FROM_0_BELOW_1),
+    ("data.builtin.train_per_task", NON_NEGATIVE),
+    ("data.builtin.dev_per_task", NON_NEGATIVE),
+    ("data.builtin.test_per_task", NON_NEGATIVE),
+    ("data.builtin.pretrain_per_task", NON_NEGATIVE),
+    ("data.real.max_train_per_task", ZERO_MEANS_ALL),
+    ("data.real.max_eval_per_task", ZERO_MEANS_ALL),
+    ("data.real.donotanswer_dev_size", ZERO_MEANS_ALL),
+    ("data.real.max_benign_per_split", ZERO_MEANS_ALL),
+    ("data.real.harmless_benign_rows", at_least(0, "0 = off")),
+    ("expert.num_procs", AT_LEAST_1),
+    ("fusion.ep_degree", AT_LEAST_1),
+    ("fusion.num_procs", AT_LEAST_1),
+    ("fusion.lambda_gate", NON_NEGATIVE),
+    ("fusion.load_balance_coef", NON_NEGATIVE),
+    ("fusion.z_loss_coef", NON_NEGATIVE),
+    ("fusion.collapse_threshold", ABOVE_0_UP_TO_1),
+    ("fusion.collapse_steps", AT_LEAST_1),
+    ("fusion.lora.r", AT_LEAST_1),
+    ("fusion.lora.alpha", POSITIVE),
+    ("fusion.lora.dropout", FROM_0_BELOW_1),
+    ("eval.max_items_per_task", ZERO_MEANS_ALL),
+    ("eval.batch_size", AT_LEAST_1),
+    ("eval.max_new_tokens", AT_LEAST_1),
+    ("eval.n_boot", AT_LEAST_1),
+    ("eval.max_seq_len", AT_LEAST_2),
+    ("eval.temperature", POSITIVE),
+    ("eval.top_p", ABOVE_0_UP_TO_1),
+    ("eval.seed", NON_NEGATIVE),
+    ("profile.max_items_per_task", ZERO_MEANS_ALL),
+    ("profile.batch_size", AT_LEAST_1),
+    ("profile.max_seq_len", AT_LEAST_2),
+    ("profile.collapse_threshold", ABOVE_0_UP_TO_1),
 )
 
 
@@ -105,15 +123,15 @@ def _problem(value: Any, ok, words: str, key: str) -> Optional[str]:
 def _rows(cfg: Any) -> Iterator[tuple[Any, Callable, str, str]]:
     for section in ("base.train", "expert.train", "fusion.train"):
         train = _get_dotted(cfg, section)
-        for name, ok, words in _TRAIN_RANGES:
+        for name, (ok, words) in _TRAIN_RANGES:
             yield getattr(train, name), ok, words, f"{section}.{name}"
-    for key, ok, words in _SECTION_RANGES:
+    for key, (ok, words) in _SECTION_RANGES:
         yield _get_dotted(cfg, key), ok, words, key
     if cfg.fusion.router_lr is not None:
-        yield cfg.fusion.router_lr, lambda v: v > 0, "> 0", "fusion.router_lr"
+        yield cfg.fusion.router_lr, *POSITIVE, "fusion.router_lr"
     for key in ("gamma", "mix_weights"):
         for name, value in getattr(cfg.fusion, key).items():
-            yield value, lambda v: v >= 0, ">= 0", f"fusion.{key}.{name}"
+            yield value, *NON_NEGATIVE, f"fusion.{key}.{name}"
 
 
 def first_range_problem(cfg: Any) -> Optional[str]:

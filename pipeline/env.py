@@ -213,6 +213,18 @@ def required_gpu_backends() -> frozenset[str]:
     return frozenset(name.strip().lower() for name in raw.split(",") if name.strip())
 
 
+def stage_process_env(nprocs: int, pythonpath_first: Optional[str] = None) -> dict[str, str]:
+    """The environment a local stage process starts with: this process's, plus (unless set)
+    OMP_NUM_THREADS = cores / nprocs (oversubscribed OpenMP threads make multi-process CPU
+    training crawl) and TOKENIZERS_PARALLELISM=false; `pythonpath_first` goes ahead on PYTHONPATH."""
+    env = dict(os.environ)
+    if pythonpath_first:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath_first, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nprocs))))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the OS picks it), for a local rendezvous (MASTER_PORT,
     torchrun --master-port); another process may take it before it is bound again."""

@@ -53,7 +53,8 @@ def _owner() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -75,7 +76,7 @@ def clean_stale_leftovers(out: str | Path) -> list[Path]:
         match = pattern.fullmatch(path.name)
         if match is None or match[2] not in (None, socket.gethostname()):
             continue
-        if not _pid_alive(int(match[1])) and path.is_dir() and not path.is_symlink():
+        if not pid_alive(int(match[1])) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -136,6 +137,14 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_json_object(path: str | Path, expected: str = "top level must be a JSON object") -> dict:
+    """`read_json` of a file that must hold a JSON object; else one ValueError: `path: expected`."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {expected}")
+    return data
 
 
 MANIFEST = "manifest.json"

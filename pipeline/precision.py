@@ -17,7 +17,7 @@ One name per setting, from `PRECISIONS`:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 
@@ -109,3 +109,27 @@ def autocast_forward(dtype: Optional[torch.dtype], device_type: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
+
+
+class PrecisionModes:
+    """What a resolved precision does, shared by the evaluator's and the trainers' precision
+    records (frozen dataclasses with `requested`, `resolved` and `device_type`): the autocast
+    dtype (CPU bf16), the mode in words (AUTOCAST_MODE / BF16_MODE: each subclass's own) and the
+    record written to reports and manifests."""
+    AUTOCAST_MODE: ClassVar[str]   # the mode of CPU bf16 (autocast), in words
+    BF16_MODE: ClassVar[str]       # the mode of CUDA bf16, in words
+
+    @property
+    def autocast(self) -> Optional[torch.dtype]:
+        """The dtype forwards run under `torch.autocast` in (CPU bf16), else None."""
+        return cpu_autocast_dtype(self.resolved, self.device_type)
+
+    @property
+    def mode(self) -> str:
+        if self.resolved == "fp32":
+            return "fp32"
+        return self.AUTOCAST_MODE if self.autocast is not None else self.BF16_MODE
+
+    def record(self) -> dict:
+        return {"requested": self.requested, "resolved": self.resolved,
+                "device": self.device_type, "mode": self.mode}

@@ -7,10 +7,13 @@ runs it on a cluster.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .config import PipelineConfig
+from .env import free_port
 from .layout import RunLayout
 from .registry import ENSEMBLES, MOE_BACKENDS, ROUTER_INITS, TRAINABLE_SETS
 
@@ -100,6 +103,24 @@ def format_stage_table(stages: list[Stage]) -> str:
 
 def is_done(stage: Stage) -> bool:
     return all(p.exists() for p in stage.outputs)
+
+
+def launcher_argv(nprocs: int, port: Optional[int] = None, python: str = sys.executable) -> list[str]:
+    """The argv prefix that runs an `h3fusion` subcommand locally: `python -m pipeline.commands`,
+    or for nprocs > 1 torchrun through `pipeline.commands.launch` (signals forwarded to the
+    ranks, their exit 85 kept) on `port` (None: a free one now)."""
+    if nprocs <= 1:
+        return [python, "-m", "pipeline.commands"]
+    return [python, "-m", "pipeline.commands.launch", "--standalone", f"--nproc-per-node={nprocs}",
+            f"--master-port={free_port() if port is None else port}", "-m", "pipeline.commands"]
+
+
+def stage_command(stage: Stage, config_path: Path, run_dir: Path,
+                  python: str = sys.executable) -> list[str]:
+    """The argv that runs `stage` locally, as `h3fusion run` starts it: the launcher, the stage's
+    subcommand and, when it takes them, `--config config_path --run-dir run_dir`."""
+    common = ["--config", str(config_path), "--run-dir", str(run_dir)] if stage.takes_config else []
+    return launcher_argv(stage.nprocs, python=python) + list(stage.argv) + common
 
 
 def cuda_needs(cfg: PipelineConfig, stage_names=None) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..env import accelerator_kind, dist_backend, dist_env, export_dist_env
+from ..io_utils import read_json_object
 from ..precision import autocast_forward
 from .ds_checkpoint_check import LATEST, checkpoint_problem, resume_tag
 
@@ -65,12 +65,7 @@ def load_ds_config(path: str | Path,
     path = find_ds_config(path)
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {path}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: top level must be a JSON object")
+    cfg = read_json_object(path)
     stage = cfg.get("zero_optimization", {}).get("stage")
     allowed = (require_stage,) if isinstance(require_stage, int) else require_stage
     if allowed is not None and stage not in allowed:

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import sys
 from pathlib import Path
+from typing import Callable
 
 from ..backends import torch_too_old
 from ..config import ConfigError, load_config
@@ -42,6 +43,32 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set expert.train.lr=1e-4 (repeatable)")
     parser.add_argument("--run-dir", default="runs/tiny", help="run directory holding every stage's outputs")
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser, output: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {output}")
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser, output: str,
+                         resume_help: str = "continue from the latest DeepSpeed checkpoint "
+                                            "(error if there is none)") -> None:
+    """A training stage's --resume and --overwrite (of `output`)."""
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    add_overwrite_argument(parser, output)
+
+
+def run_training(command: str, train: Callable[[], int]) -> int:
+    """Run a training stage's `train()` with INFO logging; a non-finite loss is one error line
+    and exit 3 (no output written)."""
+    import logging
+
+    from ..train.loop import NonFiniteLossError
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return train()
+    except NonFiniteLossError as exc:
+        print(f"h3fusion {command}: error: {exc}", file=sys.stderr, flush=True)
+        return 3
 
 
 def config_from_args(args: argparse.Namespace, section: str = ""):

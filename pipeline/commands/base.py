@@ -5,12 +5,19 @@ import argparse
 
 from ..train.base.stage import run_base_stage
 from ..layout import RunLayout
-from . import add_config_arguments, config_from_args
+from . import add_config_arguments, add_overwrite_argument, config_from_args
 
 
 def add_gguf_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-gguf", metavar="PATH", help="convert this GGUF file (or pkg:MODULE, "
                         "the .gguf inside an installed package) into the base; sets base.gguf")
+
+
+def add_gguf_stage_arguments(parser: argparse.ArgumentParser, output: str) -> None:
+    """The base and tokenizer stages' arguments: config, --from-gguf, --overwrite of `output`."""
+    add_config_arguments(parser)
+    add_gguf_argument(parser)
+    add_overwrite_argument(parser, output)
 
 
 def config_with_gguf(args: argparse.Namespace):
@@ -24,9 +31,7 @@ def config_with_gguf(args: argparse.Namespace):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    add_gguf_argument(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/base")
+    add_gguf_stage_arguments(parser, "<run>/base")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..env import EXIT_STATUS_DIR, requeue_requested_exit_code, shutdown_timeout
+from ..io_utils import pid_alive
 
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 SIGNALS_OPTION, TIMEOUT_OPTION = "--signals-to-handle", "--shutdown-timeout"
@@ -95,16 +96,6 @@ def forward_signals_ourselves() -> None:
         signal.signal(getattr(signal, name), _raise_signal_exception)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's process
-        return True
-    return True
-
-
 def remove_stale_exit_dirs(where: Path) -> list[Path]:
     """Remove this host's exit-status dirs in `where` whose launcher process is gone (killed by
     SIGKILL before it could remove its own); returns them. Other hosts' dirs (a temp dir on a
@@ -113,7 +104,7 @@ def remove_stale_exit_dirs(where: Path) -> list[Path]:
     removed = []
     for path in where.glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split(".")[0]
-        if path.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        if path.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..profiling.stage import ALL, profile_model_dir
+    from ..profiling.stage import format_summary, profile_model_dir
 
     cfg = config_from_args(args, "profile").profile
     run = RunLayout.at(args.run_dir)
@@ -28,10 +28,6 @@ def main(args: argparse.Namespace) -> int:
     summary = profile_model_dir(Path(args.model) if args.model else run.fused, run.data, out, cfg,
                                 tokenizer_dir=run.tokenizer, tb_dir=run.tensorboard / "profile",
                                 overwrite=args.overwrite)
-    for task, t in summary["tasks"].items():
-        own = "–" if t["own_top1_acc"] is None else f"{t['own_top1_acc']:.3f}"
-        shares = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["expert_names"], t["top1_share"]))
-        print(f"{task:<9} tokens={t['num_tokens']:<7} own-expert top-1 acc={own:<6} top-1 share: {shares}"
-              + (f"  COLLAPSED layers {t['collapsed_layers']}" if t["collapsed_layers"] and task != ALL else ""))
+    print(format_summary(summary))
     print(f"profile: {out}")
     return 0

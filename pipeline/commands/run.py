@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,13 +28,14 @@ from typing import Optional
 from . import config_from_args
 from ..backends import require_moe_backend
 from ..config import dump_yaml, load_config
-from ..env import free_port, requeue_requested_exit_code
+from ..env import requeue_requested_exit_code, stage_process_env
 from ..eval.score_metrics import check_score_overrides
 from ..checkpoint.hub import resolve_config_models
 from ..layout import RunLayout
 from ..precision import require_precisions
 from ..io_utils import write_json
-from ..stages import Stage, format_stage_table, is_done, pipeline_stages, require_cuda_for
+from ..stages import (Stage, format_stage_table, is_done, pipeline_stages, require_cuda_for,
+                      stage_command)
 from ..train.signals import die_with_parent
 
 RESOLVED = "resolved_config.yaml"
@@ -87,28 +87,6 @@ def seed_overrides(seed: Optional[int]) -> list[str]:
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
     return [f"{key}={seed}" for key in SEED_KEYS]
-
-
-
-def stage_command(stage: Stage, config_path: Path, run_dir: Path) -> list[str]:
-    """The argv that runs `stage` locally (torchrun for multi-process stages)."""
-    common = ["--config", str(config_path), "--run-dir", str(run_dir)] if stage.takes_config else []
-    if stage.nprocs > 1:
-        launcher = [sys.executable, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={stage.nprocs}", f"--master-port={free_port()}",
-                    "-m", "pipeline.commands"]
-    else:
-        launcher = [sys.executable, "-m", "pipeline.commands"]
-    return launcher + list(stage.argv) + common
-
-
-def _stage_env(stage: Stage) -> dict[str, str]:
-    env = dict(os.environ)
-    cores = os.cpu_count() or 1
-    # Oversubscribed OpenMP threads make multi-process CPU training crawl.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, stage.nprocs))))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
 
 
 def _resolve_config(args: argparse.Namespace, run: RunLayout) -> Path:
@@ -193,7 +171,7 @@ def run_stage(stage: Stage, config_path: Path, run: RunLayout, signals: SignalFo
     t0 = time.time()
     # Own session: group signals reach the stage only via `signals`. die_with_parent: the stage
     # (and, through it, every rank) is SIGKILLed when this process dies, even by kill -9.
-    signals.child = subprocess.Popen(cmd, env=_stage_env(stage), start_new_session=True,
+    signals.child = subprocess.Popen(cmd, env=stage_process_env(stage.nprocs), start_new_session=True,
                                      preexec_fn=die_with_parent)
     returncode = signals.child.wait()
     signals.child = None

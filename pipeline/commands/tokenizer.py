@@ -5,14 +5,11 @@ import argparse
 
 from ..layout import RunLayout
 from ..tokenizer.stage import run_tokenizer_stage
-from . import add_config_arguments
-from .base import add_gguf_argument, config_with_gguf
+from .base import add_gguf_stage_arguments, config_with_gguf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    add_gguf_argument(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing <run>/tokenizer")
+    add_gguf_stage_arguments(parser, "<run>/tokenizer")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,12 +13,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 from ..config import ConfigError, check_dimension
 from ..registry import MULTITASK_VARIANTS
-from . import add_config_arguments, config_from_args
+from . import add_config_arguments, add_resume_arguments, config_from_args, run_training
 
 KINDS = ("multitask", "extra_steps")   # pipeline.train.baselines.stage.KINDS (not imported: no torch here)
 
@@ -30,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multitask only: which multi-task baseline (docs/baselines.md)")
     parser.add_argument("--dimension", default=None,
                         help="extra_steps only: whose expert continues (one of `dimensions`)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest DeepSpeed checkpoint (error if there is none)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_resume_arguments(parser, "output")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,12 +42,6 @@ def main(args: argparse.Namespace) -> int:
                           f"(variants: {', '.join(MULTITASK_VARIANTS)})")
     if args.dimension is not None:
         check_dimension(cfg, args.dimension)   # before the trainer imports deepspeed
-    from ..train.loop import NonFiniteLossError
     from ..train.baselines.stage import train_baseline
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return train_baseline(cfg, args.run_dir, args.kind, args.dimension, args.resume,
-                              args.overwrite, args.variant)
-    except NonFiniteLossError as exc:   # as train-expert: exit 3, no output written
-        print(f"h3fusion train-baseline: error: {exc}", file=sys.stderr, flush=True)
-        return 3
+    return run_training("train-baseline", lambda: train_baseline(
+        cfg, args.run_dir, args.kind, args.dimension, args.resume, args.overwrite, args.variant))

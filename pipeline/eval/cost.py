@@ -24,7 +24,6 @@ classifier's per-prompt sum of at most PROMPT_WINDOW table rows.
 """
 from __future__ import annotations
 
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +31,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+
+from ..timing import load_avg_1m, sync
 
 SCORING, GENERATION = "scoring", "generation"
 
@@ -206,26 +207,14 @@ class CostMeter:
         self.static = static_cost(model, context_len)
         dev = next(model.parameters()).device
         self.device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        self.load_before = load_avg()
+        self.load_before = load_avg_1m()
 
     def block(self, batch_size: int) -> dict[str, Any]:
         """report.json's `cost.<model>`: static part + measured throughput."""
         out = dict(self.static or {})
         out["throughput"] = throughput(self.clocks, batch_size, self.device,
-                                       [self.load_before, load_avg()])
+                                       [self.load_before, load_avg_1m()])
         return out
-
-
-def load_avg() -> Optional[float]:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:   # not available on this platform
-        return None
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 @contextmanager
@@ -233,10 +222,10 @@ def timed(meter: Optional[CostMeter], kind: str) -> Iterator[Clock]:
     """Time the block into `meter`'s `kind` clock (a throw-away clock when meter is None); the
     block adds the tokens it processed to the yielded clock's `tokens`."""
     clock = Clock()
-    _sync()
+    sync()
     start = time.perf_counter()
     yield clock
-    _sync()
+    sync()
     if meter is not None:
         meter.clocks[kind].seconds += time.perf_counter() - start
         meter.clocks[kind].tokens += clock.tokens

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from pipeline.layout import RunLayout
-from pipeline.precision import resolve_precision
+from pipeline.precision import PrecisionModes, resolve_precision
 from pipeline.registry import MULTITASK_VARIANTS
 
 
@@ -40,7 +40,7 @@ def load_tokenizer(model_dir: Path, fallback_dir: Optional[Path] = None):
 
 
 @dataclass(frozen=True)
-class EvalPrecision:
+class EvalPrecision(PrecisionModes):
     """What `eval.precision` means for one loaded model (pipeline.precision):
 
     - "fp32": fp32 weights and compute.
@@ -55,6 +55,8 @@ class EvalPrecision:
     requested: str          # eval.precision: auto | fp32 | bf16
     resolved: str           # fp32 | bf16
     device_type: str        # cpu | cuda
+    AUTOCAST_MODE = "torch.autocast bf16 compute, fp32 weights; LM head and log-softmax of scores in fp32"
+    BF16_MODE = "bf16 weights; log-softmax of scores in fp32"
 
     @classmethod
     def resolve(cls, requested: str, device_type: str) -> "EvalPrecision":
@@ -63,23 +65,6 @@ class EvalPrecision:
     @property
     def weights_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.resolved == "bf16" and self.device_type != "cpu" else torch.float32
-
-    @property
-    def autocast(self) -> Optional[torch.dtype]:
-        return torch.bfloat16 if self.resolved == "bf16" and self.device_type == "cpu" else None
-
-    @property
-    def mode(self) -> str:
-        if self.resolved == "fp32":
-            return "fp32"
-        if self.autocast is not None:
-            return "torch.autocast bf16 compute, fp32 weights; LM head and log-softmax of scores in fp32"
-        return "bf16 weights; log-softmax of scores in fp32"
-
-    def record(self) -> dict:
-        """What the report says about a model's precision."""
-        return {"requested": self.requested, "resolved": self.resolved,
-                "device": self.device_type, "mode": self.mode}
 
 
 def resolve_eval_precision(cfg):

@@ -185,6 +185,19 @@ def summarize(per_task: dict[str, RoutingCounts], expert_names: Sequence[str], t
             "any_collapse": any(t["collapsed_layers"] for t in tasks.values()), "tasks": tasks}
 
 
+def format_summary(summary: dict) -> str:
+    """One line per task: tokens, own-expert top-1 accuracy, top-1 shares, collapsed layers."""
+    lines = []
+    for task, t in summary["tasks"].items():
+        own = "–" if t["own_top1_acc"] is None else f"{t['own_top1_acc']:.3f}"
+        shares = ", ".join(f"{n}={v:.3f}" for n, v in zip(summary["expert_names"], t["top1_share"]))
+        lines.append(f"{task:<9} tokens={t['num_tokens']:<7} own-expert top-1 acc={own:<6} "
+                     f"top-1 share: {shares}"
+                     + (f"  COLLAPSED layers {t['collapsed_layers']}"
+                        if t["collapsed_layers"] and task != ALL else ""))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def write_csvs(summary: dict, out_dir: Path) -> None:

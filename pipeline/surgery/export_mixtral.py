@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint.safetensors_io import DEFAULT_SHARD_BYTES
 from ..config_ranges import top_k_problem
-from ..io_utils import atomic_dir, sha256_dir, write_json
 from . import plan
-from .extract_expert import expert_rows, open_moe
-from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, ShardedWriter, copy_optional_files,
-                             copy_tokenizer_files)
+from .extract_expert import expert_rows, open_moe, write_from_moe
 
 MANIFEST = "export_manifest.json"
 # Llama config fields with the same meaning in MixtralConfig.
@@ -65,20 +63,13 @@ def export_mixtral(moe: str | Path, out: str | Path, overwrite: bool = False,
     check_expressible(cfg, str(moe / "config.json"))
     mix_cfg = mixtral_config(cfg)
     names = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        for key in reader.keys():
-            if not plan.is_moe_key(key):
-                writer.add(key, reader.get(key))
-        for layer in range(spec.num_hidden_layers):
-            writer.add(mixtral_key(layer, "gate.weight"), reader.get(plan.router_key(layer)))
-            for e in range(len(cfg["expert_names"])):
-                for proj, t in expert_rows(reader, layer, e, spec.intermediate_size).items():
-                    writer.add(mixtral_key(layer, f"experts.{e}.{names[proj]}.weight"), t)
-        writer.close()
-        mix_cfg.save_pretrained(tmp)
-        copy_tokenizer_files(moe, tmp)
-        copy_optional_files(moe, tmp, ["generation_config.json"])
-        write_json(tmp / MANIFEST, {"tool": "export_mixtral", "expert_names": cfg["expert_names"],
-                                    "source": str(moe.resolve()), "source_sha256": sha256_dir(moe)})
-    return out
+
+    def layer_tensors(layer: int):
+        yield mixtral_key(layer, "gate.weight"), reader.get(plan.router_key(layer))
+        for e in range(len(cfg["expert_names"])):
+            for proj, t in expert_rows(reader, layer, e, spec.intermediate_size).items():
+                yield mixtral_key(layer, f"experts.{e}.{names[proj]}.weight"), t
+
+    return write_from_moe(moe, out, reader, spec, layer_tensors, mix_cfg,
+                          MANIFEST, {"tool": "export_mixtral", "expert_names": cfg["expert_names"]},
+                          overwrite, max_shard_bytes)

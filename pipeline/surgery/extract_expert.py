@@ -40,6 +40,29 @@ def expert_rows(reader: CheckpointReader, layer: int, expert: int, ffn: int) -> 
     }
 
 
+def write_from_moe(moe: Path, out: Path, reader: CheckpointReader, spec: plan.ModelSpec,
+                   layer_tensors, hf_config, manifest_file: str, manifest: dict,
+                   overwrite: bool, max_shard_bytes: int) -> Path:
+    """Write `out` (atomically) from the MoE dir `moe`: its non-MoE tensors as they are, then for
+    each layer the (key, tensor) pairs of `layer_tensors(layer)`, `hf_config`, the tokenizer and
+    generation config, and `manifest` (plus the source dir and its hash) as `manifest_file`."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes)
+        for key in reader.keys():
+            if not plan.is_moe_key(key):
+                writer.add(key, reader.get(key))
+        for layer in range(spec.num_hidden_layers):
+            for key, tensor in layer_tensors(layer):
+                writer.add(key, tensor)
+        writer.close()
+        hf_config.save_pretrained(tmp)
+        copy_tokenizer_files(moe, tmp)
+        copy_optional_files(moe, tmp, ["generation_config.json"])
+        write_json(tmp / manifest_file, {**manifest, "source": str(moe.resolve()),
+                                         "source_sha256": sha256_dir(moe)})
+    return out
+
+
 def extract_expert(moe: str | Path, name: str, out: str | Path, overwrite: bool = False,
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     from transformers import LlamaConfig
@@ -49,19 +72,11 @@ def extract_expert(moe: str | Path, name: str, out: str | Path, overwrite: bool 
     cfg, spec, reader = open_moe(moe)
     index = plan.expert_index(cfg["expert_names"], name, str(moe))
     dense_cfg = LlamaConfig.from_dict(plan.dense_config_from_moe(cfg))
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        for key in reader.keys():
-            if not plan.is_moe_key(key):
-                writer.add(key, reader.get(key))
-        for layer in range(spec.num_hidden_layers):
-            for proj, tensor in expert_rows(reader, layer, index, spec.intermediate_size).items():
-                writer.add(plan.dense_mlp_key(layer, proj), tensor)
-        writer.close()
-        dense_cfg.save_pretrained(tmp)
-        copy_tokenizer_files(moe, tmp)
-        copy_optional_files(moe, tmp, ["generation_config.json"])
-        write_json(tmp / MANIFEST, {"tool": "extract_expert", "expert": name,
-                                    "expert_index": index, "source": str(moe.resolve()),
-                                    "source_sha256": sha256_dir(moe)})
-    return out
+
+    def layer_tensors(layer: int):
+        for proj, tensor in expert_rows(reader, layer, index, spec.intermediate_size).items():
+            yield plan.dense_mlp_key(layer, proj), tensor
+
+    return write_from_moe(moe, out, reader, spec, layer_tensors, dense_cfg,
+                          MANIFEST, {"tool": "extract_expert", "expert": name, "expert_index": index},
+                          overwrite, max_shard_bytes)

@@ -8,23 +8,18 @@ logits are cosine-like and one long-norm dimension cannot dominate every token.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from ..io_utils import read_json_object
 from ..registry import ROUTER_INITS
 
 
 def _prompts_from_json(path: Path, names: list[str]) -> dict[str, list[str]]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object {{expert name: [prompt, ...]}}")
+    data = read_json_object(path, "expected an object {expert name: [prompt, ...]}")
     return {name: data.get(name) for name in names}
 
 

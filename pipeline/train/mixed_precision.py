@@ -20,38 +20,27 @@ so a stage calls it before it loads any model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
-import torch
-
-from ..precision import cpu_autocast_dtype, resolve_precision
+from ..precision import PrecisionModes, resolve_precision
 
 
 @dataclass(frozen=True)
-class TrainPrecision:
+class TrainPrecision(PrecisionModes):
     key: str            # the config key, e.g. "expert.train.precision"
     name: str           # its value: auto | fp32 | bf16
     device_type: str    # "cpu" / "cuda": where the stage trains
     resolved: str       # "fp32" / "bf16"
+    AUTOCAST_MODE = "torch.autocast bf16 forward; fp32 parameters, gradients, optimizer states"
+    BF16_MODE = "DeepSpeed bf16 (bf16 weights, fp32 master weights and optimizer states)"
 
     @classmethod
     def resolve(cls, key: str, name: str, device_type: str) -> "TrainPrecision":
         return cls(key, name, device_type, resolve_precision(name, device_type, key))
 
     @property
-    def autocast(self) -> Optional[torch.dtype]:
-        """The forward's autocast dtype (CPU bf16), else None."""
-        return cpu_autocast_dtype(self.resolved, self.device_type)
-
-    @property
-    def mode(self) -> str:
-        if self.resolved == "fp32":
-            return "fp32"
-        if self.autocast is not None:
-            return "torch.autocast bf16 forward; fp32 parameters, gradients, optimizer states"
-        return "DeepSpeed bf16 (bf16 weights, fp32 master weights and optimizer states)"
+    def requested(self) -> str:
+        return self.name
 
     def record(self) -> dict:
         """What a manifest says about how the stage was trained."""
-        return {"setting": self.key, "requested": self.name, "resolved": self.resolved,
-                "device": self.device_type, "mode": self.mode}
+        return {"setting": self.key, **super().record()}

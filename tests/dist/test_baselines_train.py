@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, TrainConfig
+from pipeline.env import free_port
 from pipeline.io_utils import read_json
 from pipeline.train.common import BatchSchedule
 from pipeline.train.baselines.stage import plan_mismatches, prepare_extra_steps_job
 from pipeline.train.step_plan import StepPlan, plan_steps, rows_seen, training_steps
-from test_train_expert_fixtures import REPO, dist_env_vars, free_port, load_weights
+from test_train_expert_fixtures import REPO, dist_env_vars, load_weights
 
 SETS = ["expert.train.micro_batch_size=4", "expert.train.grad_accum_steps=2",
         "expert.train.epochs=1", "expert.train.max_seq_len=64", "expert.train.log_every=1",

@@ -135,7 +135,7 @@ def test_a_point_dir_links_the_run_inputs_and_copies_no_weights(tmp_path):
 def test_fuse_runs_under_the_launcher_with_several_procs(tmp_path):
     point = sweep.resolve_points("tiny", [], [{"fusion.num_procs": 2}], tmp_path)[0]
     stages = {s.name: s for s in sweep.pipeline_stages(point["cfg"], sweep.RunLayout.at(tmp_path))}
-    argv = sweep.stage_argv(stages["fuse"], tmp_path / "config.yaml", tmp_path)
+    argv = sweep.stage_command(stages["fuse"], tmp_path / "config.yaml", tmp_path)
     assert argv[1:3] == ["-m", "pipeline.commands.launch"] and "--nproc-per-node=2" in argv
     assert argv[-5:] == ["fuse", "--config", str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path)]
     ev = sweep.eval_argv(tmp_path / "config.yaml", tmp_path)

@@ -201,7 +201,7 @@ def test_no_folder_cycles():
 # the root of pipeline/: the package itself and the ground floor (stages.py reads the stage
 # graph off the config and registries); everything else lives in a folder
 GROUND_FLOOR = {"config", "config_ranges", "config_schema", "dimensions", "env", "io_utils", "layout",
-                "precision", "registry", "run_lock"}
+                "precision", "registry", "run_lock", "timing"}
 ROOT_MODULES = GROUND_FLOOR | {"__init__", "stages"}
 BELOW_GROUND = {"checkpoint"}   # the checkpoint floor may be read by config (Hub ids)
 

@@ -3,7 +3,6 @@ bit, the plain-torch engine reproduces the old base loop bit for bit, the NaN gu
 naming the step and the last checkpoint, and every collective runs on the communication device."""
 import ast
 import math
-import socket
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import TrainConfig
+from pipeline.env import free_port
 from pipeline.train import common
 from pipeline.train.common import (BatchSchedule, max_over_ranks, reduce_over_ranks,
                                    sum_over_ranks, warmup_cosine)
@@ -203,10 +203,8 @@ class _Seen(Exception):
 
 @pytest.fixture
 def one_process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
     try:
         yield
     finally:

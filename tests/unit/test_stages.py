@@ -6,8 +6,7 @@ from pathlib import Path
 from pipeline.config import load_config
 from pipeline.dimensions import DEFAULT_DIMENSIONS as TASKS
 from pipeline.layout import RunLayout
-from pipeline.commands.run import stage_command
-from pipeline.stages import format_stage_table, is_done, pipeline_stages
+from pipeline.stages import format_stage_table, is_done, pipeline_stages, stage_command
 
 
 def test_stage_graph_is_a_valid_schedule(tmp_path):
@@ -33,6 +32,30 @@ def test_distributed_stages_use_torchrun_and_done_means_outputs_exist(tmp_path):
     assert not is_done(fuse)
     run.fused.mkdir()
     assert is_done(fuse)
+
+
+def test_h3fusion_run_and_the_fusion_sweep_start_a_stage_with_the_same_argv(tmp_path, monkeypatch):
+    """One launcher (pipeline.stages.stage_command): the exact argv for 1 and 2 processes, the
+    same from `h3fusion run` and from tools/sweep/fusion_sweep.py."""
+    import pipeline.stages as stages_module
+    from pipeline.commands import run as run_command
+    from tests.conftest import load_tool
+
+    sweep = load_tool("sweep/fusion_sweep.py")
+    monkeypatch.setattr(stages_module, "free_port", lambda: 4321)
+    cfg = load_config("tiny", ["fusion.num_procs=2"])
+    stages = {s.name: s for s in pipeline_stages(cfg, RunLayout.at(tmp_path))}
+    conf = tmp_path / "c.yaml"
+    fuse = [sys.executable, "-m", "pipeline.commands.launch", "--standalone", "--nproc-per-node=2",
+            "--master-port=4321", "-m", "pipeline.commands", "fuse", "--config", str(conf),
+            "--run-dir", str(tmp_path)]
+    data = [sys.executable, "-m", "pipeline.commands", "data", "--config", str(conf),
+            "--run-dir", str(tmp_path)]
+    for start in (run_command.stage_command, sweep.stage_command):
+        assert start(stages["fuse"], conf, tmp_path) == fuse
+        assert start(stages["data"], conf, tmp_path) == data
+        assert start(stages["build_moe"], conf, tmp_path)[3:] == list(stages["build_moe"].argv)
+    assert sweep.eval_argv(conf, tmp_path)[:4] == data[:3] + ["evaluate"]
 
 
 def test_run_list_stages_cli(tmp_path):

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from pipeline.eval.generation import GenerationConfig, generate_token_ids  # noq
 from pipeline.eval.models import EvalPrecision, load_causal_lm  # noqa: E402
 from pipeline.eval.scoring import score_continuations, score_pairs  # noqa: E402
 from pipeline.precision import check_precision  # noqa: E402
+from pipeline.timing import load_avg_1m, time_call  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,12 +77,6 @@ def modes(model) -> dict:
             "autocast": (model, EvalPrecision.resolve("bf16", "cpu")), "bf16-w": (bf16w, None)}
 
 
-def timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.eval.files import load_eval_items
@@ -93,19 +86,19 @@ def main(argv=None) -> int:
     gen, runs = GenerationConfig(max_new_tokens=args.new_tokens), modes(model)
     times = {name: {"scoring": [], "generation": []} for name in runs}
     scores = {}
-    load = [round(os.getloadavg()[0], 2)]
+    load = [load_avg_1m()]
     for _ in range(args.repeats):
         for name, (m, prec) in runs.items():
             if prec is not None:
                 m.eval_precision = prec
-            t, scores[name] = timed(lambda: score_pairs(m, tok, pairs, 32, args.max_len))
+            t, scores[name] = time_call(lambda: score_pairs(m, tok, pairs, 32, args.max_len))
             times[name]["scoring"].append(t)
-            t, _ = timed(lambda: generate_token_ids(m, tok, prompts[: args.rows], args.rows,
+            t, _ = time_call(lambda: generate_token_ids(m, tok, prompts[: args.rows], args.rows,
                                                     args.max_len, gen))
             times[name]["generation"].append(t)
     model.eval_precision = EvalPrecision.resolve("bf16", "cpu")
     scores["autocast, bf16 head"] = score_continuations(model, tok, pairs, 32, args.max_len)
-    load.append(round(os.getloadavg()[0], 2))
+    load.append(load_avg_1m())
     print(f"{len(pairs)} scored requests ({sum(len(r) for r in items.values())} {args.split} items), "
           f"{min(args.rows, len(prompts))} prompts x {args.new_tokens} new tokens; threads "
           f"{torch.get_num_threads()}; load_avg_1m {load}")

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +31,8 @@ from pipeline.eval import generation as G, hhh, judges  # noqa: E402
 from pipeline.eval.cost import GENERATION, SCORING, CostMeter, count_params  # noqa: E402
 from pipeline.eval.models import EvalPrecision, load_causal_lm  # noqa: E402
 from pipeline.eval.stage import scored_max_len  # noqa: E402
-from pipeline.precision import check_precision  # noqa: E402
+from pipeline.precision import check_precision, torch_dtype  # noqa: E402
+from pipeline.timing import load_avg_1m, matmul_peak, time_call  # noqa: E402
 
 PHASES = ("scoring", "generation", "judging")
 
@@ -62,22 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.precisions.count("fp32") + args.precisions.count("bf16") != len(set(args.precisions)):
         p.error(f"--precisions: fp32 and/or bf16, each once; got {args.precisions}")
     return args
-
-
-def load_avg() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of an [n, n] @ [n, n] matmul in `dtype` (best of `repeats`)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(times)
 
 
 def llama_layout(model) -> list:
@@ -140,11 +123,9 @@ def instrumented(meter: Meter, record: dict):
         return ids
 
     def judge(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return real_judge(*args, **kwargs)
-        finally:
-            meter.judge_s += time.perf_counter() - t0
+        seconds, outcome = time_call(lambda: real_judge(*args, **kwargs))
+        meter.judge_s += seconds
+        return outcome
     hhh.score_pairs, hhh.score_encoded = scorer("score_pairs"), scorer("score_encoded")
     hhh.generate_token_ids, judges.judge_outcome = generate, judge
     try:
@@ -176,14 +157,14 @@ def evaluator_pass(model, tok, items: dict, cfg) -> dict:
 def generate_pass(model, tok, gen_calls: list) -> dict:
     """The same generation calls through HF generate() (no per-row stop), timed and counted."""
     meter = Meter(model)
-    meter.phase, ids = "generation", []
-    t0 = time.perf_counter()
+    meter.phase = "generation"
     try:
-        for prompts, args, kwargs, _ in gen_calls:
-            ids.append(G.generate_token_ids(model, tok, prompts, *args, **{**kwargs, "per_row": False}))
+        seconds, ids = time_call(lambda: [
+            G.generate_token_ids(model, tok, prompts, *args, **{**kwargs, "per_row": False})
+            for prompts, args, kwargs, _ in gen_calls])
     finally:
         meter.close()
-    return {"seconds": {"generation": time.perf_counter() - t0}, "flops": meter.flops, "ids": ids}
+    return {"seconds": {"generation": seconds}, "flops": meter.flops, "ids": ids}
 
 
 def phase_rows(name: str, prec: str, run: dict, hf: dict, n_items: int, peak: float) -> list[dict]:
@@ -301,17 +282,16 @@ def profile_model(name: str, path: str, items: dict, cfg, precisions: list[str],
         model(input_ids=torch.tensor([[1, 2, 3]]))   # page the weights in before timing
     runs: dict = {}
     peaks = {p: [] for p in precisions}
-    load = [load_avg()]
+    load = [load_avg_1m()]
     for _ in range(rounds):
         for task, rows in items.items():
             for prec in precisions:
                 model.eval_precision = EvalPrecision.resolve(prec, "cpu")   # same fp32 weights
-                dtype = torch.bfloat16 if prec == "bf16" else torch.float32
-                peaks[prec].append(matmul_peak(dtype, peak_size))
+                peaks[prec].append(matmul_peak(torch_dtype(prec), peak_size))
                 run = evaluator_pass(model, tok, {task: rows}, cfg)
                 hf = generate_pass(model, tok, run["record"].get("gen_calls", []))
                 runs.setdefault((prec, task), []).append((run, hf))
-        load.append(load_avg())
+        load.append(load_avg_1m())
     rows, n_items = [], sum(len(r) for r in items.values())
     acc = combine(runs, precisions)
     for prec, a in acc.items():
@@ -354,7 +334,7 @@ def main(argv=None) -> int:
     print(f"{args.preset} eval settings: batch {cfg.batch_size}, max_new_tokens "
           f"{cfg.max_new_tokens}, max_seq_len {cfg.max_seq_len}, harness_mc {cfg.harness_mc}; "
           f"{args.split} items {({t: len(r) for t, r in items.items()})}; threads "
-          f"{torch.get_num_threads()}; load {load_avg()}\n{HEAD}", flush=True)
+          f"{torch.get_num_threads()}; load {load_avg_1m()}\n{HEAD}", flush=True)
     report = {name: profile_model(name, path, items, cfg, args.precisions, args.rounds,
                                   args.peak_size)
               for name, path in args.models.items()}

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a
 
 from pipeline.eval import scoring as S  # noqa: E402
 from pipeline.io_utils import atomic_dir, write_json  # noqa: E402
+from pipeline.timing import time_round_robin, time_stats  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "truthfulqa" / "mc_task.json"
 PATHS = ("packed", "plain", "per-option")
@@ -121,26 +120,6 @@ def packed_tokens(batches: list[list]) -> int:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_round_robin(fns: dict, repeats: int, device: torch.device) -> tuple[dict, dict]:
-    """Wall time of each function per round (all paths once per round, so load drift on a shared
-    machine hits them alike) and each function's last output."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    outputs = {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            outputs[name] = fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times, outputs
-
-
 def measure(model, tok, pairs, args) -> tuple[dict, dict]:
     encoded, rows = S.pack_requests(tok, pairs, args.max_len)
     batches = S.packed_batches(rows, args.batch_size * args.max_len)
@@ -151,7 +130,8 @@ def measure(model, tok, pairs, args) -> tuple[dict, dict]:
         "per-option": lambda: S.score_continuations(model, tok, pairs, args.batch_size, args.max_len),
     }
     plain_forward(model, batches[-1:], pad_id)   # warm-up: one-time kernel/allocator set-up
-    times, outputs = time_round_robin(fns, args.repeats, device)
+    timed = time_round_robin(fns, args.repeats, device)
+    times, outputs = timed.times_s, timed.outputs
     counts = {"items": len({p for p, _ in pairs}), "options": len(pairs),
               "unique_tokens": packed_tokens(batches), "packed_rows": len(rows),
               "batches": len(batches), "scored_tokens": sum(n for _, n in encoded),
@@ -161,8 +141,9 @@ def measure(model, tok, pairs, args) -> tuple[dict, dict]:
 
 
 def summarise(times: dict, counts: dict) -> dict:
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}
+    stats = {k: time_stats(v) for k, v in times.items()}
+    med = {k: st["median_s"] for k, st in stats.items()}
+    best = {k: st["min_s"] for k, st in stats.items()}
     paths = {k: {"median_s": med[k], "min_s": best[k], "times_s": times[k],
                  "unique_tokens_per_s": counts["unique_tokens"] / med[k],
                  "scored_tokens_per_s": counts["scored_tokens"] / med[k],

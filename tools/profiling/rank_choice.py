@@ -165,13 +165,10 @@ def check_inputs(run_dir: Path, stages) -> None:
 
 def launch_argv(s: Setting, dimension: str, config: str, run_dir: str, sets: list[str],
                 port: int, python: str = sys.executable) -> list[str]:
-    """The command `h3fusion run` starts for this stage (pipeline.commands.run.stage_command)."""
-    if s.ranks > 1:
-        launcher = [python, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={s.ranks}", f"--master-port={port}",
-                    "-m", "pipeline.commands"]
-    else:
-        launcher = [python, "-m", "pipeline.commands"]
+    """The command `h3fusion run` starts for this stage (pipeline.stages.stage_command)."""
+    from pipeline.stages import launcher_argv
+
+    launcher = launcher_argv(s.ranks, port, python)
     extra = [a for kv in sets for a in ("--set", kv)]
     return (launcher + stage_argv(s.stage, dimension) + ["--config", config, "--run-dir", run_dir]
             + extra)
@@ -295,6 +292,7 @@ def scratch_run(src: Path, parent: Path) -> Path:
 
 def run_once(s: Setting, args, cfg, config: str, dimension: str, parent: Path, i: int) -> dict:
     from pipeline.env import free_port
+    from pipeline.timing import load_avg_1m
 
     waited = wait_for_quiet(args.quiet, args.quiet_wait, args.cores) if args.quiet else 0.0
     run, port = scratch_run(Path(args.run_dir), parent), free_port()
@@ -303,9 +301,9 @@ def run_once(s: Setting, args, cfg, config: str, dimension: str, parent: Path, i
         else run / "launch.log"
     rc = None
     try:
-        load_before, busy0, t0 = os.getloadavg()[0], cpu_busy_s(), time.time()
+        load_before, busy0, t0 = load_avg_1m(), cpu_busy_s(), time.time()
         rc, ours, rss = run_measured(cmd, launch_env(s, port, dict(os.environ), args.env), log)
-        t1, load_after = time.time(), os.getloadavg()[0]
+        t1, load_after = time.time(), load_avg_1m()
         if rc != 0:
             raise RuntimeError(f"{s.label}: exit status {rc}; its output: {log}")
         times = tensorboard_step_times(run / "tensorboard")

@@ -27,10 +27,7 @@ slowest rank's median.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -39,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a checkout
 
 from pipeline.io_utils import atomic_dir, write_json  # noqa: E402
+from pipeline.timing import (dense_matmul, load_avg_1m, time_round_robin,  # noqa: E402
+                             time_stats)
 
 PRESETS = {
     "tiny": dict(tokens=256, hidden=64, ffn=128, experts=3, top_k=2),
@@ -144,48 +143,12 @@ def _layer_fn(layer, backend: str):
     return forced
 
 
-class Timer:
-    """Seconds for one call of fn(): CUDA events on GPU (after a sync), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if not self.cuda:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return begin.elapsed_time(end) / 1e3
-
-
-def _stats(times: list[float]) -> dict:
-    times = sorted(times)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "min_s": times[0], "max_s": times[-1],
-            "iqr_s": quartiles[2] - quartiles[0], "times_s": times}
-
-
-def measure(fns: dict, timer: Timer, warmup: int, repeats: int, device: torch.device) -> dict:
+def measure(fns: dict, warmup: int, repeats: int, device: torch.device) -> dict:
     """Time every fn round-robin (fn1, fn2, ..., fn1, ...) so load drift on a shared machine hits
     all of them alike; returns per-fn time stats and peak memory."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    peak = {name: 0.0 for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times[name].append(timer(fn))
-            peak[name] = max(peak[name], _peak_memory_mb(device))
-    return {name: {**_stats(times[name]), "peak_mem_mb": peak[name]} for name in fns}
+    timed = time_round_robin(fns, repeats, device, warmup)
+    return {name: {**time_stats(timed.times_s[name]), "peak_mem_mb": timed.peak_mem_mb[name]}
+            for name in fns}
 
 
 def expert_flops(sizes: dict) -> float:
@@ -196,16 +159,8 @@ def expert_flops(sizes: dict) -> float:
 
 def dense_ceiling_fn(sizes: dict, device, dtype):
     """One dense [T*K, H] @ [H, 3F] matmul: the same expert FLOPs in a single GEMM."""
-    a = torch.randn(sizes["tokens"] * sizes["top_k"], sizes["hidden"], device=device, dtype=dtype)
-    b = torch.randn(sizes["hidden"], 3 * sizes["ffn"], device=device, dtype=dtype)
-    return lambda: a @ b
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource   # CPU: process-wide peak RSS (Linux reports KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dense_matmul(device, dtype, sizes["tokens"] * sizes["top_k"], sizes["hidden"],
+                        3 * sizes["ffn"])[1]
 
 
 def _step(fn, x: torch.Tensor, mode: str):
@@ -236,13 +191,13 @@ def backend_steps(backend: str, args, device, dtype, ep_group=None) -> tuple[dic
     return {(backend, mode): _step(fn, x, mode) for mode in MODES}, counts
 
 
-def bench(backends: list[str], args, device, dtype, timer: Timer, ep_group=None):
+def bench(backends: list[str], args, device, dtype, ep_group=None):
     """Rows per (backend, mode) and the dense ceiling's stats, all timed round-robin."""
     steps, counts = {("dense", "ceiling"): dense_ceiling_fn(args.sizes, device, dtype)}, {}
     for backend in backends:
         backend_fns, counts[backend] = backend_steps(backend, args, device, dtype, ep_group)
         steps.update(backend_fns)
-    stats = measure(steps, timer, args.warmup, args.repeats, device)
+    stats = measure(steps, args.warmup, args.repeats, device)
     ceiling = stats.pop(("dense", "ceiling"))
     rows = [{"backend": b, "mode": m, **st, "tokens_per_expert": counts[b]}
             for (b, m), st in stats.items()]
@@ -301,7 +256,7 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()[0]
+    load_before = load_avg_1m()
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ep_group, args.rank, world = (None, 0, 1) if args.ep == 1 else _init_ep(args.ep)
     backends = args.backends or _default_backends(device)
@@ -315,7 +270,7 @@ def run(args) -> dict:
     backends = [b for b in backends if b not in missing]
     if not backends:
         raise BackendUnavailable(f"no backend left to time: {missing}")
-    rows, ceiling = bench(backends, args, device, dtype, Timer(device), ep_group)
+    rows, ceiling = bench(backends, args, device, dtype, ep_group)
     if ep_group is not None:
         _slowest_rank(rows + [ceiling])
     add_derived(rows, args.sizes, ceiling, world)
@@ -323,7 +278,7 @@ def run(args) -> dict:
             "ep": args.ep, "warmup": args.warmup, "repeats": args.repeats,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             # other processes' load skews CPU ratios; the 1-minute load average says how much
-            "load_avg_1m": [load_before, os.getloadavg()[0]],
+            "load_avg_1m": [load_before, load_avg_1m()],
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
             "cpu", "unavailable": missing, "dense_ceiling": ceiling, "results": rows}
 

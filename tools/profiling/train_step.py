@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # runnable from a
 
 import torch  # noqa: E402
 
+from pipeline.timing import dense_matmul, load_avg_1m, time_call, time_stats  # noqa: E402
+
 PHASES = ("data", "forward", "backward", "optimizer")
 ENGINES = ("deepspeed", "plain")
 COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast",
@@ -159,45 +161,17 @@ class CollectiveTimer:
             setattr(self.dist, name, fn)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(engine, loss_fn, make_batch, collectives: CollectiveTimer) -> dict:
     """One optimizer step (one micro batch): seconds per phase and inside collectives."""
-    out, device = {}, engine.device
+    state, device = {}, engine.device
+    phases = {"data": lambda: state.update(batch=make_batch()),
+              "forward": lambda: state.update(loss=loss_fn(engine, state["batch"])),
+              "backward": lambda: engine.backward(state["loss"]),
+              "optimizer": engine.step}
     before = collectives.seconds
-    for phase in PHASES:
-        _sync(device)
-        start = time.perf_counter()
-        if phase == "data":
-            batch = make_batch()
-        elif phase == "forward":
-            loss = loss_fn(engine, batch)
-        elif phase == "backward":
-            engine.backward(loss)
-        else:
-            engine.step()
-        _sync(device)
-        out[phase] = time.perf_counter() - start
+    out = {phase: time_call(phases[phase], device)[0] for phase in PHASES}
     out["collectives"] = collectives.seconds - before
     return out
-
-
-def dense_matmul(device: torch.device, dtype: torch.dtype):
-    """(FLOPs, fn) of a [2048, 2048] @ [2048, 2048] matmul in `dtype`: the machine's GEMM rate,
-    timed in the same rounds as the steps; the yardstick for their achieved FLOP/s."""
-    a = torch.randn(2048, 2048, device=device, dtype=dtype)
-    b = torch.randn(2048, 2048, device=device, dtype=dtype)
-
-    def run() -> float:
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        return time.perf_counter() - start
-    return 2.0 * 2048 ** 3, run
 
 
 # ----------------------------------------------------------------------------- stages
@@ -324,21 +298,22 @@ def run_stage(name: str, cfg, args, shape, device, precisions: list) -> dict:
     from pipeline.precision import torch_dtype
     engines, loss_fn, rows, flops, tokens = stage_setup(name, cfg, args, shape, precisions)
     collate = SFTCollator(0, max_len=None)
+    # the dense-matmul rate of each dtype, timed in the same rounds as the steps
     peaks = {p.resolved: dense_matmul(device, torch_dtype(p.resolved)) for p in precisions}
     times = {key: [] for key in engines}
     peak_s = {key: [] for key in peaks}
     with CollectiveTimer() as coll:
         for i in range(args.warmup + args.steps):   # round-robin: load drift hits all alike
-            peak = [{key: fn() for key, (_, fn) in peaks.items()}]
+            peak = [{key: time_call(fn, device)[0] for key, (_, fn) in peaks.items()}]
             steps = {key: timed_step(engine, loss_fn, lambda: collate(rows), coll)
                      for key, engine in engines.items()}
-            peak.append({key: fn() for key, (_, fn) in peaks.items()})   # before and after
+            peak.append({key: time_call(fn, device)[0] for key, (_, fn) in peaks.items()})
             if i >= args.warmup:
                 for key in peaks:
                     peak_s[key] += [p[key] for p in peak]
                 for key, step in steps.items():
                     times[key].append(step)
-    rates = {key: peaks[key][0] / statistics.median(s) for key, s in peak_s.items()}
+    rates = {key: peaks[key][0] / time_stats(s)["median_s"] for key, s in peak_s.items()}
     report = {"stage": name, "tokens_per_step": tokens, "model_flops_per_step": flops,
               "dense_peak_flop_per_s": rates}
     for (engine, prec), steps in times.items():
@@ -404,14 +379,14 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"train_step.py: error: {exc}", file=sys.stderr)
         return 2
-    load_before = os.getloadavg()[0]
+    load_before = load_avg_1m()
     _init_single_process()
     shape = model_shape(cfg)
     stages = [run_stage(name, cfg, args, shape, device, precisions) for name in args.stages]
     report = {"preset": args.preset, "shape": shape, "device": str(device),
               "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
               "precisions": {p.resolved: p.record() for p in precisions},
-              "load_avg_1m": [load_before, os.getloadavg()[0]], "stages": stages}
+              "load_avg_1m": [load_before, load_avg_1m()], "stages": stages}
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

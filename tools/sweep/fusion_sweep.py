@@ -26,14 +26,14 @@ from typing import Any, Optional
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, dump_yaml, load_config
-from pipeline.env import free_port, requeue_requested_exit_code
+from pipeline.env import requeue_requested_exit_code, stage_process_env
 from pipeline.eval.files import load_eval_items
 from pipeline.eval.sweep_table import (as_overrides, overrides_text, point_status, render_markdown,
                                        score_cell, write_summary)
 from pipeline.io_utils import read_json, write_json
 from pipeline.layout import RunLayout
 from pipeline.run_lock import RunDirBusyError, run_dir_lock
-from pipeline.stages import Stage, is_done, pipeline_stages
+from pipeline.stages import is_done, launcher_argv, pipeline_stages, stage_command
 
 REPO = Path(__file__).resolve().parents[2]
 SPLIT = "dev"
@@ -178,36 +178,18 @@ def prepare_point(pdir: Path, run: RunLayout, point: dict, build: bool) -> Path:
 # ----------------------------------------------------------------------------- running
 
 
-def stage_argv(stage: Stage, config_path: Path, pdir: Path) -> list[str]:
-    """How `h3fusion run` starts a stage: torchrun (pipeline.commands.launch) when nprocs > 1."""
-    common = ["--config", str(config_path), "--run-dir", str(pdir)] if stage.takes_config else []
-    launcher = [sys.executable, "-m", "pipeline.commands"]
-    if stage.nprocs > 1:
-        launcher = [sys.executable, "-m", "pipeline.commands.launch", "--standalone",
-                    f"--nproc-per-node={stage.nprocs}", f"--master-port={free_port()}",
-                    "-m", "pipeline.commands"]
-    return launcher + list(stage.argv) + common
-
-
 def eval_argv(config_path: Path, pdir: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.commands", "evaluate", "--config", str(config_path),
-            "--run-dir", str(pdir), "--models", f"{FUSED}={pdir / FUSED}",
-            "--out", str(pdir / EVAL_DIR), "--overwrite"]
-
-
-def _child_env(nprocs: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nprocs))))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
+    return launcher_argv(1) + ["evaluate", "--config", str(config_path), "--run-dir", str(pdir),
+                               "--models", f"{FUSED}={pdir / FUSED}", "--out", str(pdir / EVAL_DIR),
+                               "--overwrite"]
 
 
 def run_logged(name: str, argv: list[str], log: Path, nprocs: int = 1) -> int:
     with open(log, "a") as out:
         out.write(f"\n=== {name}: {' '.join(argv)}\n")
         out.flush()
-        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_child_env(nprocs)).returncode
+        rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
+                            env=stage_process_env(nprocs, str(REPO))).returncode
     if rc < 0 or rc >= 128 or rc == requeue_requested_exit_code():
         raise SweepStopped(f"{name} stopped (exit {rc}); rerun the sweep to continue ({log})")
     return rc
@@ -233,7 +215,7 @@ def run_point(point: dict, run: RunLayout, pdir: Path, build: bool) -> dict:
               "built_moe": build}
     stages = {s.name: s for s in pipeline_stages(point["cfg"], RunLayout.at(pdir))}
     report = pdir / EVAL_DIR / "report.json"
-    steps = [(n, stage_argv(stages[n], config_path, pdir), stages[n].nprocs, is_done(stages[n]))
+    steps = [(n, stage_command(stages[n], config_path, pdir), stages[n].nprocs, is_done(stages[n]))
              for n in (["build_moe"] if build else []) + ["fuse"]]
     steps.append(("evaluate", eval_argv(config_path, pdir), 1, report.is_file()))
     for name, argv, nprocs, done in steps:   # done: an earlier attempt finished it (atomic outputs)
