@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..surgery.merging import merge_run_experts
+    from ..surgery.stage import merge_run_experts
     cfg = config_from_args(args, "merge")
     merge_run_experts(cfg, args.run_dir, methods=args.methods, overwrite=args.overwrite)
     return 0

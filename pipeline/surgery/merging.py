@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..io_utils import atomic_dir, is_complete, read_json, sha256_dir, write_json
+from ..io_utils import atomic_dir, sha256_dir, write_json
 from ..registry import MERGE_METHODS, TIES_TRIM_SCOPES, Registry
 from . import plan
 from ..checkpoint.safetensors_io import (DEFAULT_SHARD_BYTES, CheckpointReader, ShardedWriter,
@@ -372,43 +372,3 @@ def merge_checkpoints(method: str, base_dir: str | Path, models: dict[str, Path]
                        for n, d in models.items()]})
     log.info("merge: wrote %s (%s of %s)", out, method, list(models))
     return out
-
-
-# ----------------------------------------------------------------------------- h3fusion merge
-
-def merge_run_experts(cfg, run_dir: str | Path, methods: list[str] | None = None,
-                      overwrite: bool = False, log=print) -> None:
-    """Merge the run's experts (config `dimensions` order) onto its base, one output dir per
-    method (`methods`, default the config's `merge.methods`), each with its settings from the
-    config's merge section; `cfg` is the whole PipelineConfig."""
-    from ..layout import RunLayout
-    from ..checkpoint.tokenizer_check import has_tokenizer
-    layout = RunLayout.at(run_dir)
-    experts = {dim: layout.expert(dim) for dim in cfg.dimensions}
-    tokenizer = layout.base if has_tokenizer(layout.base) else layout.tokenizer
-    for method in methods or cfg.merge.methods:
-        merger = merge_method(method)
-        want = merger.config_settings(cfg.merge)
-        redo = overwrite
-        if is_complete(layout.merge(method), MANIFEST) and not overwrite:
-            # outputs are atomic, so a dir with its manifest is a finished merge: resume past
-            # it, unless it was made with other settings (e.g. before merge.ties_trim_scope)
-            stale = _changed_settings(layout.merge(method) / MANIFEST, merger, want)
-            if not stale:
-                log(f"h3fusion merge: {method}: {layout.merge(method)} is complete, skipping "
-                    f"(--overwrite to redo)")
-                continue
-            log(f"h3fusion merge: {method}: {layout.merge(method)} was made with other "
-                f"{', '.join(stale)}; redoing it")
-            redo = True
-        merge_checkpoints(method, layout.base, experts, layout.merge(method), overwrite=redo,
-                          tokenizer=tokenizer, **want)
-        log(f"h3fusion merge: {method} -> {layout.merge(method)}")
-
-
-def _changed_settings(manifest: Path, merger: MergeMethod, want: dict) -> list[str]:
-    """The method's settings whose value in a finished merge's manifest differs from `want`
-    (a setting the manifest lacks counts as its `absent` value: a ties manifest without
-    `trim_scope` predates the option and trimmed per tensor)."""
-    got = read_json(manifest)
-    return [s.name for s in merger.settings if got.get(s.name, s.absent) != want[s.name]]

@@ -286,3 +286,53 @@ def test_layer_and_tool_checks_catch_violations():
                                             ("pipeline/train/loop.py", ("pipeline.train.loop", False))])
 def test_module_name(path, expected):
     assert module_name(REPO / path, REPO) == expected
+
+
+# ----------------------------------------------------------------------------- registered names
+
+# PRECISIONS is left out: its names double as the resolved dtype ("fp32"/"bf16") and as
+# DeepSpeed's own "auto" value, which code compares as values, not as a choice of behaviour
+UNCHECKED_REGISTRIES = {"PRECISIONS"}
+
+
+def registered_names() -> dict[str, list[str]]:
+    """name -> the registries holding it (every Registry in pipeline.registry, plus the
+    dimensions and score metrics)."""
+    from pipeline import registry
+    from pipeline.dimensions import DIMENSIONS
+    from pipeline.eval.score_metrics import SCORE_METRICS
+    regs = {n: r for n, r in vars(registry).items() if isinstance(r, registry.Registry)}
+    regs.update(DIMENSIONS=DIMENSIONS, SCORE_METRICS=SCORE_METRICS)
+    names: dict[str, list[str]] = {}
+    for reg_name, reg in regs.items():
+        if reg_name not in UNCHECKED_REGISTRIES:
+            for name in reg.names():
+                names.setdefault(name, []).append(reg_name)
+    return names
+
+
+def name_compares(source: str, names) -> list[tuple[int, str]]:
+    """(line, name) of every `==`/`!=`/`in` comparison with a string constant in `names`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for side in (node.left, *node.comparators):
+                consts = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                found += [(node.lineno, c.value) for c in consts if isinstance(c, ast.Constant)
+                          and isinstance(c.value, str) and c.value in names]
+    return found
+
+
+def test_no_registered_name_is_compared_outside_its_entry():
+    import pipeline.config  # noqa: F401  (registers the built-in dimensions)
+    names = registered_names()
+    assert {"ties", "router+experts", "moderation", "harmless", "prompts"} <= set(names)
+    bad = [f"{p.relative_to(REPO)}:{line}: {name!r} ({', '.join(names[name])})"
+           for p in sorted((REPO / PACKAGE).rglob("*.py"))
+           for line, name in name_compares(p.read_text(), names)]
+    assert not bad, "a registered name compared outside its registry entry:\n" + "\n".join(bad)
+
+
+def test_name_compare_finder():
+    src = "a = x == 'ties'\nb = y in ('tensor', 'other')\nc = z == 'other'\nd = {'ties': 1}\n"
+    assert name_compares(src, {"ties", "tensor"}) == [(1, "ties"), (2, "tensor")]
