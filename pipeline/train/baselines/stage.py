@@ -104,10 +104,10 @@ def prepare_extra_steps_job(cfg: PipelineConfig, run_dir: str | Path, dimension:
 
     check_dimension(cfg, dimension)
     if not trainable_set(cfg.fusion.trainable).trains_experts:
-        raise ConfigError(f"the extra-steps control needs a fusion.trainable that trains the "
-                          f"experts ({' or '.join(sets_training_experts())}) "
-                          f"(got {cfg.fusion.trainable!r}): fusion gives frozen experts no extra "
-                          f"steps, so the stage-1 experts are already the control")
+        raise ConfigError(f"fusion.trainable={cfg.fusion.trainable!r} does not train the experts; "
+                          f"the extra-steps control needs one that does "
+                          f"({' or '.join(sets_training_experts())}): fusion gives frozen experts "
+                          f"no extra steps, so the stage-1 experts are already the control")
     layout = RunLayout.at(run_dir)
     check_inputs(layout, dimension)
     expert = layout.expert(dimension)
